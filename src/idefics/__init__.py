@@ -1,0 +1,1 @@
+"""idefics: fast, faithful inference for the IDEFICS vision-language models."""

@@ -1,0 +1,3 @@
+from idefics.cli import main
+
+raise SystemExit(main())

@@ -98,6 +98,10 @@ class IdeficsConfig:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if self.alpha_type not in ("float", "vector"):
             raise ConfigError(f"unknown alpha_type '{self.alpha_type}' (expected 'float' or 'vector')")
+        if self.cross_layer_interval < 1 or self.num_hidden_layers % self.cross_layer_interval:
+            # The reference indexes past its cross blocks otherwise.
+            raise ConfigError(f"num_hidden_layers {self.num_hidden_layers} is not a multiple of "
+                              f"cross_layer_interval {self.cross_layer_interval}")
         self.head_dim = self.hidden_size // self.num_attention_heads
         self.num_cross_layers = self.num_hidden_layers // self.cross_layer_interval
         self.total_vocab_size = self.vocab_size + self.additional_vocab_size

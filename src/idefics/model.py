@@ -89,10 +89,6 @@ class DecoderLayer(nn.Module):
 class IdeficsModel(nn.Module):
     def __init__(self, c: IdeficsConfig):
         super().__init__()
-        if c.num_hidden_layers % c.cross_layer_interval:
-            raise ValueError(
-                f"num_hidden_layers {c.num_hidden_layers} is not a multiple of cross_layer_interval {c.cross_layer_interval}"
-            )
         self.config = c
         self.vision = VisionTower(c.vision)
         self.perceiver = Perceiver(c.image_dim, c.perceiver) if c.use_resampler else None

@@ -4,6 +4,7 @@ Fused parameters (q/k/v, gate/up, base/additional vocabulary) are filled slice b
 from any shard in any order; every parameter must be covered exactly once."""
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -21,83 +22,104 @@ class WeightsError(IdeficsError):
     pass
 
 
-# (checkpoint name pattern, our name template, slot). A slot says which rows of our parameter the tensor fills:
-# None for all of it, ("part", i, n) for the i-th of n equal row blocks, "base" / "extra" for the two vocabularies.
-_V = r"model\.vision_model\."
-_P = r"model\.perceiver_resampler\.blocks\.(\d+)\."
-_X = r"model\.gated_cross_attn_layers\.(\d+)\."
-_L = r"model\.layers\.(\d+)\."
+# (checkpoint name, our name, slot), with placeholders {i} decoder layer, {j} cross block (it sits before decoder
+# layer j * cross_layer_interval: {ji}), {v} vision layer, {p} perceiver block, {wb} "weight" or "bias". A slot says
+# which rows of our parameter the tensor fills: None for all, ("part", i, n) for the i-th of n equal row blocks,
+# "base" / "extra" for the two vocabularies.
 _TABLE: list[tuple[str, str, object]] = [
-    (r"model\.embed_tokens\.weight", "embed.weight", "base"),
-    (r"model\.embed_tokens\.additional_embedding\.weight", "embed.weight", "extra"),
-    (r"lm_head\.weight", "lm_head.weight", "base"),
-    (r"lm_head\.additional_fc\.weight", "lm_head.weight", "extra"),
-    (r"model\.norm\.weight", "norm.weight", None),
-    (_L + r"self_attn\.q_proj\.weight", "layers.{0}.attn.wqkv.weight", ("part", 0, 3)),
-    (_L + r"self_attn\.k_proj\.weight", "layers.{0}.attn.wqkv.weight", ("part", 1, 3)),
-    (_L + r"self_attn\.v_proj\.weight", "layers.{0}.attn.wqkv.weight", ("part", 2, 3)),
-    (_L + r"self_attn\.o_proj\.weight", "layers.{0}.attn.wo.weight", None),
-    (_L + r"mlp\.gate_proj\.weight", "layers.{0}.mlp.w13.weight", ("part", 0, 2)),
-    (_L + r"mlp\.up_proj\.weight", "layers.{0}.mlp.w13.weight", ("part", 1, 2)),
-    (_L + r"mlp\.down_proj\.weight", "layers.{0}.mlp.w2.weight", None),
-    (_L + r"input_layernorm\.weight", "layers.{0}.attn_norm.weight", None),
-    (_L + r"post_attention_layernorm\.weight", "layers.{0}.mlp_norm.weight", None),
-    (_X + r"cross_attn\.q_proj\.weight", "{X}.attn.wq.weight", None),
-    (_X + r"cross_attn\.k_proj\.weight", "{X}.attn.wkv.weight", ("part", 0, 2)),
-    (_X + r"cross_attn\.v_proj\.weight", "{X}.attn.wkv.weight", ("part", 1, 2)),
-    (_X + r"cross_attn\.o_proj\.weight", "{X}.attn.wo.weight", None),
-    (_X + r"cross_attn\.q_layer_norm\.weight", "{X}.attn.q_norm.weight", None),
-    (_X + r"cross_attn\.k_layer_norm\.weight", "{X}.attn.k_norm.weight", None),
-    (_X + r"mlp\.gate_proj\.weight", "{X}.mlp.w13.weight", ("part", 0, 2)),
-    (_X + r"mlp\.up_proj\.weight", "{X}.mlp.w13.weight", ("part", 1, 2)),
-    (_X + r"mlp\.down_proj\.weight", "{X}.mlp.w2.weight", None),
-    (_X + r"input_layernorm\.weight", "{X}.attn_norm.weight", None),
-    (_X + r"post_attention_layernorm\.weight", "{X}.mlp_norm.weight", None),
-    (_X + r"alpha_cross_attn", "{X}.attn_gate", None),
-    (_X + r"alpha_dense", "{X}.mlp_gate", None),
-    (_V + r"embeddings\.class_embedding", "vision.class_embed", None),
-    (_V + r"embeddings\.patch_embedding\.weight", "vision.patch_embed.weight", None),
-    (_V + r"embeddings\.position_embedding\.weight", "vision.pos_embed", None),
-    (_V + r"pre_layrnorm\.(weight|bias)", "vision.pre_norm.{0}", None),
-    (_V + r"post_layernorm\.(weight|bias)", "vision.post_norm.{0}", None),
-    (_V + r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", "vision.layers.{0}.wqkv.{1}", ("part", 0, 3)),
-    (_V + r"encoder\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", "vision.layers.{0}.wqkv.{1}", ("part", 1, 3)),
-    (_V + r"encoder\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", "vision.layers.{0}.wqkv.{1}", ("part", 2, 3)),
-    (_V + r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", "vision.layers.{0}.wo.{1}", None),
-    (_V + r"encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)", "vision.layers.{0}.norm1.{1}", None),
-    (_V + r"encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)", "vision.layers.{0}.norm2.{1}", None),
-    (_V + r"encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", "vision.layers.{0}.fc1.{1}", None),
-    (_V + r"encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)", "vision.layers.{0}.fc2.{1}", None),
-    (r"model\.perceiver_resampler\.latents", "perceiver.latents", None),
-    (r"model\.perceiver_resampler\.layer_norm\.(weight|bias)", "perceiver.norm.{0}", None),
-    (_P + r"0\.context_layer_norm\.(weight|bias)", "perceiver.attn.{0}.context_norm.{1}", None),
-    (_P + r"0\.latents_layer_norm\.(weight|bias)", "perceiver.attn.{0}.latents_norm.{1}", None),
-    (_P + r"0\.q_layer_norm\.(weight|bias)", "perceiver.attn.{0}.q_norm.{1}", None),
-    (_P + r"0\.k_layer_norm\.(weight|bias)", "perceiver.attn.{0}.k_norm.{1}", None),
-    (_P + r"0\.q_proj\.weight", "perceiver.attn.{0}.wq.weight", None),
-    (_P + r"0\.k_proj\.weight", "perceiver.attn.{0}.wkv.weight", ("part", 0, 2)),
-    (_P + r"0\.v_proj\.weight", "perceiver.attn.{0}.wkv.weight", ("part", 1, 2)),
-    (_P + r"0\.output_proj\.weight", "perceiver.attn.{0}.wo.weight", None),
-    (_P + r"1\.ln\.(weight|bias)", "perceiver.mlp.{0}.norm.{1}", None),
-    (_P + r"1\.fc\.weight", "perceiver.mlp.{0}.fc.weight", None),
-    (_P + r"1\.c_proj\.weight", "perceiver.mlp.{0}.proj.weight", None),
+    ("model.embed_tokens.weight", "embed.weight", "base"),
+    ("model.embed_tokens.additional_embedding.weight", "embed.weight", "extra"),
+    ("lm_head.weight", "lm_head.weight", "base"),
+    ("lm_head.additional_fc.weight", "lm_head.weight", "extra"),
+    ("model.norm.weight", "norm.weight", None),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.wqkv.weight", ("part", 0, 3)),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.wqkv.weight", ("part", 1, 3)),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.wqkv.weight", ("part", 2, 3)),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.wo.weight", None),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.w13.weight", ("part", 0, 2)),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.w13.weight", ("part", 1, 2)),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.w2.weight", None),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight", None),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight", None),
+    ("model.gated_cross_attn_layers.{j}.cross_attn.q_proj.weight", "layers.{ji}.cross.attn.wq.weight", None),
+    ("model.gated_cross_attn_layers.{j}.cross_attn.k_proj.weight", "layers.{ji}.cross.attn.wkv.weight", ("part", 0, 2)),
+    ("model.gated_cross_attn_layers.{j}.cross_attn.v_proj.weight", "layers.{ji}.cross.attn.wkv.weight", ("part", 1, 2)),
+    ("model.gated_cross_attn_layers.{j}.cross_attn.o_proj.weight", "layers.{ji}.cross.attn.wo.weight", None),
+    ("model.gated_cross_attn_layers.{j}.cross_attn.q_layer_norm.weight", "layers.{ji}.cross.attn.q_norm.weight", None),
+    ("model.gated_cross_attn_layers.{j}.cross_attn.k_layer_norm.weight", "layers.{ji}.cross.attn.k_norm.weight", None),
+    ("model.gated_cross_attn_layers.{j}.mlp.gate_proj.weight", "layers.{ji}.cross.mlp.w13.weight", ("part", 0, 2)),
+    ("model.gated_cross_attn_layers.{j}.mlp.up_proj.weight", "layers.{ji}.cross.mlp.w13.weight", ("part", 1, 2)),
+    ("model.gated_cross_attn_layers.{j}.mlp.down_proj.weight", "layers.{ji}.cross.mlp.w2.weight", None),
+    ("model.gated_cross_attn_layers.{j}.input_layernorm.weight", "layers.{ji}.cross.attn_norm.weight", None),
+    ("model.gated_cross_attn_layers.{j}.post_attention_layernorm.weight", "layers.{ji}.cross.mlp_norm.weight", None),
+    ("model.gated_cross_attn_layers.{j}.alpha_cross_attn", "layers.{ji}.cross.attn_gate", None),
+    ("model.gated_cross_attn_layers.{j}.alpha_dense", "layers.{ji}.cross.mlp_gate", None),
+    ("model.vision_model.embeddings.class_embedding", "vision.class_embed", None),
+    ("model.vision_model.embeddings.patch_embedding.weight", "vision.patch_embed.weight", None),
+    ("model.vision_model.embeddings.position_embedding.weight", "vision.pos_embed", None),
+    ("model.vision_model.pre_layrnorm.{wb}", "vision.pre_norm.{wb}", None),
+    ("model.vision_model.post_layernorm.{wb}", "vision.post_norm.{wb}", None),
+    ("model.vision_model.encoder.layers.{v}.self_attn.q_proj.{wb}", "vision.layers.{v}.wqkv.{wb}", ("part", 0, 3)),
+    ("model.vision_model.encoder.layers.{v}.self_attn.k_proj.{wb}", "vision.layers.{v}.wqkv.{wb}", ("part", 1, 3)),
+    ("model.vision_model.encoder.layers.{v}.self_attn.v_proj.{wb}", "vision.layers.{v}.wqkv.{wb}", ("part", 2, 3)),
+    ("model.vision_model.encoder.layers.{v}.self_attn.out_proj.{wb}", "vision.layers.{v}.wo.{wb}", None),
+    ("model.vision_model.encoder.layers.{v}.layer_norm1.{wb}", "vision.layers.{v}.norm1.{wb}", None),
+    ("model.vision_model.encoder.layers.{v}.layer_norm2.{wb}", "vision.layers.{v}.norm2.{wb}", None),
+    ("model.vision_model.encoder.layers.{v}.mlp.fc1.{wb}", "vision.layers.{v}.fc1.{wb}", None),
+    ("model.vision_model.encoder.layers.{v}.mlp.fc2.{wb}", "vision.layers.{v}.fc2.{wb}", None),
+    ("model.perceiver_resampler.latents", "perceiver.latents", None),
+    ("model.perceiver_resampler.layer_norm.{wb}", "perceiver.norm.{wb}", None),
+    ("model.perceiver_resampler.blocks.{p}.0.context_layer_norm.{wb}", "perceiver.attn.{p}.context_norm.{wb}", None),
+    ("model.perceiver_resampler.blocks.{p}.0.latents_layer_norm.{wb}", "perceiver.attn.{p}.latents_norm.{wb}", None),
+    ("model.perceiver_resampler.blocks.{p}.0.q_layer_norm.{wb}", "perceiver.attn.{p}.q_norm.{wb}", None),
+    ("model.perceiver_resampler.blocks.{p}.0.k_layer_norm.{wb}", "perceiver.attn.{p}.k_norm.{wb}", None),
+    ("model.perceiver_resampler.blocks.{p}.0.q_proj.weight", "perceiver.attn.{p}.wq.weight", None),
+    ("model.perceiver_resampler.blocks.{p}.0.k_proj.weight", "perceiver.attn.{p}.wkv.weight", ("part", 0, 2)),
+    ("model.perceiver_resampler.blocks.{p}.0.v_proj.weight", "perceiver.attn.{p}.wkv.weight", ("part", 1, 2)),
+    ("model.perceiver_resampler.blocks.{p}.0.output_proj.weight", "perceiver.attn.{p}.wo.weight", None),
+    ("model.perceiver_resampler.blocks.{p}.1.ln.{wb}", "perceiver.mlp.{p}.norm.{wb}", None),
+    ("model.perceiver_resampler.blocks.{p}.1.fc.weight", "perceiver.mlp.{p}.fc.weight", None),
+    ("model.perceiver_resampler.blocks.{p}.1.c_proj.weight", "perceiver.mlp.{p}.proj.weight", None),
 ]
-_COMPILED = [(re.compile(p), t, s) for p, t, s in _TABLE]
+_GROUPS = {"i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)", "v": r"(?P<v>\d+)", "p": r"(?P<p>\d+)", "wb": r"(?P<wb>weight|bias)"}
+_COMPILED = [(re.compile(re.escape(name).replace(r"\{", "{").replace(r"\}", "}").format(**_GROUPS)), ours, slot)
+             for name, ours, slot in _TABLE]
 # Buffers some checkpoints carry that are recomputed here.
 _IGNORED = re.compile(r".*(position_ids|rotary_emb\.inv_freq)$")
 
 
 def map_name(name: str, config: IdeficsConfig) -> tuple[str, object] | None:
     """Checkpoint tensor name -> (our parameter name, slot), or None if it is not ours."""
-    for pattern, template, slot in _COMPILED:
+    for pattern, ours, slot in _COMPILED:
         m = pattern.fullmatch(name)
         if m:
-            groups = m.groups()
-            if template.startswith("{X}"):  # cross block j sits before decoder layer j * interval
-                j = int(groups[0])
-                return f"layers.{j * config.cross_layer_interval}.cross" + template[3:].format(*groups[1:]), slot
-            return template.format(*groups), slot
+            groups = m.groupdict()
+            if "j" in groups:
+                groups["ji"] = int(groups["j"]) * config.cross_layer_interval
+            return ours.format(**groups), slot
     return None
+
+
+def checkpoint_tensors(model: IdeficsModel) -> dict[str, torch.Tensor]:
+    """Our parameters under the reference's checkpoint names (what save_pretrained would write)."""
+    c = model.config
+    ranges = {"i": range(c.num_hidden_layers), "j": range(c.num_cross_layers), "v": range(c.vision.num_hidden_layers),
+              "p": range(c.perceiver.depth), "wb": ("weight", "bias")}
+    params = dict(model.named_parameters())
+    out = {}
+    for name, ours, slot in _TABLE:
+        keys = [k for k in ranges if "{" + k + "}" in name]
+        for values in itertools.product(*(ranges[k] for k in keys)):
+            groups = dict(zip(keys, values))
+            if "j" in groups:
+                groups["ji"] = groups["j"] * c.cross_layer_interval
+            p = params.get(ours.format(**groups))
+            if p is None:
+                continue  # a part this config does not have (no resampler, no qk norms, no extra vocab)
+            start, rows = _rows(slot, c, p.shape[0])
+            if rows:
+                out[name.format(**groups)] = p.detach()[start : start + rows]
+    return out
 
 
 def _rows(slot, config: IdeficsConfig, total: int) -> tuple[int, int]:

@@ -1,0 +1,121 @@
+"""The public object: a loaded checkpoint with its tokenizer and processor."""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+from pathlib import Path
+
+import torch
+
+from idefics.config import IdeficsConfig
+from idefics.engine import Engine, split_batch
+from idefics.generate import Completion, Generator
+from idefics.errors import IdeficsError
+from idefics.hub import resolve
+from idefics.images import ImageTransform
+from idefics.inputs import full_logits
+from idefics.model import IdeficsModel
+from idefics.processor import Processor, as_batch
+from idefics.sampling import GenerationOptions
+from idefics.tokenizer import Tokenizer
+from idefics.weights import build_meta, load_weights, read_tensors, weight_files
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QUANTIZE = ()  # filled by the quantization passes
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise IdeficsError(f"unknown device {device!r} (examples: 'cpu', 'cuda', 'cuda:1')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise IdeficsError("device 'cuda' requested but no CUDA GPU is available")
+    return device
+
+
+def _dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise IdeficsError(f"unknown dtype {dtype!r} (valid: {', '.join(DTYPES)})")
+
+
+class Idefics:
+    """An IDEFICS checkpoint ready for inference. Build it with `idefics.load()`."""
+
+    def __init__(self, model: IdeficsModel, tokenizer: Tokenizer, processor: Processor, path: Path):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.path = path
+        self.engine = Engine(model)
+        self.generator = Generator(self.engine, tokenizer)
+
+    @property
+    def config(self) -> IdeficsConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed.weight.dtype
+
+    def process(self, prompts, **options) -> dict[str, torch.Tensor]:
+        """Prompts (a list of text and image items, or a list of such lists) -> input_ids, attention_mask,
+        pixel_values (B, N, 3, H, W) and image_attention_mask (B, S, N), as the reference processor."""
+        return self.processor(prompts, **options)
+
+    def logits(self, prompts, **options) -> torch.Tensor:
+        """(B, S, V) float32 logits at every position of the processed prompts (padding positions included)."""
+        return full_logits(self.model, self.process(prompts, **options)).float()
+
+    def generate(self, prompts, *, include_prompt: bool = False, add_end_of_utterance_token: bool = False,
+                 **options) -> list[Completion]:
+        """Continue each prompt. Options: max_new_tokens, min_new_tokens, max_length, do_sample, temperature,
+        top_k, top_p, repetition_penalty, num_beams, length_penalty, early_stopping, eos_token_id, stop, seed,
+        banned_token_ids. <image> and <fake_token_around_image> are never generated unless you say otherwise."""
+        o = GenerationOptions.make(**options)
+        batch = self.process(prompts, add_end_of_utterance_token=add_end_of_utterance_token)
+        return self.generator.completions(split_batch(batch), o, include_prompt)
+
+    def stream(self, prompt, *, add_end_of_utterance_token: bool = False, **options) -> Iterator[str]:
+        """Yield the continuation of one prompt as text pieces, as tokens are decoded (never a broken character)."""
+        o = GenerationOptions.make(**options)
+        batch = self.process([as_batch(prompt)[0]], add_end_of_utterance_token=add_end_of_utterance_token)
+        rows, steps = self.generator.start(split_batch(batch), o)
+        detok = self.tokenizer.detokenizer(skip_special_tokens=True)
+        for _, token in steps:
+            if token is not None and (piece := detok.push(token)):
+                yield piece
+        if piece := detok.flush():
+            yield piece
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Idefics({self.path.name}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+                f"{len(self.model.cross_layers)} cross-attention blocks, {self.dtype}, {self.device})")
+
+
+def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, quantize: str | None = None) -> Idefics:
+    """Load an IDEFICS checkpoint: a hub id ("HuggingFaceM4/idefics-9b"), a local directory, or None for the
+    embedded demo model. dtype defaults to bfloat16 on CUDA and float32 on the CPU."""
+    if quantize is not None and quantize not in QUANTIZE:
+        raise IdeficsError(f"unknown quantize {quantize!r} (valid: {', '.join(QUANTIZE) or 'none yet'})")
+    device = _device(device)
+    dtype = _dtype(dtype, device)
+    path = resolve(model)
+    config = IdeficsConfig.from_file(path / "config.json")
+    files = weight_files(path)
+    tokenizer = Tokenizer.from_dir(path)
+    processor = Processor(tokenizer, ImageTransform.from_dir(path))
+    net = load_weights(build_meta(config), read_tensors(files), device, dtype)
+    return Idefics(net, tokenizer, processor, path)

@@ -186,3 +186,30 @@ def idefics_80b() -> IdeficsConfig:
 
 
 PRESETS = {"idefics-9b": idefics_9b, "idefics-80b": idefics_80b}
+
+
+def to_dict(c: IdeficsConfig) -> dict:
+    """config.json in the hub checkpoints' format (what the reference reads)."""
+    v, p = c.vision, c.perceiver
+    return {
+        "model_type": "idefics",
+        "architectures": ["IdeficsForVisionText2Text"],
+        "vocab_size": c.vocab_size, "additional_vocab_size": c.additional_vocab_size, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads, "hidden_act": c.hidden_act, "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings,
+        "cross_layer_interval": c.cross_layer_interval, "qk_layer_norms": c.qk_layer_norms,
+        "use_resampler": c.use_resampler, "alpha_type": c.alpha_type, "alpha_initializer": "zeros",
+        "pad_token_id": c.pad_token_id, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
+        "tie_word_embeddings": False,
+        "vision_config": {
+            "embed_dim": v.embed_dim, "image_size": v.image_size, "patch_size": v.patch_size,
+            "num_hidden_layers": v.num_hidden_layers, "num_attention_heads": v.num_attention_heads,
+            "intermediate_size": v.intermediate_size, "num_channels": v.num_channels, "hidden_act": v.hidden_act,
+            "layer_norm_eps": v.layer_norm_eps,
+        },
+        "perceiver_config": {
+            "use_resampler": c.use_resampler, "resampler_n_latents": p.n_latents, "resampler_depth": p.depth,
+            "resampler_n_heads": p.n_heads, "resampler_head_dim": p.head_dim, "qk_layer_norms_perceiver": p.qk_layer_norms,
+        },
+    }

@@ -84,7 +84,7 @@ class Generator:
             logits = torch.stack([engine.prefill(r.prompt) for r in rows])
             while running:
                 active = [rows[i] for i in running]
-                scores = process(logits.float(), [r.context for r in active], [len(r.tokens) for r in active])
+                scores = process(logits.to(torch.float32, copy=True), [r.context for r in active], [len(r.tokens) for r in active])
                 tokens = choose(scores, o, generator).tolist()
                 done = []
                 for slot, (i, t) in enumerate(zip(running, tokens)):

@@ -76,8 +76,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """(B, S, H*D) -> (B, H, S, D)"""
-    b, s, _ = x.shape
-    return x.view(b, s, -1, head_dim).transpose(1, 2)
+    b, s, d = x.shape
+    return x.view(b, s, d // head_dim, head_dim).transpose(1, 2)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,9 @@ def tiny_config(**overrides) -> dict:
 
 
 def reference_model(seed: int = 0, **overrides):
-    """transformers' IdeficsForVisionText2Text with random weights, its gates opened (the reference initialises
-    them to zero, which would hide every cross-attention difference) and norms away from one."""
+    """transformers' IdeficsForVisionText2Text with random weights at unit scale (the reference's 0.02 init leaves
+    images with almost no effect), its gates opened (the reference initialises them to zero, which would hide every
+    cross-attention difference) and norms away from one."""
     from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
     torch.manual_seed(seed)
@@ -39,8 +40,10 @@ def reference_model(seed: int = 0, **overrides):
                 p.uniform_(0.5, 1.5)
             elif "norm" in name and name.endswith("weight"):
                 p.uniform_(0.5, 1.5)
-            elif name.endswith("embed_tokens.weight") or name.endswith("lm_head.weight"):
+            elif "embed" in name and p.dim() == 2:
                 p.normal_(0, 1.0)
+            elif p.dim() >= 2:
+                p.normal_(0, p[0].numel() ** -0.5)  # unit-variance outputs
     return model
 
 

@@ -1,0 +1,93 @@
+"""Logits equal to transformers' IdeficsForVisionText2Text on tiny random checkpoints, across every branch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import idefics
+from checkpoints import make_checkpoint
+
+
+def image(seed: int, size=(40, 52)) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (*size, 3), dtype=np.uint8))
+
+
+PROMPTS = [
+    ["A prompt with no image at all."],
+    [image(1), "This is an image of "],
+    ["User:", image(2), "Describe this image.\nAssistant: a photo.\n", "User:", image(3), image(4),
+     "Describe these.\nAssistant:"],  # 3 images, two of them consecutive
+    ["Text before", image(5), "and after the image."],
+]
+
+CONFIGS = {
+    "resampler-qknorm-interval2": {},
+    "no-resampler-interval1": dict(use_resampler=False, cross_layer_interval=1,
+                                   perceiver=dict(use_resampler=False)),
+    "no-qknorms-interval4-vector-gates": dict(qk_layer_norms=False, cross_layer_interval=4, alpha_type="vector",
+                                              perceiver=dict(qk_layer_norms_perceiver=False)),
+    "interval3-6heads-image42": dict(cross_layer_interval=3, num_hidden_layers=6, hidden_size=48,
+                                     num_attention_heads=6, vision=dict(image_size=42, patch_size=14,
+                                                                        num_attention_heads=3)),
+    "instruct-vocab3-1head-quickgelu": dict(additional_vocab_size=3, num_attention_heads=1,
+                                            vision=dict(hidden_act="quick_gelu", num_attention_heads=1)),
+}
+
+
+def assert_logits_match(m, ref, prompts):
+    batch = m.process(prompts)
+    with torch.no_grad():
+        expected = ref(**batch).logits
+    got = m.logits(prompts)
+    assert got.shape == expected.shape
+    real = batch["attention_mask"].bool()  # padding positions are garbage in both
+    diff = (got - expected)[real].abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_reference(tmp_path, name):
+    overrides = dict(CONFIGS[name])
+    instruct = overrides.get("additional_vocab_size") == 3
+    path, ref = make_checkpoint(tmp_path, instruct=instruct, **overrides)
+    m = idefics.load(path, device="cpu")
+    assert m.dtype == torch.float32
+    assert_logits_match(m, ref, PROMPTS)  # one padded batch: 0, 1, 3 images
+    for prompt in PROMPTS:  # and each prompt alone
+        assert_logits_match(m, ref, [prompt])
+
+
+def test_gates_really_open_in_test_checkpoints(tmp_path):
+    """Cross-attention must change the logits, or the parity tests would not see it."""
+    path, _ = make_checkpoint(tmp_path)
+    m = idefics.load(path)
+    a = m.logits([[image(1), "This is an image of "]])
+    b = m.logits([[image(2), "This is an image of "]])
+    assert (a - b).abs().max() > 1e-2
+
+
+def test_bin_weights_load_like_safetensors(tmp_path):
+    path, ref = make_checkpoint(tmp_path, weights="bin")
+    assert (path / "pytorch_model.bin").exists() and not list(path.glob("*.safetensors"))
+    assert_logits_match(idefics.load(path), ref, PROMPTS[1:3])
+
+
+def test_sharded_safetensors_have_an_index(tmp_path):
+    path, ref = make_checkpoint(tmp_path, max_shard_size="20KB")
+    assert (path / "model.safetensors.index.json").exists() and len(list(path.glob("*.safetensors"))) > 3
+    assert_logits_match(idefics.load(path), ref, PROMPTS[:2])
+
+
+def test_bfloat16_logits_close_to_reference(tmp_path):
+    path, ref = make_checkpoint(tmp_path)
+    m = idefics.load(path, dtype="bfloat16")
+    assert m.dtype == torch.bfloat16
+    batch = m.process(PROMPTS[1:3])
+    with torch.no_grad():
+        expected = ref(**batch).logits
+    got = m.logits(PROMPTS[1:3])
+    real = batch["attention_mask"].bool()
+    cos = torch.nn.functional.cosine_similarity(got[real], expected[real], dim=-1)
+    assert cos.min() > 0.99

@@ -1,0 +1,198 @@
+"""Image sources (PIL image, path, http(s) URL, data URI, bytes) -> PIL images -> normalized pixel tensors."""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from idefics.errors import IdeficsError
+
+IDEFICS_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IDEFICS_STD = (0.26862954, 0.26130258, 0.27577711)
+ImageSource = Image.Image | str | Path | bytes | bytearray
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 64 << 20  # encoded size, for every source read from bytes
+    max_pixels: int = 89_478_485  # decoded width * height; PIL's own decompression-bomb threshold
+    timeout: float = 20.0  # seconds per network operation
+
+
+def is_image_reference(text: str) -> bool:
+    """Whether a prompt string names an image rather than being text: a URL as the reference processor decides it
+    (no space, a scheme and a host), or a data URI."""
+    if " " in text:
+        return False
+    if text.startswith("data:") and "," in text and not any(c.isspace() for c in text):
+        return True
+    parsed = urlparse(text)
+    return bool(parsed.scheme and parsed.netloc)
+
+
+def is_image_source(item) -> bool:
+    return isinstance(item, (Image.Image, Path, bytes, bytearray))
+
+
+def describe(source) -> str:
+    """A short name for an image source, for error messages."""
+    if isinstance(source, Image.Image):
+        return f"PIL image {source.size[0]}x{source.size[1]}"
+    if isinstance(source, (bytes, bytearray)):
+        return f"image bytes ({len(source)} bytes)"
+    text = str(source)
+    if text.startswith("data:"):
+        return f"data URI ({len(text)} chars)"
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def load_image(source: ImageSource, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """A PIL image is returned as given. Anything decoded here is loaded as the reference loads a URL
+    (transformers' `load_image`): EXIF orientation applied, then converted to RGB (alpha dropped)."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    elif isinstance(source, str) and source.startswith("data:"):
+        data = _data_uri_bytes(source)
+    elif isinstance(source, str) and is_image_reference(source):
+        data = _fetch(source, limits)
+    elif isinstance(source, (str, Path)):
+        data = _read_file(Path(source), limits)
+    else:
+        raise IdeficsError(f"unsupported image source of type {type(source).__name__}")
+    return _decode(data, describe(source), limits)
+
+
+def _read_file(path: Path, limits: ImageLimits) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise IdeficsError(f"{path}: file is {size} bytes, over the limit of {limits.max_bytes}")
+        return path.read_bytes()
+    except IdeficsError:
+        raise
+    except FileNotFoundError:
+        raise IdeficsError(f"{path}: no such image file") from None
+    except OSError as e:
+        raise IdeficsError(f"{path}: cannot read image file ({e.strerror or e})") from None
+
+
+def _data_uri_bytes(uri: str) -> bytes:
+    header, _, payload = uri.partition(",")
+    if not header.endswith(";base64"):
+        raise IdeficsError(f"{describe(uri)}: only base64 data URIs are supported")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise IdeficsError(f"{describe(uri)}: invalid base64 payload") from None
+
+
+def _fetch(url: str, limits: ImageLimits) -> bytes:
+    name = describe(url)
+    if urlparse(url).scheme not in ("http", "https"):
+        raise IdeficsError(f"{name}: only http(s) URLs can be fetched")
+    request = urllib.request.Request(url, headers={"User-Agent": "idefics"})
+    try:
+        with urllib.request.urlopen(request, timeout=limits.timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > limits.max_bytes:
+                raise IdeficsError(f"{name}: response is {length} bytes, over the limit of {limits.max_bytes}")
+            data = response.read(limits.max_bytes + 1)
+    except urllib.error.HTTPError as e:
+        raise IdeficsError(f"{name}: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise IdeficsError(f"{name}: cannot fetch ({e.reason})") from None
+    except (TimeoutError, OSError) as e:  # timeouts and resets while reading the body
+        raise IdeficsError(f"{name}: cannot fetch ({e})") from None
+    if len(data) > limits.max_bytes:
+        raise IdeficsError(f"{name}: response is over the limit of {limits.max_bytes} bytes")
+    return data
+
+
+def _decode(data: bytes, name: str, limits: ImageLimits) -> Image.Image:
+    if len(data) > limits.max_bytes:
+        raise IdeficsError(f"{name}: image data is {len(data)} bytes, over the limit of {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit replaces PIL's warning; its hard error is still caught below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size  # from the header, before decoding
+            if width * height > limits.max_pixels:
+                raise IdeficsError(
+                    f"{name}: image is {width}x{height} pixels, over the limit of {limits.max_pixels}")
+            image.load()
+    except IdeficsError:
+        raise
+    except Image.DecompressionBombError:
+        raise IdeficsError(f"{name}: image is too large to decode safely") from None
+    except Image.UnidentifiedImageError:
+        raise IdeficsError(f"{name}: not an image (unrecognized format)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        raise IdeficsError(f"{name}: cannot decode image ({e})") from None
+    return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """As the reference: any transparency is composited on white, every other mode converted to RGB."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """The reference image processor at inference (its PIL backend): RGB, bicubic resize to a square without
+    crop, rescale, normalize."""
+    image_size: int = 224
+    image_mean: tuple[float, ...] = IDEFICS_MEAN
+    image_std: tuple[float, ...] = IDEFICS_STD
+    image_num_channels: int = 3
+    rescale_factor: float = 1 / 255
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ImageTransform:
+        """From preprocessor_config.json; reference defaults for what it leaves out (or for a missing file)."""
+        file = Path(path) / "preprocessor_config.json"
+        try:
+            config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        except (OSError, ValueError) as e:
+            raise IdeficsError(f"cannot read {file}: {e}") from None
+        size = config.get("size") or {}
+        if size and size.get("height") != size.get("width"):
+            raise IdeficsError(f"{file}: only square image sizes are supported, got {size}")
+        fields = dict(
+            image_size=config.get("image_size") or size.get("height"),
+            image_mean=config.get("image_mean"),
+            image_std=config.get("image_std"),
+            image_num_channels=config.get("image_num_channels"),
+            rescale_factor=config.get("rescale_factor"),
+        )
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if v is not None}
+        return cls(**fields)
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        """-> (N, 3, image_size, image_size) float32."""
+        size = (self.image_size, self.image_size)
+        # PIL's bicubic resize on uint8 RGB, as transformers' resize() does.
+        arrays = [np.asarray(to_rgb(im).resize(size, resample=Image.Resampling.BICUBIC)) for im in images]
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+        # Rescale in float64 then round to float32, normalize in float32: the reference's exact arithmetic.
+        x = (x.double() * self.rescale_factor).float()
+        mean = torch.tensor(self.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.image_std, dtype=torch.float32).view(1, -1, 1, 1)
+        return (x - mean) / std

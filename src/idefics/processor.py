@@ -1,0 +1,130 @@
+"""Prompts (interleaved text and images) -> the tensors transformers' IdeficsProcessor returns."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from idefics.errors import IdeficsError
+from idefics.images import ImageLimits, ImageTransform, is_image_reference, is_image_source, load_image
+from idefics.tokenizer import END_OF_UTTERANCE_TOKEN, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Tokenizer
+
+
+def as_batch(prompts) -> list[list]:
+    """A batch (list of prompts), one prompt (list of items) or one lone item -> a list of prompts."""
+    if not isinstance(prompts, (list, tuple)):
+        return [[prompts]]
+    if not any(isinstance(p, (list, tuple)) for p in prompts):
+        return [list(prompts)]
+    for b, prompt in enumerate(prompts):
+        if not isinstance(prompt, (list, tuple)):
+            raise IdeficsError(f"prompt {b}: expected a list of items in a batch, got {type(prompt).__name__}")
+    return [list(p) for p in prompts]
+
+
+def image_attention_mask(input_ids: torch.Tensor, image_id: int, eos_id: int | None, num_images: int) -> torch.Tensor:
+    """(B, S) ids -> (B, S, num_images) int64, one-hot of the latest image at or before each token. Tokens before
+    any image, after an EOS with no image since, or whose image index is >= num_images see none."""
+    pos = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    is_image = input_ids == image_id
+    latest = is_image.long().cumsum(1) - 1  # index of the latest image; -1 before the first
+    last_image_pos = torch.where(is_image, pos, -1).cummax(1).values
+    eos_pos = torch.where(input_ids == eos_id, pos, -1).cummax(1).values if eos_id is not None else -torch.ones_like(pos)
+    eos_before = torch.cat([torch.full_like(eos_pos[:, :1], -1), eos_pos[:, :-1]], dim=1)  # EOS strictly before
+    blind = (latest < 0) | (latest >= num_images) | (eos_before > last_image_pos)
+    mask = torch.nn.functional.one_hot(latest.clamp(0, num_images - 1), num_images)
+    return mask.masked_fill(blind[..., None], 0)
+
+
+class Processor:
+    def __init__(self, tokenizer: Tokenizer, image_transform: ImageTransform, limits: ImageLimits = ImageLimits()):
+        if tokenizer.image_id is None or tokenizer.fake_image_id is None:
+            raise IdeficsError(f"the tokenizer lacks the {IMAGE_TOKEN} or {FAKE_IMAGE_TOKEN} token")
+        if tokenizer.bos_token is None:
+            raise IdeficsError("the tokenizer has no BOS token")
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.limits = limits
+
+    def __call__(self, prompts, add_end_of_utterance_token: bool = False) -> dict[str, torch.Tensor]:
+        """-> input_ids (B, S) and attention_mask (B, S) int64, pixel_values (B, N, 3, H, W) float32 zero-padded to
+        the batch's largest image count N >= 1, image_attention_mask (B, S, N) int64 (when no prompt has an image:
+        (B, S, 1) bool zeros, as the reference). With add_end_of_utterance_token, <end_of_utterance> goes between
+        two consecutive text items. Its default is False: transformers 5 never finds the token among the
+        tokenizer's additional special tokens, which is how it picks its default."""
+        batch = as_batch(prompts)
+        texts, images = [], []
+        for b, prompt in enumerate(batch):
+            where = f"prompt {b}, " if len(batch) > 1 else ""
+            text, sources = self._layout(prompt, add_end_of_utterance_token, where)
+            texts.append(text)
+            images.append([self._load(src, f"{where}item {i}") for i, src in sources])
+
+        input_ids, attention_mask = self._pad([self.tokenizer.encode(t) for t in texts])
+
+        num_images = max(1, max(len(x) for x in images))
+        t = self.image_transform
+        pixel_values = torch.zeros(len(batch), num_images, t.image_num_channels, t.image_size, t.image_size)
+        for b, prompt_images in enumerate(images):
+            # As the reference: as many images as the text has <image> tokens.
+            used = prompt_images[:int((input_ids[b] == self.tokenizer.image_id).sum())]
+            if used:
+                pixel_values[b, :len(used)] = t(used)
+
+        if any(images):
+            mask = image_attention_mask(input_ids, self.tokenizer.image_id, self.tokenizer.eos_id, num_images)
+        else:
+            mask = torch.zeros(*input_ids.shape, 1, dtype=torch.bool)
+        return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                    image_attention_mask=mask)
+
+    def _layout(self, prompt: list, add_end_of_utterance_token: bool, where: str) -> tuple[str, list]:
+        """One prompt -> its text with image tokens, and the (item index, source) of each image."""
+        if not prompt:
+            raise IdeficsError(f"{where}empty prompt: give at least one text or image item")
+        text, sources = self.tokenizer.bos_token, []
+        last_was_image = False
+        for i, item in enumerate(prompt):
+            if isinstance(item, str):
+                item = item.strip(" ")  # as the reference, which also decides what a URL is after this strip
+            if isinstance(item, str) and not is_image_reference(item):
+                if add_end_of_utterance_token and i > 0 and not last_was_image:
+                    text += END_OF_UTTERANCE_TOKEN
+                text += item
+                last_was_image = False
+            elif isinstance(item, str) or is_image_source(item):
+                # Consecutive images share the separator between them.
+                text += IMAGE_TOKEN + FAKE_IMAGE_TOKEN if last_was_image else FAKE_IMAGE_TOKEN + IMAGE_TOKEN + FAKE_IMAGE_TOKEN
+                sources.append((i, item))
+                last_was_image = True
+            else:
+                raise IdeficsError(f"{where}item {i}: unsupported item of type {type(item).__name__}; "
+                                   "expected text or an image (PIL image, path, URL, data URI, bytes)")
+        return text, sources
+
+    def _load(self, source, where: str) -> Image.Image:
+        try:
+            return load_image(source, self.limits)
+        except IdeficsError as e:
+            raise IdeficsError(f"{where}: {e}") from None
+
+    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ids (B, S) padded on the tokenizer's padding side, and the attention mask (B, S)."""
+        longest = max(len(r) for r in rows)
+        pad_id = self.tokenizer.pad_id
+        if pad_id is None:
+            if any(len(r) != longest for r in rows):
+                raise IdeficsError("prompts of different lengths need padding, but the tokenizer has no pad token")
+            pad_id = 0  # fills nothing: every row is full length
+        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for b, r in enumerate(rows):
+            span = slice(longest - len(r), None) if self.tokenizer.padding_side == "left" else slice(0, len(r))
+            ids[b, span] = torch.tensor(r)
+            mask[b, span] = 1
+        return ids, mask
+
+    @classmethod
+    def from_dir(cls, path: str | Path, limits: ImageLimits = ImageLimits()) -> Processor:
+        return cls(Tokenizer.from_dir(path), ImageTransform.from_dir(path), limits)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from idefics.cache import ImageKV, KVCache
+from idefics.graphs import DecodeGraphs, slot_bucket
 from idefics.model import IdeficsModel
 
 
@@ -72,13 +73,28 @@ class ImageEncoder:
         return torch.stack(out)
 
 
+KV_BUCKET = 256  # decode attends to the cache in multiples of this many positions
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
 class Engine:
-    def __init__(self, model: IdeficsModel, image_cache: int = 256):
+    """graphs: capture decode steps as CUDA graphs (default on CUDA); compile: torch.compile the decode step
+    (fuses the small elementwise kernels; costs compilation time on first use of each shape)."""
+
+    def __init__(self, model: IdeficsModel, image_cache: int = 256, graphs: bool | None = None, compile: bool = False):
         self.model = model
         self.encoder = ImageEncoder(model, image_cache)
+        self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.step_fn = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
+        self.graphs: DecodeGraphs | None = None
         self.cache: KVCache | None = None
         self.images: ImageKV | None = None
-        self.lengths = torch.zeros(0, dtype=torch.long)  # tokens in the cache, per active slot
+        self.lengths = torch.zeros(0, dtype=torch.long)  # tokens in the cache, per slot (on the device)
+        self.host_lengths: list[int] = []  # the same, for the active slots, without reading the device
+        self.tokens = torch.zeros(0, dtype=torch.long)  # the decode step's input, per slot
         self.active = 0
 
     @property
@@ -90,6 +106,9 @@ class Engine:
         must be called while no sequence is active."""
         assert self.active == 0, "reserve() with sequences running"
         c, w = self.model.config, self.model.embed.weight
+        if self.use_graphs:
+            slots = slot_bucket(slots, 1 << 30)  # a captured step runs a whole bucket of slots
+            max_len = _round_up(max_len, KV_BUCKET)
         tokens = max(max_images, 1) * c.image_seq_len
         if (self.cache is None or self.cache.k.shape[1] < slots or self.cache.max_len < max_len
                 or self.images.max_tokens < tokens):
@@ -97,10 +116,13 @@ class Engine:
                 slots = max(slots, self.cache.k.shape[1])
                 max_len = max(max_len, self.cache.max_len)
                 tokens = max(tokens, self.images.max_tokens)
-            self.cache = self.images = None  # free the old buffers before allocating the new ones
+            self.cache = self.images = self.graphs = None  # free the old buffers before allocating the new ones
             self.cache = KVCache(c.num_hidden_layers, slots, c.num_attention_heads, max_len, c.head_dim, w.dtype, w.device)
             self.images = ImageKV(c.num_cross_layers, slots, c.num_attention_heads, tokens, c.head_dim, w.dtype, w.device)
             self.lengths = torch.zeros(slots, dtype=torch.long, device=w.device)
+            self.tokens = torch.zeros(slots, dtype=torch.long, device=w.device)
+            if self.use_graphs:
+                self.graphs = DecodeGraphs(self._step, lambda: self.lengths, slots)
 
     @torch.inference_mode()
     def prefill(self, prompt: Prompt, copies: int = 1) -> torch.Tensor:
@@ -119,26 +141,36 @@ class Engine:
         logits = model(prompt.ids.to(dev)[None], self.cache.pos, mask, kv, image_mask[None], self.cache, last_only=True)
         # Generated tokens attend to what the last prompt token attends to (its latest image).
         self.images.set(slot, kv, image_mask[-1])
-        self.lengths[slot] = s
+        self.lengths[slot : slot + copies] = s
         for extra in range(slot + 1, slot + copies):
             self.cache.copy_slot(slot, extra)
             self.images.copy_slot(slot, extra)
-            self.lengths[extra] = s
+        self.host_lengths[slot:] = [s] * copies
         self.active += copies
         return logits[0, -1]
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (n,) for the active slots [0, n) -> next-token logits (n, V)."""
-        n, dev = self.active, self.device
+        """tokens (n,) for the active slots [0, n) -> next-token logits (n, V). On CUDA a captured graph runs the
+        step for a bucket of slots (the extra rows compute on idle slots and are ignored)."""
+        n = self.active
+        self.tokens[:n] = tokens.to(self.device)
+        kv_len = max(self.host_lengths) + 1
+        self.host_lengths = [x + 1 for x in self.host_lengths]
+        if self.graphs is None:
+            return self._step(n, kv_len)
+        return self.graphs.run(n, min(_round_up(kv_len, KV_BUCKET), self.cache.max_len))[:n]
+
+    def _step(self, n: int, kv_len: int) -> torch.Tensor:
+        """One decode step over slots [0, n) attending to the first kv_len cache positions; static shapes and no
+        host sync, so it can be captured."""
         lengths = self.lengths[:n]
-        kv_len = int(lengths.max()) + 1
-        self.cache.rows, self.cache.kv_len, self.cache.pos = slice(0, n), kv_len, lengths[:, None]
-        mask = (torch.arange(kv_len, device=dev)[None] <= lengths[:, None])[:, None, None]  # (n, 1, 1, kv_len)
-        image_mask = self.images.visible[:n, None]  # (n, 1, T)
-        logits = self.model(tokens.to(dev)[:, None], lengths[:, None], mask, self.images.view(slice(0, n)),
-                            image_mask, self.cache)
-        self.lengths[:n] += 1
+        pos = lengths.clamp(max=self.cache.max_len - 1)[:, None]  # idle slots keep counting; stay in bounds
+        self.cache.rows, self.cache.kv_len, self.cache.pos = slice(0, n), kv_len, pos
+        mask = (torch.arange(kv_len, device=pos.device)[None] <= pos)[:, None, None]  # (n, 1, 1, kv_len)
+        logits = self.step_fn(self.tokens[:n, None], pos, mask, self.images.view(slice(0, n)),
+                              self.images.visible[:n, None], self.cache)
+        lengths += 1
         return logits[:, -1]
 
     def reorder(self, first: int, order: torch.Tensor):
@@ -154,4 +186,5 @@ class Engine:
             self.cache.copy_slot(src, dst)
             self.images.copy_slot(src, dst)
             self.lengths[dst] = self.lengths[src]
+        del self.host_lengths[first : first + count]
         self.active -= count

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from idefics.config import PerceiverConfig
@@ -31,7 +30,11 @@ class PerceiverAttention(nn.Module):
         k, v = (split_heads(t, self.head_dim) for t in self.wkv(torch.cat([context, latents], 1)).chunk(2, -1))
         if self.qk_norms:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.wo(merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        # Softmax in the model's dtype, as the checkpoints were trained (a fused kernel's float32 softmax drifts
+        # from them in bfloat16).
+        scores = (q * self.head_dim**-0.5) @ k.transpose(-1, -2)  # (N, H, L, T + L)
+        attn = (scores - scores.amax(dim=-1, keepdim=True)).softmax(dim=-1)
+        return self.wo(merge_heads(attn @ v))
 
 
 class PerceiverMLP(nn.Module):
@@ -42,7 +45,7 @@ class PerceiverMLP(nn.Module):
         self.proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.relu(self.fc(self.norm(x))))
+        return self.proj(torch.relu(self.fc(self.norm(x))))
 
 
 class Perceiver(nn.Module):

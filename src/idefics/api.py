@@ -7,16 +7,19 @@ from pathlib import Path
 
 import torch
 
+from idefics import tasks
+from idefics.chat import Conversation
 from idefics.config import IdeficsConfig
 from idefics.engine import Engine, split_batch
 from idefics.generate import Completion, Generator
 from idefics.errors import IdeficsError
 from idefics.hub import resolve
-from idefics.images import ImageTransform
+from idefics.images import ImageTransform, load_image
 from idefics.inputs import full_logits
 from idefics.model import IdeficsModel
 from idefics.processor import Processor, as_batch
 from idefics.sampling import GenerationOptions
+from idefics.scoring import rank
 from idefics.tokenizer import Tokenizer
 from idefics.weights import build_meta, load_weights, read_tensors, weight_files
 
@@ -98,6 +101,80 @@ class Idefics:
                 yield piece
         if piece := detok.flush():
             yield piece
+
+    # The guide's tasks. Each takes one image (-> one result) or a list of images (-> a list of results, run as
+    # one batch); options override the task's defaults (tasks.DEFAULTS) and go to generate().
+
+    def caption(self, image, prompt: str | None = None, **options) -> str | list[str]:
+        """No prompt: the caption the model writes from BOS. With a prompt ("This is an image of "): its
+        continuation (pass include_prompt=True for the whole sentence)."""
+        if prompt is None:
+            return self._run("caption", image, lambda im: tasks.caption(im), options)
+        prompt = tasks.as_text(prompt, "prompt")
+        return self._run("prompted_caption", image, lambda im: tasks.caption(im, prompt), options)
+
+    def ask(self, image, question: str, **options) -> str | list[str]:
+        """Visual question answering with the guide's instruction."""
+        question = tasks.as_text(question, "question")
+        return self._run("ask", image, lambda im: tasks.ask(im, question), options)
+
+    def few_shot(self, examples, image, **options) -> str | list[str]:
+        """examples: (image, description) pairs shown as finished exchanges before the image to describe."""
+        examples = tasks.as_examples(examples)
+        return self._run("few_shot", image, lambda im: tasks.few_shot(examples, im), options)
+
+    def story(self, image, instruction: str | None = None, **options) -> str | list[str]:
+        """A story written from the image (the guide's defaults: num_beams=2, max_new_tokens=200)."""
+        if instruction is not None:
+            instruction = tasks.as_text(instruction, "instruction")
+        return self._run("story", image, lambda im: tasks.story(im, instruction), options)
+
+    def classify(self, image, labels, mode: str = "rank", **options):
+        """Zero-shot classification with the guide's prompt. mode "rank": every label with its probability
+        (softmax of the labels' summed log-likelihoods after "Category:"), best first, as LabelScore tuples;
+        mode "generate": the category the model writes."""
+        labels = tasks.as_labels(labels)
+        if mode == "generate":
+            return self._run("classify", image, lambda im: tasks.classify(im, labels), options)
+        if mode != "rank":
+            raise IdeficsError(f"unknown classification mode {mode!r} (valid: rank, generate)")
+        if options:
+            raise IdeficsError(f"ranked classification takes no generation options, got {', '.join(options)}")
+        images, single = tasks.as_images(image)
+        # Each image appears once per label: load it once.
+        images = [self._load(x, "image" if single else f"image {i}") for i, x in enumerate(images)]
+        ranked = rank(self, [tasks.classify(im, labels) for im in images], labels)
+        return ranked[0] if single else ranked
+
+    def chat(self, **options) -> Conversation:
+        """A conversation with an instruct model; options apply to every reply."""
+        return Conversation(self, **options)
+
+    def summary(self) -> dict:
+        """What is loaded: the checkpoint, its shapes, parameter count, device and dtype."""
+        c = self.config
+        return {
+            "model": str(self.path), "parameters": sum(p.numel() for p in self.model.parameters()),
+            "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "decoder": f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, MLP {c.intermediate_size}",
+            "cross_attention_blocks": len(self.model.cross_layers),
+            "vision": f"{c.vision.num_hidden_layers} layers, width {c.vision.embed_dim}, {c.vision.image_size}px images, patch {c.vision.patch_size}",
+            "perceiver": f"{c.perceiver.depth} layers, {c.perceiver.n_latents} latents" if c.use_resampler else "none",
+            "vocabulary": c.total_vocab_size, "context": c.max_position_embeddings,
+            "instruct": self.tokenizer.end_of_utterance_id is not None,
+        }
+
+    def _run(self, task: str, image, build, options: dict):
+        images, single = tasks.as_images(image)
+        completions = self.generate([build(im) for im in images], **tasks.options(task, options))
+        texts = [c.text.strip() for c in completions]
+        return texts[0] if single else texts
+
+    def _load(self, source, where: str):
+        try:
+            return load_image(source, self.processor.limits)
+        except IdeficsError as e:
+            raise IdeficsError(f"{where}: {e}") from None
 
     def __repr__(self) -> str:
         c = self.config

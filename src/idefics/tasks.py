@@ -1,9 +1,13 @@
-"""The guide's prompt templates, as data. Each builder returns one prompt: a list of text and image items."""
+"""The guide's prompt templates, as data, and the checks on the tasks' arguments. Each builder returns one prompt:
+a list of text and image items."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
-from idefics.images import is_image_reference
+from idefics.errors import IdeficsError
+from idefics.images import is_image_reference, is_image_source
 
 CAPTION_PROMPT = "This is an image of "
 VQA_INSTRUCTION = "Instruction: Provide an answer to the question. Use the image to answer.\n"
@@ -26,6 +30,72 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "story": {"num_beams": 2, "max_new_tokens": 200},
     "chat": {"max_new_tokens": 100},
 }
+
+
+def options(task: str, given: dict) -> dict:
+    """The task's defaults under the caller's options. A given max_length replaces the default max_new_tokens,
+    which would otherwise win over it."""
+    merged = dict(DEFAULTS[task])
+    if "max_length" in given and "max_new_tokens" not in given:
+        merged.pop("max_new_tokens", None)
+    return merged | given
+
+
+def as_image(item, where: str = "image"):
+    """A task's image argument as a prompt item: a str that is not a URL or data URI names a file."""
+    if item is None:
+        raise IdeficsError(f"{where}: missing image")
+    if isinstance(item, str):
+        return item if is_image_reference(item) else Path(item)
+    if isinstance(item, os.PathLike):
+        return Path(item)
+    if not is_image_source(item):
+        raise IdeficsError(f"{where}: unsupported image of type {type(item).__name__} "
+                           "(expected a PIL image, path, URL, data URI or bytes)")
+    return item
+
+
+def as_images(image) -> tuple[list, bool]:
+    """One image or a list of them -> (prompt items, whether one was given)."""
+    single = not isinstance(image, (list, tuple))
+    images = [image] if single else list(image)
+    if not images:
+        raise IdeficsError("no image given: pass an image or a non-empty list of images")
+    if single:
+        return [as_image(image)], True
+    return [as_image(x, f"image {i}") for i, x in enumerate(images)], False
+
+
+def as_labels(labels) -> list[str]:
+    if isinstance(labels, str) or not isinstance(labels, Sequence):
+        raise IdeficsError(f"labels must be a list of strings, got {type(labels).__name__}")
+    labels = list(labels)
+    if not labels:
+        raise IdeficsError("no labels given: classification needs at least one label")
+    for i, label in enumerate(labels):
+        if not isinstance(label, str) or not label.strip():
+            raise IdeficsError(f"label {i}: expected a non-empty string, got {label!r}")
+    if len(set(labels)) != len(labels):
+        raise IdeficsError(f"duplicate labels in {labels}")
+    return labels
+
+
+def as_text(value, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise IdeficsError(f"{name}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def as_examples(examples) -> list[tuple[Any, str]]:
+    """Few-shot examples: (image, answer) pairs."""
+    if isinstance(examples, (str, bytes)) or not isinstance(examples, Sequence) or not examples:
+        raise IdeficsError("few-shot examples must be a non-empty list of (image, text) pairs")
+    pairs = []
+    for i, pair in enumerate(examples):
+        if not isinstance(pair, Sequence) or isinstance(pair, (str, bytes)) or len(pair) != 2:
+            raise IdeficsError(f"example {i}: expected an (image, text) pair")
+        pairs.append((as_image(pair[0], f"example {i}"), as_text(pair[1], f"example {i} text")))
+    return pairs
 
 
 def caption(image, prompt: str | None = None) -> list:
@@ -60,9 +130,9 @@ def user_turn(items: Sequence, first: bool = False) -> list:
     [img, "And who is that?"] -> ["\nUser:", img, "And who is that?<end_of_utterance>"]."""
     head = ("" if first else "\n") + "User:"
     items = list(items)
-    out: list = [head + " " + items.pop(0)] if items and _is_text(items[0]) else [head]
+    out: list = [head + " " + items.pop(0)] if items and is_text(items[0]) else [head]
     out += items
-    if len(out) > 1 and _is_text(out[-1]):
+    if len(out) > 1 and is_text(out[-1]):
         out[-1] += END_OF_UTTERANCE
     else:
         out.append(END_OF_UTTERANCE)
@@ -74,5 +144,5 @@ def assistant_turn(reply: str | None = None) -> list:
     return ["\nAssistant:"] if reply is None else [f"\nAssistant: {reply.strip()}{END_OF_UTTERANCE}"]
 
 
-def _is_text(item) -> bool:
+def is_text(item) -> bool:
     return isinstance(item, str) and not is_image_reference(item)

@@ -1,0 +1,321 @@
+"""The `idefics` command: the guide's tasks, free generation, chat, JSONL batches, model info and the demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from idefics import tasks
+from idefics.errors import IdeficsError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+# Generation flags -> option names; None means the task's default applies.
+GENERATION = {
+    "max_new_tokens": int, "min_new_tokens": int, "max_length": int, "num_beams": int, "length_penalty": float,
+    "temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float, "seed": int,
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, like every other user error.
+        raise IdeficsError(f"{self.prog}: {message}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = parser().parse_args(argv)
+        return args.command(args) or 0
+    except IdeficsError as e:
+        if debug:
+            raise
+        print(f"idefics: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into a reader that stopped (e.g. `| head`)
+        return 0
+    except Exception as e:
+        if debug:
+            raise
+        print(f"idefics: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)".replace("\n", " "),
+              file=sys.stderr)
+        return 1
+
+
+def parser() -> Parser:
+    model = Parser(add_help=False)
+    m = model.add_argument_group("model")
+    m.add_argument("--model", help="checkpoint directory or hub id (default: $IDEFICS_MODEL, else the demo model)")
+    m.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    m.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: bfloat16 on CUDA, else float32")
+    m.add_argument("--quantize", help="quantize the weights while loading (e.g. 4bit)")
+    m.add_argument("--json", action="store_true", help="machine-readable output: one JSON object per line")
+    m.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    gen = Parser(add_help=False)
+    g = gen.add_argument_group("generation (defaults: the guide's, per task)")
+    for name, kind in GENERATION.items():
+        g.add_argument("--" + name.replace("_", "-"), type=kind, metavar=kind.__name__.upper())
+    g.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
+    g.add_argument("--early-stopping", action="store_true", default=None, help="beam search: stop at num_beams finished")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable); the text is cut before it")
+
+    top = Parser(prog="idefics", description="Fast, faithful inference for the IDEFICS vision-language models.")
+    sub = top.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    def command(name, run, help, parents=(model, gen)):
+        p = sub.add_parser(name, help=help, description=help, parents=list(parents))
+        p.set_defaults(command=run)
+        return p
+
+    images = dict(nargs="+", metavar="IMAGE", help="image path, URL, or - for stdin; several run as one batch")
+    p = command("caption", cmd_caption, "describe images (the guide's captioning)")
+    p.add_argument("images", **images)
+    p.add_argument("--prompt", help='prompted captioning, e.g. "This is an image of "')
+    p = command("ask", cmd_ask, "answer a question about images (visual question answering)")
+    p.add_argument("images", **images)
+    p.add_argument("-q", "--question", required=True)
+    p = command("classify", cmd_classify, "zero-shot classification into given labels")
+    p.add_argument("images", **images)
+    p.add_argument("--labels", nargs="*", required=True, metavar="LABEL", help="the categories, one argument each")
+    p.add_argument("--mode", choices=["rank", "generate"], default="rank",
+                   help="rank: every label with its probability (default); generate: the model's free answer")
+    p = command("story", cmd_story, "write a story from images")
+    p.add_argument("images", **images)
+    p.add_argument("--instruction", help="replaces the guide's story instruction")
+    p = command("few-shot", cmd_few_shot, "describe images after examples of (image, description)")
+    p.add_argument("images", **images)
+    p.add_argument("--example", nargs=2, action="append", required=True, metavar=("IMAGE", "TEXT"),
+                   help="one example (repeatable)")
+    p = command("generate", cmd_generate, "continue an interleaved prompt of text and images, in order")
+    p.add_argument("-t", "--text", dest="items", action=_Item, metavar="TEXT", help="a text item")
+    p.add_argument("-i", "--image", dest="items", action=_Item, metavar="IMAGE", help="an image item")
+    p.add_argument("--include-prompt", action="store_true", help="print the prompt's text before the continuation")
+    p = command("chat", cmd_chat, "talk with an instruct model; /image PATH attaches an image, /reset, /quit")
+    p.add_argument("--image", action="append", default=[], metavar="IMAGE", help="attach to the first message")
+    p = command("batch", cmd_batch, "run a JSONL file of tasks (one per line) into a JSONL file of results")
+    p.add_argument("input", help="JSONL tasks, or - for stdin")
+    p.add_argument("-o", "--output", required=True, help="JSONL results; an existing file is resumed")
+    p.add_argument("--batch-size", type=int, default=8, help="lines run together (default 8)")
+    p.add_argument("--image-root", default=".", help="directory that relative image paths start from")
+    command("info", cmd_info, "summarize a model: configuration, parameters, device, dtype", parents=[model])
+    debug = Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show tracebacks")
+    command("demo", cmd_demo, "run the embedded demo model", parents=[debug])
+    return top
+
+
+class _Item(argparse.Action):
+    """-t and -i append to one list, so the prompt keeps the order given."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        items = getattr(namespace, self.dest) or []
+        items.append(("image" if option_string in ("-i", "--image") else "text", value))
+        setattr(namespace, self.dest, items)
+
+
+# Arguments -> library values
+
+def generation_options(args) -> dict:
+    """The generation flags given (others keep the task's defaults), checked before any model loads."""
+    from idefics.sampling import GenerationOptions
+
+    names = list(GENERATION) + ["do_sample", "early_stopping", "stop"]
+    options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    GenerationOptions.make(**options)
+    return options
+
+
+def load_model(args):
+    import idefics
+
+    return idefics.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+
+
+_stdin_used = False
+
+
+def read_image(arg: str):
+    """A command-line image -> a decoded PIL image, so a bad image fails before the model loads."""
+    from idefics.images import load_image
+
+    global _stdin_used
+    if arg == "-":
+        if _stdin_used:
+            raise IdeficsError("- (stdin) can be given as an image only once")
+        _stdin_used = True
+        return load_image(sys.stdin.buffer.read())
+    return load_image(tasks.as_image(arg))
+
+
+def read_images(args) -> list:
+    return [read_image(a) for a in args.images]
+
+
+def emit(args, results: list, render) -> None:
+    """One result per image: one line each (with --json: a JSON object), prefixed by the image when several."""
+    from idefics.batch import as_json
+
+    for name, result in zip(args.images, results):
+        if args.json:
+            print(json.dumps({"image": name, "result": as_json(result)}, ensure_ascii=False))
+        elif len(args.images) > 1:
+            print(f"{name}: {render(result)}")
+        else:
+            print(render(result))
+
+
+# Commands
+
+def cmd_caption(args):
+    options, images = generation_options(args), read_images(args)
+    emit(args, load_model(args).caption(images, args.prompt, **options), str)
+
+
+def cmd_ask(args):
+    options, images = generation_options(args), read_images(args)
+    question = tasks.as_text(args.question, "question")
+    emit(args, load_model(args).ask(images, question, **options), str)
+
+
+def cmd_classify(args):
+    options, images = generation_options(args), read_images(args)
+    labels = tasks.as_labels(args.labels)
+    m = load_model(args)
+    if args.mode == "generate":
+        emit(args, m.classify(images, labels, mode="generate", **options), str)
+        return
+    if options:
+        raise IdeficsError("--mode rank takes no generation options (use --mode generate)")
+
+    def render(ranked):
+        return "  ".join(f"{s.label} {s.probability:.4f}" for s in ranked)
+
+    emit(args, m.classify(images, labels), render)
+
+
+def cmd_story(args):
+    options, images = generation_options(args), read_images(args)
+    emit(args, load_model(args).story(images, args.instruction, **options), str)
+
+
+def cmd_few_shot(args):
+    options, images = generation_options(args), read_images(args)
+    examples = [(read_image(image), text) for image, text in args.example]
+    emit(args, load_model(args).few_shot(examples, images, **options), str)
+
+
+def cmd_generate(args):
+    options = generation_options(args)
+    if not args.items:
+        raise IdeficsError("empty prompt: give items with -t TEXT and -i IMAGE, in order")
+    prompt = [read_image(v) if kind == "image" else v for kind, v in args.items]
+    m = load_model(args)
+    if args.json or options.get("num_beams", 1) > 1:
+        [c] = m.generate([prompt], include_prompt=args.include_prompt, **options)
+        if args.json:
+            print(json.dumps({"text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids)},
+                             ensure_ascii=False))
+        else:
+            print(c.text)
+        return
+    if args.include_prompt:
+        print(" ".join(v for kind, v in args.items if kind == "text"), end="", flush=True)
+    for piece in m.stream(prompt, **options):
+        print(piece, end="", flush=True)
+    print()
+
+
+CHAT_HELP = "/image PATH attaches an image to your next message (so does a path in it), /reset starts over, /quit leaves."
+
+
+def cmd_chat(args):
+    options = generation_options(args)
+    pending = [read_image(a) for a in args.image]
+    conversation = load_model(args).chat(**options)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(CHAT_HELP, file=sys.stderr)
+    while True:
+        try:
+            line = input("You: " if interactive else "")
+        except EOFError:
+            return
+        line = line.strip()
+        try:
+            if line in ("/quit", "/exit"):
+                return
+            if line == "/reset":
+                conversation.reset()
+                pending = []
+            elif line.startswith("/image"):
+                path = line.removeprefix("/image").strip()
+                if not path:
+                    raise IdeficsError("/image needs a path or URL")
+                pending.append(read_image(path))
+            elif line.startswith("/"):
+                raise IdeficsError(f"unknown command {line.split()[0]} ({CHAT_HELP})")
+            elif line:
+                text, attached = split_message(line)
+                reply(conversation, text, pending + attached, args.json)
+                pending = []
+        except IdeficsError as e:  # the conversation goes on
+            print(f"idefics: error: {e}", file=sys.stderr)
+
+
+def split_message(line: str) -> tuple[str, list]:
+    """Words of a message that are image files (by suffix) or image URLs become attached images."""
+    words, images = [], []
+    for word in line.split():
+        suffix = Path(word.split("?")[0]).suffix.lower()
+        if suffix in IMAGE_SUFFIXES and (Path(word).is_file() or word.startswith(("http://", "https://"))):
+            images.append(read_image(word))
+        else:
+            words.append(word)
+    return " ".join(words), images
+
+
+def reply(conversation, text: str, images: list, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"reply": conversation.send(text or None, images or None)}, ensure_ascii=False), flush=True)
+        return
+    print("Assistant: ", end="", flush=True)
+    try:
+        for piece in conversation.stream(text or None, images or None):
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:  # stops this reply, not the conversation
+        pass
+    print(flush=True)
+
+
+def cmd_batch(args):
+    from idefics.batch import run_file
+
+    if args.batch_size < 1:
+        raise IdeficsError(f"--batch-size must be >= 1, got {args.batch_size}")
+    options = generation_options(args)
+    return run_file(args.input, Path(args.output), Path(args.image_root), options, args.batch_size,
+                    lambda: load_model(args))
+
+
+def cmd_info(args):
+    summary = load_model(args).summary()
+    if args.json:
+        print(json.dumps(summary))
+        return
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def cmd_demo(args):
+    try:
+        from idefics.demo import run
+    except ImportError as e:
+        raise IdeficsError(f"the demo is not available in this installation ({e})") from None
+    return run()

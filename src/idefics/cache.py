@@ -10,29 +10,34 @@ import torch
 class KVCache:
     """Self-attention cache, (layers, slots, heads, max_len, head_dim) for keys and for values.
 
-    Before a forward pass the caller points the cache at the slots it runs (`rows`), the positions the new
-    tokens are written to (`pos`, (B, S)) and how many key positions attention reads (`kv_len`)."""
+    Before a forward pass the caller points the cache at the slots it runs (`rows`: a slice, or a tensor of slot
+    indices for a prefill), the positions
+    the new tokens are written to (`pos`, (B, S)) and how many key positions attention reads (`kv_len`; None: a
+    prefill from position 0, which attends to the new keys alone)."""
 
     def __init__(self, layers: int, slots: int, heads: int, max_len: int, head_dim: int, dtype, device):
         shape = (layers, slots, heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
-        self.rows = slice(0, slots)
+        self.rows: slice | torch.Tensor = slice(0, slots)
         self.pos: torch.Tensor | None = None
-        self.kv_len = max_len
+        self.kv_len: int | None = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v (B, H, S, Dh) written at self.pos -> all keys/values of these rows, (B, H, kv_len, Dh)."""
-        kc, vc = self.k[layer, self.rows], self.v[layer, self.rows]
-        b = torch.arange(k.shape[0], device=k.device)[:, None]
-        kc[b, :, self.pos] = k.transpose(1, 2)  # (B, S, H, Dh) at [row, :, pos]
-        vc[b, :, self.pos] = v.transpose(1, 2)
-        return kc[:, :, : self.kv_len], vc[:, :, : self.kv_len]
+        """k, v (B, H, S, Dh) written at self.pos -> the keys/values to attend to, (B, H, kv_len, Dh)."""
+        # Written through the whole buffer (not a view of it) so that a compiled step updates it in place.
+        rows = self.rows if isinstance(self.rows, torch.Tensor) else \
+            torch.arange(self.rows.start, self.rows.stop, device=k.device)
+        self.k[layer, rows[:, None], :, self.pos] = k.transpose(1, 2)  # (B, S, H, Dh) at [layer, row, :, pos]
+        self.v[layer, rows[:, None], :, self.pos] = v.transpose(1, 2)
+        if self.kv_len is None:
+            return k, v
+        return self.k[layer, self.rows, :, : self.kv_len], self.v[layer, self.rows, :, : self.kv_len]
 
-    def copy_slot(self, src: int, dst: slice | int):
-        self.k[:, dst] = self.k[:, src : src + 1]
-        self.v[:, dst] = self.v[:, src : src + 1]
+    def copy_slot(self, src: int, dst: int):
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
 
     def reorder(self, rows: slice, order: torch.Tensor):
         """Beam search: rows[i] takes the cache of rows[order[i]]."""
@@ -51,18 +56,18 @@ class ImageKV:
         self.visible = torch.zeros(slots, max_tokens, dtype=torch.bool, device=device)
         self.max_tokens = max_tokens
 
-    def set(self, slot: int, kv: list[tuple[torch.Tensor, torch.Tensor]], visible: torch.Tensor):
-        """kv per block (1, H, T, Dh) with T <= max_tokens; visible (T,) bool."""
-        t = visible.shape[0]
+    def set(self, slots: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]], visible: torch.Tensor):
+        """slots (B,) indices; kv per block (B, H, T, Dh) with T <= max_tokens; visible (B, T) bool."""
+        t = visible.shape[1]
         for i, (k, v) in enumerate(kv):
-            self.k[i, slot, :, :t] = k[0]
-            self.v[i, slot, :, :t] = v[0]
-        self.visible[slot] = False
-        self.visible[slot, :t] = visible
+            self.k[i, slots, :, :t] = k
+            self.v[i, slots, :, :t] = v
+        self.visible[slots] = False
+        self.visible[slots, :t] = visible
 
-    def copy_slot(self, src: int, dst: slice | int):
-        self.k[:, dst] = self.k[:, src : src + 1]
-        self.v[:, dst] = self.v[:, src : src + 1]
+    def copy_slot(self, src: int, dst: int):
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
         self.visible[dst] = self.visible[src : src + 1]
 
     def view(self, rows: slice) -> list[tuple[torch.Tensor, torch.Tensor]]:

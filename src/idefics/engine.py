@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from idefics.cache import ImageKV, KVCache
-from idefics.graphs import DecodeGraphs, slot_bucket
+from idefics.graphs import Graphs, slot_bucket
 from idefics.model import IdeficsModel
 
 
@@ -37,14 +37,19 @@ def split_batch(batch: dict[str, torch.Tensor], pad_id: int | None = None) -> li
     return prompts
 
 
+SMALL_IMAGE_BATCH = 8
+
+
 class ImageEncoder:
     """Vision tower + perceiver, batched, with a bounded cache keyed by the image's pixel content."""
 
-    def __init__(self, model: IdeficsModel, capacity: int = 256, batch_size: int = 64):
+    def __init__(self, model: IdeficsModel, capacity: int = 256, batch_size: int = 64, graphs: Graphs | None = None):
         self.model = model
         self.capacity = capacity
         self.batch_size = batch_size
         self.cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.graphs = graphs
+        self.pixels: torch.Tensor | None = None  # static input of the captured encoders
 
     @staticmethod
     def key(pixels: torch.Tensor) -> bytes:
@@ -60,8 +65,8 @@ class ImageEncoder:
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i : i + self.batch_size]
             x = torch.stack([pixels[first[k]] for k in chunk]).to(device=w.device, dtype=w.dtype)
-            for k, f in zip(chunk, self.model.encode_images(x)):
-                self.cache[k] = f
+            for k, f in zip(chunk, self._encode(x)):
+                self.cache[k] = f.clone()
         out = [self.cache[k] for k in keys]
         for k in keys:
             self.cache.move_to_end(k)
@@ -72,8 +77,20 @@ class ImageEncoder:
             return torch.zeros(0, c.image_seq_len, c.image_dim, dtype=w.dtype, device=w.device)
         return torch.stack(out)
 
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """A few images (the latency case) through a captured graph; larger batches keep the GPU busy anyway."""
+        n = x.shape[0]
+        if self.graphs is None or n > SMALL_IMAGE_BATCH:
+            return self.model.encode_images(x)
+        if self.pixels is None:
+            self.pixels = torch.zeros(SMALL_IMAGE_BATCH, *x.shape[1:], dtype=x.dtype, device=x.device)
+        m = 1 << (n - 1).bit_length()  # power-of-two bucket
+        self.pixels[:n] = x
+        return self.graphs.run(("encode", m), lambda: self.model.encode_images(self.pixels[:m]))[:n]
+
 
 KV_BUCKET = 256  # decode attends to the cache in multiples of this many positions
+LEN_BUCKET = 32  # captured prefills pad prompts to a multiple of this many tokens
 
 
 def _round_up(x: int, m: int) -> int:
@@ -81,21 +98,23 @@ def _round_up(x: int, m: int) -> int:
 
 
 class Engine:
-    """graphs: capture decode steps as CUDA graphs (default on CUDA); compile: torch.compile the decode step
-    (fuses the small elementwise kernels; costs compilation time on first use of each shape)."""
+    """graphs: capture decode steps and single-prompt prefills as CUDA graphs (default on CUDA); compile:
+    torch.compile the decode step (fuses its small elementwise kernels; compiles on first use of each shape)."""
 
     def __init__(self, model: IdeficsModel, image_cache: int = 256, graphs: bool | None = None, compile: bool = False):
         self.model = model
-        self.encoder = ImageEncoder(model, image_cache)
-        self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
-        self.step_fn = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
-        self.graphs: DecodeGraphs | None = None
+        self.graphs = Graphs() if (self.device.type == "cuda" if graphs is None else graphs) else None
+        self.encoder = ImageEncoder(model, image_cache, graphs=self.graphs)
+        self.step_fn = model
+        if compile:
+            import torch._inductor.config
+
+            torch._inductor.config.coordinate_descent_tuning = True  # tunes the fused decode kernels' launch shapes
+            self.step_fn = torch.compile(model, fullgraph=True, dynamic=False)
         self.cache: KVCache | None = None
         self.images: ImageKV | None = None
-        self.lengths = torch.zeros(0, dtype=torch.long)  # tokens in the cache, per slot (on the device)
-        self.host_lengths: list[int] = []  # the same, for the active slots, without reading the device
-        self.tokens = torch.zeros(0, dtype=torch.long)  # the decode step's input, per slot
         self.active = 0
+        self.host_lengths: list[int] = []  # tokens in the cache per active slot, known without a device sync
 
     @property
     def device(self) -> torch.device:
@@ -106,78 +125,122 @@ class Engine:
         must be called while no sequence is active."""
         assert self.active == 0, "reserve() with sequences running"
         c, w = self.model.config, self.model.embed.weight
-        if self.use_graphs:
+        if self.graphs is not None:
             slots = slot_bucket(slots, 1 << 30)  # a captured step runs a whole bucket of slots
             max_len = _round_up(max_len, KV_BUCKET)
         tokens = max(max_images, 1) * c.image_seq_len
-        if (self.cache is None or self.cache.k.shape[1] < slots or self.cache.max_len < max_len
-                or self.images.max_tokens < tokens):
-            if self.cache is not None:
-                slots = max(slots, self.cache.k.shape[1])
-                max_len = max(max_len, self.cache.max_len)
-                tokens = max(tokens, self.images.max_tokens)
-            self.cache = self.images = self.graphs = None  # free the old buffers before allocating the new ones
-            self.cache = KVCache(c.num_hidden_layers, slots, c.num_attention_heads, max_len, c.head_dim, w.dtype, w.device)
-            self.images = ImageKV(c.num_cross_layers, slots, c.num_attention_heads, tokens, c.head_dim, w.dtype, w.device)
-            self.lengths = torch.zeros(slots, dtype=torch.long, device=w.device)
-            self.tokens = torch.zeros(slots, dtype=torch.long, device=w.device)
-            if self.use_graphs:
-                self.graphs = DecodeGraphs(self._step, lambda: self.lengths, slots)
+        if self.cache is not None and self.cache.k.shape[1] >= slots and self.cache.max_len >= max_len \
+                and self.images.max_tokens >= tokens:
+            return
+        if self.cache is not None:
+            slots = max(slots, self.cache.k.shape[1])
+            max_len = max(max_len, self.cache.max_len)
+            tokens = max(tokens, self.images.max_tokens)
+        self.cache = self.images = None  # free the old buffers before allocating the new ones
+        if self.graphs is not None:
+            self.graphs.graphs.clear()  # they point at the old buffers
+        dev, dt = w.device, w.dtype
+        self.cache = KVCache(c.num_hidden_layers, slots, c.num_attention_heads, max_len, c.head_dim, dt, dev)
+        self.images = ImageKV(c.num_cross_layers, slots, c.num_attention_heads, tokens, c.head_dim, dt, dev)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=dev)  # the same as host_lengths, per slot
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=dev)  # the decode step's input
+        # The prefill's inputs, padded: ids (B, S), image features (B, T, D), which image tokens each token sees
+        # (B, S, T), the slot of each row and the position of its last real token.
+        self.pf_ids = torch.zeros(slots, max_len, dtype=torch.long, device=dev)
+        self.pf_feats = torch.zeros(slots, tokens, c.image_dim, dtype=dt, device=dev)
+        self.pf_image_mask = torch.zeros(slots, max_len, tokens, dtype=torch.bool, device=dev)
+        self.pf_slots = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.pf_last = torch.zeros(slots, dtype=torch.long, device=dev)
+
+    def prefill(self, prompt: Prompt, copies: int = 1) -> torch.Tensor:
+        """One prompt -> its next-token logits (V,); see prefill_batch."""
+        return self.prefill_batch([prompt], copies)[0]
 
     @torch.inference_mode()
-    def prefill(self, prompt: Prompt, copies: int = 1) -> torch.Tensor:
-        """Run a prompt into the next free slot (and copy it to `copies` slots, for beams) -> last logits (V,)."""
-        model, dev = self.model, self.device
-        slot = self.active
-        assert slot + copies <= self.cache.k.shape[1], "not enough slots reserved"
-        feats = self.encoder(prompt.pixels)  # (N, T, D)
-        t_img = model.config.image_seq_len
-        kv = model.image_kv(feats.reshape(1, -1, feats.shape[-1]))  # per block (1, H, N*T, Dh)
-        image_mask = prompt.image_mask.to(dev).bool().repeat_interleave(t_img, dim=-1)  # (S, N*T)
-        s = prompt.ids.shape[0]
-        self.cache.rows, self.cache.kv_len = slice(slot, slot + 1), s
-        self.cache.pos = torch.arange(s, device=dev)[None]
-        mask = torch.ones(s, s, dtype=torch.bool, device=dev).tril()[None, None]
-        logits = model(prompt.ids.to(dev)[None], self.cache.pos, mask, kv, image_mask[None], self.cache, last_only=True)
+    def prefill_batch(self, prompts: list[Prompt], copies: int = 1) -> torch.Tensor:
+        """Run prompts into the next free slots, each copied to `copies` consecutive slots (beams), in one batch
+        -> each prompt's next-token logits (B, V)."""
+        b, first = len(prompts), self.active
+        assert first + b * copies <= self.cache.k.shape[1], "not enough slots reserved"
+        t_img = self.model.config.image_seq_len
+        feats = self.encoder(torch.cat([p.pixels for p in prompts]))  # (sum N, T, D)
+        lens = [p.ids.shape[0] for p in prompts]
+        n_images = [p.pixels.shape[0] for p in prompts]
+        s = _round_up(max(lens), LEN_BUCKET) if self.graphs is not None and b == 1 else max(lens)
+        t = max(n_images) * t_img
+        self.pf_ids[:b, :s] = 0
+        self.pf_feats[:b, :t] = 0
+        self.pf_image_mask[:b, :s, :t] = False
+        offset = 0
+        for i, p in enumerate(prompts):
+            n = n_images[i]
+            self.pf_ids[i, : lens[i]] = p.ids.to(self.device)
+            self.pf_feats[i, : n * t_img] = feats[offset : offset + n].flatten(0, 1)
+            self.pf_image_mask[i, : lens[i], : n * t_img] = p.image_mask.to(self.device).bool().repeat_interleave(t_img, -1)
+            offset += n
+        slots = torch.arange(b, device=self.device) * copies + first
+        self.pf_slots[:b] = slots
+        self.pf_last[:b] = torch.tensor(lens, device=self.device) - 1
+        if self.graphs is not None and b == 1:
+            logits, kv = self.graphs.run(("prefill", s, t), lambda: self._prefill_step(1, s, t))
+        else:
+            logits, kv = self._prefill_step(b, s, t)
         # Generated tokens attend to what the last prompt token attends to (its latest image).
-        self.images.set(slot, kv, image_mask[-1])
-        self.lengths[slot : slot + copies] = s
-        for extra in range(slot + 1, slot + copies):
-            self.cache.copy_slot(slot, extra)
-            self.images.copy_slot(slot, extra)
-        self.host_lengths[slot:] = [s] * copies
-        self.active += copies
-        return logits[0, -1]
+        visible = self.pf_image_mask[torch.arange(b, device=self.device), self.pf_last[:b], :t]
+        self.images.set(slots, kv, visible)
+        for i in range(b):
+            for extra in range(1, copies):
+                self.cache.copy_slot(first + i * copies, first + i * copies + extra)
+                self.images.copy_slot(first + i * copies, first + i * copies + extra)
+        self.lengths[first : first + b * copies] = (self.pf_last[:b] + 1).repeat_interleave(copies)
+        self.host_lengths += [n for n in lens for _ in range(copies)]
+        self.active += b * copies
+        return logits[:b].clone()
+
+    def _prefill_step(self, b: int, s: int, t: int):
+        """The prompts in the prefill buffers -> (last-token logits (b, V), image keys/values per block)."""
+        model, dev = self.model, self.device
+        kv = model.image_kv(self.pf_feats[:b, :t])
+        pos = torch.arange(s, device=dev)[None].expand(b, s)
+        mask = torch.ones(s, s, dtype=torch.bool, device=dev).tril()[None, None]  # right padding needs no more
+        self.cache.rows, self.cache.pos, self.cache.kv_len = self.pf_slots[:b], pos, None
+        logits = model(self.pf_ids[:b, :s], pos, mask, kv, self.pf_image_mask[:b, :s, :t], self.cache,
+                       logits_at=self.pf_last[:b])
+        return logits[:, 0], kv
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (n,) for the active slots [0, n) -> next-token logits (n, V). On CUDA a captured graph runs the
-        step for a bucket of slots (the extra rows compute on idle slots and are ignored)."""
+        """tokens (n,) for the active slots [0, n) -> next-token logits (n, V). A captured step runs a bucket
+        of slots; the extra rows compute on idle slots and are ignored."""
         n = self.active
         self.tokens[:n] = tokens.to(self.device)
         kv_len = max(self.host_lengths) + 1
-        self.host_lengths = [x + 1 for x in self.host_lengths]
         if self.graphs is None:
-            return self._step(n, kv_len)
-        return self.graphs.run(n, min(_round_up(kv_len, KV_BUCKET), self.cache.max_len))[:n]
+            logits = self._decode_step(n, kv_len)
+        else:
+            kv_len = min(_round_up(kv_len, KV_BUCKET), self.cache.max_len)
+            m = slot_bucket(n, self.cache.k.shape[1])
+            logits = self.graphs.run(("decode", m, kv_len), lambda: self._decode_step(m, kv_len))[:n]
+        self.lengths[:n] += 1
+        self.host_lengths = [x + 1 for x in self.host_lengths]
+        return logits
 
-    def _step(self, n: int, kv_len: int) -> torch.Tensor:
-        """One decode step over slots [0, n) attending to the first kv_len cache positions; static shapes and no
-        host sync, so it can be captured."""
-        lengths = self.lengths[:n]
-        pos = lengths.clamp(max=self.cache.max_len - 1)[:, None]  # idle slots keep counting; stay in bounds
+    def _decode_step(self, n: int, kv_len: int) -> torch.Tensor:
+        """One step over slots [0, n) attending to the first kv_len cache positions: static shapes, no host
+        sync, and idempotent (the lengths advance outside), so it can be captured."""
+        pos = self.lengths[:n].clamp(max=self.cache.max_len - 1)[:, None]  # idle slots stay in bounds
         self.cache.rows, self.cache.kv_len, self.cache.pos = slice(0, n), kv_len, pos
         mask = (torch.arange(kv_len, device=pos.device)[None] <= pos)[:, None, None]  # (n, 1, 1, kv_len)
         logits = self.step_fn(self.tokens[:n, None], pos, mask, self.images.view(slice(0, n)),
                               self.images.visible[:n, None], self.cache)
-        lengths += 1
         return logits[:, -1]
 
     def reorder(self, first: int, order: torch.Tensor):
         """Beam search: slots first + i take the state of slots first + order[i]."""
         rows = slice(first, first + order.shape[0])
-        self.cache.reorder(rows, order.to(self.device))
-        self.lengths[rows] = self.lengths[rows][order.to(self.device)]
+        order = order.to(self.device)
+        self.cache.reorder(rows, order)
+        self.lengths[rows] = self.lengths[rows][order]
 
     def release(self, first: int, count: int):
         """Free slots [first, first + count): later slots move down so active slots stay [0, n)."""

@@ -1,10 +1,8 @@
-"""CUDA graphs for the decode step: one capture per (slot bucket, attended-length bucket), replayed every step.
-
-A replay launches the whole step (every layer, every kernel) at once, which removes the per-kernel launch cost
-that dominates a batch-1 decode step."""
+"""CUDA graphs: capture a step once per shape key, then replay it. A replay launches every kernel of the step at
+once, which removes the per-kernel launch cost that dominates small-batch decoding and short prefills."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 
@@ -15,36 +13,29 @@ def slot_bucket(n: int, limit: int) -> int:
     return min(next((b for b in SLOT_BUCKETS if b >= n), n), limit)
 
 
-class DecodeGraphs:
-    """step(n, kv_len) -> logits must use only static buffers. Capturing runs it (warm-up) with `state` saved and
-    restored around, so capture has no visible effect."""
+class Graphs:
+    """fn() must read and write only buffers that outlive it (static addresses) and be idempotent: it runs twice
+    to warm up (kernel selection, compilation, allocator) before capture."""
 
-    def __init__(self, step: Callable[[int, int], torch.Tensor], state: Callable[[], torch.Tensor], slots: int):
-        self.step = step
-        self.state = state
-        self.slots = slots
+    def __init__(self):
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, object]] = {}
 
-    def run(self, n: int, kv_len: int) -> torch.Tensor:
-        key = (slot_bucket(n, self.slots), kv_len)
+    def run(self, key: Hashable, fn: Callable[[], object]):
         if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
+            self.graphs[key] = self._capture(fn)
         graph, out = self.graphs[key]
         graph.replay()
         return out
 
-    def _capture(self, n: int, kv_len: int):
-        saved = self.state().clone()
+    def _capture(self, fn):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: kernel selection, compilation, allocator
-                self.step(n, kv_len)
-                self.state().copy_(saved)
+            for _ in range(2):
+                fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.step(n, kv_len)
-        self.state().copy_(saved)
+            out = fn()
         return graph, out

@@ -118,10 +118,10 @@ class IdeficsModel(nn.Module):
         """images (B, n_img * T_img, D_img): one sequence's image features in order -> (k, v) per cross block."""
         return [cross.attn.project(images) for cross in self.cross_layers]
 
-    def forward(self, ids, pos, mask, image_kv, image_mask, cache=None, last_only: bool = False):
+    def forward(self, ids, pos, mask, image_kv, image_mask, cache=None, logits_at: torch.Tensor | None = None):
         """ids, pos (B, S); mask (B, 1, S, S_kv) for self-attention; image_kv from image_kv();
         image_mask (B, S, T_img_total) bool: which image tokens each text token attends to.
-        Returns logits (B, S, V), or (B, 1, V) for the last position only."""
+        Returns logits (B, S, V), or (B, 1, V) at one position per row with logits_at (B,)."""
         x = self.embed(ids)
         cos, sin = rope_cos_sin(pos, self.inv_freq, x.dtype)
         cross_mask = torch.zeros(image_mask.shape, dtype=x.dtype, device=x.device)
@@ -133,6 +133,6 @@ class IdeficsModel(nn.Module):
                 x = layer.cross(x, next(kv), cross_mask, sees_image)
             x = x + layer.attn(layer.attn_norm(x), cos, sin, mask, cache, i)
             x = x + layer.mlp(layer.mlp_norm(x))
-        if last_only:
-            x = x[:, -1:]
+        if logits_at is not None:
+            x = x.gather(1, logits_at.view(-1, 1, 1).expand(-1, 1, x.shape[-1]))
         return self.lm_head(self.norm(x))

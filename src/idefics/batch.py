@@ -132,9 +132,10 @@ def run(m, jobs: list[Job]) -> Iterator[tuple[Job, dict]]:
     for group in groups.values():
         try:
             results = run_group(m, group)
-        except IdeficsError as e:
+        except Exception as e:  # values of the wrong type reach the library as TypeErrors; they fail their line
             if len(group) == 1:
-                yield group[0], group[0].record(error=str(e))
+                message = str(e) if isinstance(e, IdeficsError) else f"{type(e).__name__}: {e}"
+                yield group[0], group[0].record(error=message.splitlines()[0] if message else type(e).__name__)
                 continue
             for job in group:
                 yield from run(m, [job])

@@ -10,7 +10,7 @@ from idefics import tasks
 from idefics.errors import IdeficsError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
-# Generation flags -> option names; None means the task's default applies.
+# Generation flags (option name -> type); a flag not given keeps the task's default.
 GENERATION = {
     "max_new_tokens": int, "min_new_tokens": int, "max_length": int, "num_beams": int, "length_penalty": float,
     "temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float, "seed": int,
@@ -20,12 +20,14 @@ GENERATION = {
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         # One line, like every other user error.
-        raise IdeficsError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("idefics").strip()
+        raise IdeficsError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    _stdin.clear()
     try:
         args = parser().parse_args(argv)
         return args.command(args) or 0
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"idefics: error: {e}", file=sys.stderr)
         return 1
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
@@ -53,7 +57,7 @@ def parser() -> Parser:
     m.add_argument("--model", help="checkpoint directory or hub id (default: $IDEFICS_MODEL, else the demo model)")
     m.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     m.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: bfloat16 on CUDA, else float32")
-    m.add_argument("--quantize", help="quantize the weights while loading (e.g. 4bit)")
+    m.add_argument("--quantize", help="quantize the weights while loading")
     m.add_argument("--json", action="store_true", help="machine-readable output: one JSON object per line")
     m.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -137,19 +141,17 @@ def load_model(args):
     return idefics.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
 
 
-_stdin_used = False
+_stdin: dict[str, bytes] = {}  # stdin's bytes, read once per command: every "-" is the same image
 
 
 def read_image(arg: str):
     """A command-line image -> a decoded PIL image, so a bad image fails before the model loads."""
     from idefics.images import load_image
 
-    global _stdin_used
     if arg == "-":
-        if _stdin_used:
-            raise IdeficsError("- (stdin) can be given as an image only once")
-        _stdin_used = True
-        return load_image(sys.stdin.buffer.read())
+        if "data" not in _stdin:
+            _stdin["data"] = sys.stdin.buffer.read()
+        return load_image(_stdin["data"])
     return load_image(tasks.as_image(arg))
 
 
@@ -216,7 +218,7 @@ def cmd_generate(args):
         raise IdeficsError("empty prompt: give items with -t TEXT and -i IMAGE, in order")
     prompt = [read_image(v) if kind == "image" else v for kind, v in args.items]
     m = load_model(args)
-    if args.json or options.get("num_beams", 1) > 1:
+    if args.json or args.include_prompt:
         [c] = m.generate([prompt], include_prompt=args.include_prompt, **options)
         if args.json:
             print(json.dumps({"text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids)},
@@ -224,8 +226,6 @@ def cmd_generate(args):
         else:
             print(c.text)
         return
-    if args.include_prompt:
-        print(" ".join(v for kind, v in args.items if kind == "text"), end="", flush=True)
     for piece in m.stream(prompt, **options):
         print(piece, end="", flush=True)
     print()

@@ -11,14 +11,14 @@ from idefics import tasks
 from idefics.chat import Conversation
 from idefics.config import IdeficsConfig
 from idefics.engine import Engine, split_batch
-from idefics.generate import Completion, Generator
+from idefics.generate import Completion, Generator, TextStream
 from idefics.errors import IdeficsError
 from idefics.hub import resolve
 from idefics.images import ImageTransform, load_image
 from idefics.inputs import full_logits
 from idefics.model import IdeficsModel
 from idefics.processor import Processor, as_batch
-from idefics.sampling import GenerationOptions
+from idefics.sampling import GenerationOptions, StopStrings
 from idefics.scoring import rank
 from idefics.tokenizer import Tokenizer
 from idefics.weights import build_meta, load_weights, read_tensors, weight_files
@@ -91,16 +91,20 @@ class Idefics:
         return self.generator.completions(split_batch(batch), o, include_prompt)
 
     def stream(self, prompt, *, add_end_of_utterance_token: bool = False, **options) -> Iterator[str]:
-        """Yield the continuation of one prompt as text pieces, as tokens are decoded (never a broken character)."""
+        """Yield the continuation of one prompt as text pieces, as tokens are decoded (never a broken character).
+        The pieces join to generate()'s text: text that may begin a stop string waits until it is known not to.
+        With beam search the text comes at the end, once the best beam is known."""
         o = GenerationOptions.make(**options)
         batch = self.process([as_batch(prompt)[0]], add_end_of_utterance_token=add_end_of_utterance_token)
         rows, steps = self.generator.start(split_batch(batch), o)
-        detok = self.tokenizer.detokenizer(skip_special_tokens=True)
+        text = TextStream(self.tokenizer, StopStrings(o.stop))
         for _, token in steps:
-            if token is not None and (piece := detok.push(token)):
+            if token is None:
+                if rest := text.end(self.generator.completion(rows[0]).text):
+                    yield rest
+                return
+            if piece := text.push(token):
                 yield piece
-        if piece := detok.flush():
-            yield piece
 
     # The guide's tasks. Each takes one image (-> one result) or a list of images (-> a list of results, run as
     # one batch); options override the task's defaults (tasks.DEFAULTS) and go to generate().

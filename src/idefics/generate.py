@@ -1,6 +1,8 @@
-"""The decoding loop over the engine: per-prompt stop rules, greedy or sampled tokens, streaming events."""
+"""The decoding loop over the engine: per-prompt stop rules, greedy, sampled or beam-searched tokens, streaming
+events."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -8,7 +10,7 @@ import torch
 
 from idefics.engine import Engine, Prompt
 from idefics.errors import IdeficsError
-from idefics.sampling import GenerationOptions, Processors, choose
+from idefics.sampling import BeamSearch, GenerationOptions, Processors, StopStrings, choose
 from idefics.tokenizer import Tokenizer
 
 
@@ -22,9 +24,9 @@ class Completion:
 @dataclass
 class _Row:
     prompt: Prompt
+    prompt_ids: list[int]
     budget: int  # new tokens allowed
     tokens: list[int]
-    context: list[int]  # prompt ids + generated, for the repetition penalty
     finish: str | None = None
     stop_at: int | None = None  # character offset of a matched stop string in the decoded text
 
@@ -39,6 +41,52 @@ def default_banned(tokenizer: Tokenizer) -> list[int]:
     return [i for i in ids if i is not None]
 
 
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # Llama's byte-fallback pieces
+
+
+class TextStream:
+    """One row's tokens -> text pieces that join to its Completion text. A run of byte-fallback tokens decodes as
+    one group (and an invalid group as U+FFFD per byte), so it waits for the next token that closes it; so does a
+    token that decodes to nothing (a skipped special token may sit inside a run). Text that may begin a stop
+    string waits until it cannot."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: StopStrings):
+        self.tokenizer = tokenizer
+        self.detokenizer = tokenizer.detokenizer(skip_special_tokens=True)
+        self.stops = stops
+        self.waiting: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters given out
+
+    def push(self, token: int) -> str:
+        self.waiting.append(token)
+        if not self._closes(token):
+            return ""
+        self.text += self.detokenizer.push(self.waiting)
+        self.waiting = []
+        shown = self.stops.shown(self.text)
+        piece, self.sent = self.text[self.sent : shown], shown
+        return piece
+
+    def _closes(self, token: int) -> bool:
+        if BYTE_TOKEN.fullmatch(self.tokenizer.backend.id_to_token(token) or ""):
+            return False
+        return bool(self.tokenizer.decode([token], skip_special_tokens=True))
+
+    def end(self, text: str) -> str:
+        """The rest of the row's final text."""
+        return text[self.sent :]
+
+
+@dataclass
+class _Rules:
+    """What ends a continuation, and the score edits, for one call."""
+
+    eos: list[int]
+    stops: StopStrings
+    process: Processors
+
+
 class Generator:
     def __init__(self, engine: Engine, tokenizer: Tokenizer):
         self.engine = engine
@@ -50,55 +98,58 @@ class Generator:
         for i, p in enumerate(prompts):
             n = p.ids.shape[0]
             budget = o.new_tokens(n)
+            if n >= context:
+                raise IdeficsError(f"prompt {i} has {n} tokens; the model's context is {context}")
             if budget <= 0:
                 raise IdeficsError(f"prompt {i} has {n} tokens, already at max_length {o.max_length}")
             if n + budget > context:
                 raise IdeficsError(
                     f"prompt {i} has {n} tokens; with {budget} new tokens it exceeds the model's context of {context}"
                 )
-            rows.append(_Row(p, budget, [], p.ids.tolist()))
+            rows.append(_Row(p, p.ids.tolist(), budget, []))
         return rows
 
-    def start(self, prompts: list[Prompt], o: GenerationOptions) -> tuple[list[_Row], Iterator[tuple[int, int | None]]]:
-        """Check the prompts, then decode lazily: the iterator yields (row index, new token) as tokens arrive and
-        (row index, None) when a row finishes; the rows hold the results."""
-        if o.num_beams > 1:
-            raise IdeficsError("beam search is not available in this loop")
-        rows = self._rows(prompts, o)
-        return rows, self._steps(rows, o)
-
-    def _steps(self, rows: list[_Row], o: GenerationOptions) -> Iterator[tuple[int, int | None]]:
+    def _rules(self, o: GenerationOptions) -> _Rules:
         eos = o.eos_token_id if o.eos_token_id is not None else default_eos(self.tokenizer)
         eos = [eos] if isinstance(eos, int) else list(eos)
         banned = o.banned_token_ids if o.banned_token_ids is not None else default_banned(self.tokenizer)
-        process = Processors(o, eos, banned)
+        banned = [b for b in banned if b not in eos]  # as the reference, an eos id is never banned
+        return _Rules(eos, StopStrings(o.stop), Processors(o, eos, banned))
+
+    def start(self, prompts: list[Prompt], o: GenerationOptions) -> tuple[list[_Row], Iterator[tuple[int, int | None]]]:
+        """Check the prompts, then decode lazily: the iterator yields (row index, new token) as tokens arrive
+        (greedy and sampling only: beam search knows its tokens at the end) and (row index, None) when a row
+        finishes; the rows hold the results."""
+        rows = self._rows(prompts, o)
+        steps = self._beam_steps if o.num_beams > 1 else self._steps
+        return rows, steps(rows, o, self._rules(o))
+
+    def _reserve(self, rows: list[_Row], slots_per_row: int):
+        self.engine.reserve(len(rows) * slots_per_row, max(r.prompt.ids.shape[0] + r.budget for r in rows),
+                            max(r.prompt.pixels.shape[0] for r in rows))
+
+    def _steps(self, rows: list[_Row], o: GenerationOptions, rules: _Rules) -> Iterator[tuple[int, int | None]]:
         generator = None
         if o.do_sample:
             generator = torch.Generator(device=self.engine.device)
             generator.manual_seed(o.seed if o.seed is not None else torch.seed())
         engine = self.engine
-        engine.reserve(len(rows), max(r.prompt.ids.shape[0] + r.budget for r in rows),
-                       max(r.prompt.pixels.shape[0] for r in rows))
+        self._reserve(rows, 1)
         running = list(range(len(rows)))  # row index of each active slot, in slot order
         try:
-            logits = torch.stack([engine.prefill(r.prompt) for r in rows])
+            logits = engine.prefill_batch([r.prompt for r in rows])
             while running:
                 active = [rows[i] for i in running]
-                scores = process(logits.to(torch.float32, copy=True), [r.context for r in active], [len(r.tokens) for r in active])
+                contexts = [r.prompt_ids + r.tokens for r in active]
+                scores = rules.process(logits.to(torch.float32, copy=True), contexts, [len(r.tokens) for r in active])
                 tokens = choose(scores, o, generator).tolist()
                 done = []
                 for slot, (i, t) in enumerate(zip(running, tokens)):
                     r = rows[i]
                     r.tokens.append(t)
-                    r.context.append(t)
                     yield i, t
-                    if t in eos:
-                        r.finish = "stop"
-                    elif o.stop and self._stopped(r, o.stop):
-                        r.finish = "stop"
-                    elif len(r.tokens) >= r.budget:
-                        r.finish = "length"
-                    if r.finish:
+                    if self._ends(r.tokens, r.budget, rules):
+                        self._settle(r, r.tokens, rules)
                         done.append(slot)
                         yield i, None
                 for slot in reversed(done):
@@ -110,12 +161,53 @@ class Generator:
         finally:
             engine.release(0, engine.active)
 
-    def _stopped(self, r: _Row, stops: list[str]) -> bool:
-        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
-        hits = [text.find(s) for s in stops if s in text]
-        if hits:
-            r.stop_at = min(hits)
-        return bool(hits)
+    def _beam_steps(self, rows: list[_Row], o: GenerationOptions, rules: _Rules) -> Iterator[tuple[int, int | None]]:
+        """Each row's k beams hold k consecutive slots; a row leaves when its search is over."""
+        engine, k = self.engine, o.num_beams
+        self._reserve(rows, k)
+        running = list(range(len(rows)))  # row index of each active group of slots, in slot order
+        search = BeamSearch(len(rows), o, len(rules.eos), [r.budget for r in rows], engine.device)
+        try:
+            logits = engine.prefill_batch([r.prompt for r in rows], copies=k).repeat_interleave(k, dim=0)
+            while running:
+                contexts = [rows[i].prompt_ids + beam for i, beams in zip(running, search.beams) for beam in beams]
+                log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)
+                log_probs = rules.process(log_probs, contexts, [search.length] * len(contexts))
+                candidates = search.expand(log_probs)
+                ends = torch.tensor([[self._ends(c, rows[i].budget, rules) for c in group]
+                                     for i, group in zip(running, candidates)], device=log_probs.device)
+                sources = search.select(ends)
+                done = search.done(ends)
+                for g in reversed(range(len(running))):
+                    if done[g]:
+                        r = rows[running[g]]
+                        self._settle(r, search.hypotheses[g][0], rules)
+                        engine.release(g * k, k)
+                        yield running.pop(g), None
+                left = [g for g, d in enumerate(done) if not d]
+                if not left:
+                    break
+                search.keep(left)
+                # Beams only trade state within their own group, whose slots share the same images.
+                offsets = torch.arange(len(left), device=sources.device)[:, None] * k
+                engine.reorder(0, (sources[left] + offsets).flatten())
+                logits = engine.decode(torch.tensor([beam[-1] for beams in search.beams for beam in beams]))
+        finally:
+            engine.release(0, engine.active)
+
+    def _ends(self, tokens: list[int], budget: int, rules: _Rules) -> bool:
+        """Whether a continuation ends with its last token: eos, a completed stop string, or the length limit."""
+        if tokens[-1] in rules.eos or len(tokens) >= budget:
+            return True
+        return bool(rules.stops.strings) and rules.stops.find(self._text(tokens)) is not None
+
+    def _settle(self, r: _Row, tokens: list[int], rules: _Rules):
+        r.tokens = tokens
+        r.stop_at = rules.stops.find(self._text(tokens)) if rules.stops.strings else None
+        r.finish = "stop" if r.stop_at is not None or (tokens and tokens[-1] in rules.eos) else "length"
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def completions(self, prompts: list[Prompt], o: GenerationOptions, include_prompt: bool = False) -> list[Completion]:
         rows, steps = self.start(prompts, o)
@@ -124,8 +216,8 @@ class Generator:
         return [self.completion(r, include_prompt) for r in rows]
 
     def completion(self, r: _Row, include_prompt: bool = False) -> Completion:
-        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+        text = self._text(r.tokens)
         cut = len(text) - r.stop_at if r.stop_at is not None else 0  # characters of the stop string and after
         if include_prompt:
-            text = self.tokenizer.decode(r.prompt.ids.tolist() + r.tokens, skip_special_tokens=True)
+            text = self._text(r.prompt_ids + r.tokens)
         return Completion(text[: len(text) - cut], list(r.tokens), r.finish or "length")

@@ -137,8 +137,8 @@ class Engine:
             max_len = max(max_len, self.cache.max_len)
             tokens = max(tokens, self.images.max_tokens)
         self.cache = self.images = None  # free the old buffers before allocating the new ones
-        if self.graphs is not None:
-            self.graphs.graphs.clear()  # they point at the old buffers
+        if self.graphs is not None:  # the captured graphs point at the old buffers: start a new pool
+            self.graphs = self.encoder.graphs = Graphs()
         dev, dt = w.device, w.dtype
         self.cache = KVCache(c.num_hidden_layers, slots, c.num_attention_heads, max_len, c.head_dim, dt, dev)
         self.images = ImageKV(c.num_cross_layers, slots, c.num_attention_heads, tokens, c.head_dim, dt, dev)

@@ -1,0 +1,139 @@
+"""Shared pieces of the benchmarks: random checkpoints of a given shape, synthetic prompts, timers."""
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from idefics.config import IdeficsConfig, to_dict
+from idefics.engine import Engine, Prompt
+from idefics.generate import Generator
+from idefics.model import IdeficsModel
+from idefics.sampling import GenerationOptions
+from idefics.weights import build_meta, checkpoint_tensors
+
+
+def random_model(config: IdeficsConfig, device, dtype, seed: int = 0) -> IdeficsModel:
+    """Our model with random weights at the reference's init scale, gates opened (no download needed)."""
+    torch.manual_seed(seed)
+    model = build_meta(config)
+    for module_name, module in list(model.named_modules()):
+        for name, p in list(module.named_parameters(recurse=False)):
+            t = torch.empty(p.shape, dtype=dtype, device=device)
+            if "norm" in module_name.rsplit(".", 1)[-1] and name == "weight":
+                t.fill_(1.0)
+            elif name == "bias":
+                t.zero_()
+            elif "gate" in name:
+                t.fill_(0.5)
+            else:
+                t.normal_(0, 0.02)
+            setattr(module, name, torch.nn.Parameter(t, requires_grad=False))
+    model.reset_buffers()
+    return model.eval()
+
+
+def reference_from(model: IdeficsModel):
+    """transformers' model holding the same weights, built directly on the device (its buffers initialised)."""
+    from transformers import IdeficsConfig as ReferenceConfig, IdeficsForVisionText2Text
+
+    w = model.embed.weight
+    config = ReferenceConfig(**to_dict(model.config))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(w.dtype)
+    try:
+        with torch.device(w.device):
+            ref = IdeficsForVisionText2Text(config)
+    finally:
+        torch.set_default_dtype(default)
+    ref.load_state_dict(checkpoint_tensors(model), strict=True)
+    return ref.eval()
+
+
+def synthetic_prompts(config: IdeficsConfig, batch: int, text_tokens: int = 20, seed: int = 0) -> list[Prompt]:
+    """BOS, one image, then `text_tokens` random text tokens; a different random image per prompt."""
+    g = torch.Generator().manual_seed(seed)
+    fake, image = config.vocab_size, config.vocab_size + 1  # <fake_token_around_image>, <image>
+    prompts = []
+    for _ in range(batch):
+        text = torch.randint(3, config.vocab_size, (text_tokens,), generator=g)
+        ids = torch.cat([torch.tensor([1, fake, image, fake]), text])
+        mask = torch.zeros(ids.shape[0], 1, dtype=torch.long)
+        mask[2:] = 1  # from the <image> token on, every token sees the image
+        pixels = torch.randn(1, 3, config.vision.image_size, config.vision.image_size, generator=g)
+        prompts.append(Prompt(ids, pixels, mask))
+    return prompts
+
+
+def reference_inputs(prompts: list[Prompt], device) -> dict[str, torch.Tensor]:
+    """The same prompts as the reference's padded batch (they all have the same length)."""
+    return {
+        "input_ids": torch.stack([p.ids for p in prompts]).to(device),
+        "attention_mask": torch.ones(len(prompts), prompts[0].ids.shape[0], dtype=torch.long, device=device),
+        "pixel_values": torch.stack([p.pixels for p in prompts]).to(device),
+        "image_attention_mask": torch.stack([p.image_mask for p in prompts]).to(device),
+    }
+
+
+def forced(new_tokens: int) -> GenerationOptions:
+    """Greedy, exactly `new_tokens` tokens: no eos, nothing banned."""
+    return GenerationOptions.make(max_new_tokens=new_tokens, eos_token_id=[], banned_token_ids=[])
+
+
+def run_engine(engine: Engine, prompts: list[Prompt], new_tokens: int) -> tuple[list[list[int]], float, float]:
+    """-> (tokens per prompt, seconds to the first token, seconds in all). Each first token is read on the host,
+    so the clock stops after the device has produced it."""
+    engine.encoder.cache.clear()  # time the image encoding too
+    sync()
+    start = time.perf_counter()
+    rows, steps = Generator(engine, tokenizer=None).start(prompts, forced(new_tokens))
+    first = None
+    for _ in steps:
+        first = first or time.perf_counter()
+    sync()
+    return [r.tokens for r in rows], first - start, time.perf_counter() - start
+
+
+class FirstTokenClock(BaseStreamer):
+    """A transformers streamer that notes when the first generated token reaches the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.first = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2:  # the first call carries the prompt
+            sync()
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def run_reference(ref, prompts: list[Prompt], new_tokens: int) -> tuple[list[list[int]], float, float]:
+    inputs = reference_inputs(prompts, ref.device)
+    clock = FirstTokenClock()
+    sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = ref.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=0, streamer=clock)
+    sync()
+    return out[:, inputs["input_ids"].shape[1]:].tolist(), clock.first - start, time.perf_counter() - start
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, sync: bool = True) -> tuple[float, object]:
+    if sync and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if sync and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out

@@ -230,7 +230,11 @@ class Engine:
         sync, and idempotent (the lengths advance outside), so it can be captured."""
         pos = self.lengths[:n].clamp(max=self.cache.max_len - 1)[:, None]  # idle slots stay in bounds
         self.cache.rows, self.cache.kv_len, self.cache.pos = slice(0, n), kv_len, pos
-        mask = (torch.arange(kv_len, device=pos.device)[None] <= pos)[:, None, None]  # (n, 1, 1, kv_len)
+        hidden = torch.arange(kv_len, device=pos.device)[None] > pos  # (n, kv_len): not yet written
+        # Additive, built once per step: a boolean mask would be converted again in every layer.
+        dtype = self.cache.k.dtype
+        mask = torch.zeros(hidden.shape, dtype=dtype, device=pos.device).masked_fill(hidden, torch.finfo(dtype).min)
+        mask = mask[:, None, None]  # (n, 1, 1, kv_len)
         logits = self.step_fn(self.tokens[:n, None], pos, mask, self.images.view(slice(0, n)),
                               self.images.visible[:n, None], self.cache)
         return logits[:, -1]

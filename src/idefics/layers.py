@@ -36,10 +36,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in float32, then back to the weight's dtype before the scale (as LLaMA does).
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(self.weight.dtype)
+        # Statistics in float32 (inside rms_norm), rounded to the weight's dtype before the scale, as LLaMA does.
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps).to(self.weight.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -62,14 +60,14 @@ def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
 
 
 def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """pos (B, S) -> cos, sin (B, 1, S, D), computed in float32 then cast."""
+    """pos (B, S) -> cos, sin (B, S, 1, D), computed in float32 then cast."""
     freqs = pos[..., None].float() * inv_freq  # (B, S, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, S, D): rotate the two halves of the head dimension."""
+    """x (B, S, H, D): rotate the two halves of the head dimension."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 

@@ -15,14 +15,17 @@ from idefics.vision import VisionTower
 class SelfAttention(nn.Module):
     def __init__(self, c: IdeficsConfig):
         super().__init__()
-        self.head_dim = c.head_dim
+        self.heads, self.head_dim = c.num_attention_heads, c.head_dim
         self.wqkv = nn.Linear(c.hidden_size, 3 * c.hidden_size, bias=False)  # q, k, v fused
         self.wo = nn.Linear(c.hidden_size, c.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer: int = 0):
         """x (B, S, D); mask (B, 1, S, S_kv) bool or additive; cache.update returns all keys/values so far."""
-        q, k, v = (split_heads(t, self.head_dim) for t in self.wqkv(x).chunk(3, dim=-1))  # (B, H, S, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        b, s, _ = x.shape
+        h = self.heads
+        qkv = self.wqkv(x).view(b, s, 3 * h, self.head_dim)
+        qk = apply_rope(qkv[:, :, : 2 * h], cos, sin)  # q and k rotated together: (B, S, 2H, Dh)
+        q, k, v = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2), qkv[:, :, 2 * h :].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, S_kv, Dh)
         return self.wo(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))

@@ -1,0 +1,60 @@
+"""Where a decode step's time goes: kernel time by kernel (one eager step under the profiler) against the step's
+wall time when replayed as a CUDA graph. idefics-9b shape, random bfloat16 weights.
+
+    PYTHONPATH=src python bench/profile_decode.py [--batches 1 32] [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import random_model, synthetic_prompts, timed  # noqa: E402
+
+from idefics.config import idefics_9b  # noqa: E402
+from idefics.engine import Engine  # noqa: E402
+
+
+@torch.inference_mode()
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--vision", action="store_true", help="also profile the image encoder at batch 64")
+    args = parser.parse_args()
+    model = random_model(idefics_9b(), "cuda", torch.bfloat16)
+    if args.vision:
+        pixels = torch.randn(64, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+        for _ in range(2):
+            model.encode_images(pixels)
+        t, _ = timed(lambda: model.encode_images(pixels))
+        print(f"encode 64 images: {1e3 * t:.1f} ms ({64 / t:.0f}/s)")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            model.encode_images(pixels)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
+    for b in args.batches:
+        for graphs in (False, True):
+            engine = Engine(model, graphs=graphs, compile=args.compile)
+            prompts = synthetic_prompts(model.config, b)
+            engine.reserve(b, 160, 1)
+            engine.prefill_batch(prompts)
+            tokens = torch.zeros(b, dtype=torch.long)
+            for _ in range(3):
+                engine.decode(tokens)
+            steps = 20
+            t, _ = timed(lambda: [engine.decode(tokens) for _ in range(steps)])
+            print(f"batch {b} graphs={graphs}: {1e3 * t / steps:.2f} ms/step", flush=True)
+            if not graphs and b == args.batches[0]:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    engine.decode(tokens)
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+            engine.release(0, engine.active)
+
+
+if __name__ == "__main__":
+    main()

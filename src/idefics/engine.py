@@ -89,7 +89,7 @@ class ImageEncoder:
         return self.graphs.run(("encode", m), lambda: self.model.encode_images(self.pixels[:m]))[:n]
 
 
-KV_BUCKET = 256  # decode attends to the cache in multiples of this many positions
+KV_BUCKET = 64  # decode attends to the cache in multiples of this many positions (fewer bytes than a fixed length)
 LEN_BUCKET = 32  # captured prefills pad prompts to a multiple of this many tokens
 
 

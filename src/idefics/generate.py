@@ -136,13 +136,20 @@ class Generator:
         engine = self.engine
         self._reserve(rows, 1)
         running = list(range(len(rows)))  # row index of each active slot, in slot order
+        # Without a repetition penalty the next step needs nothing from the host: it is launched before this
+        # step's tokens are read, so the host's bookkeeping overlaps the device's work. A row that ends is then
+        # computed one step too far, and that step is dropped.
+        ahead = o.repetition_penalty == 1.0
         try:
             logits = engine.prefill_batch([r.prompt for r in rows])
             while running:
                 active = [rows[i] for i in running]
                 contexts = [r.prompt_ids + r.tokens for r in active]
                 scores = rules.process(logits.to(torch.float32, copy=True), contexts, [len(r.tokens) for r in active])
-                tokens = choose(scores, o, generator).tolist()
+                next_tokens = choose(scores, o, generator)
+                if ahead:
+                    logits = engine.decode(next_tokens)
+                tokens = next_tokens.tolist()
                 done = []
                 for slot, (i, t) in enumerate(zip(running, tokens)):
                     r = rows[i]
@@ -156,7 +163,10 @@ class Generator:
                     engine.release(slot, 1)
                     del running[slot]
                     tokens.pop(slot)
-                if running:
+                if ahead and done and running:
+                    keep = [s for s in range(len(running) + len(done)) if s not in done]
+                    logits = logits[torch.tensor(keep, device=logits.device)]
+                elif not ahead and running:
                     logits = engine.decode(torch.tensor(tokens))
         finally:
             engine.release(0, engine.active)

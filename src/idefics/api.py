@@ -18,13 +18,14 @@ from idefics.images import ImageTransform, load_image
 from idefics.inputs import full_logits
 from idefics.model import IdeficsModel
 from idefics.processor import Processor, as_batch
+from idefics.quantize import METHODS, while_loading
 from idefics.sampling import GenerationOptions, StopStrings
 from idefics.scoring import rank
 from idefics.tokenizer import Tokenizer
 from idefics.weights import build_meta, load_weights, read_tensors, weight_files
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-QUANTIZE = ()  # filled by the quantization passes
+QUANTIZE = tuple(METHODS)
 
 
 def _device(device) -> torch.device:
@@ -52,12 +53,15 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
 class Idefics:
     """An IDEFICS checkpoint ready for inference. Build it with `idefics.load()`."""
 
-    def __init__(self, model: IdeficsModel, tokenizer: Tokenizer, processor: Processor, path: Path):
+    def __init__(self, model: IdeficsModel, tokenizer: Tokenizer, processor: Processor, path: Path,
+                 quantize: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.processor = processor
         self.path = path
-        self.engine = Engine(model)
+        self.quantize = quantize
+        # Layers that CUDA graphs cannot capture (int8's outlier search syncs with the host) decode eagerly.
+        self.engine = Engine(model, graphs=False if quantize and not METHODS[quantize].graphs else None)
         self.generator = Generator(self.engine, tokenizer)
 
     @property
@@ -159,7 +163,8 @@ class Idefics:
         c = self.config
         return {
             "model": str(self.path), "parameters": sum(p.numel() for p in self.model.parameters()),
-            "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "quantize": self.quantize,
+            "cuda_graphs": self.engine.graphs is not None,
             "decoder": f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, MLP {c.intermediate_size}",
             "cross_attention_blocks": len(self.model.cross_layers),
             "vision": f"{c.vision.num_hidden_layers} layers, width {c.vision.embed_dim}, {c.vision.image_size}px images, patch {c.vision.patch_size}",
@@ -188,9 +193,10 @@ class Idefics:
 
 def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, quantize: str | None = None) -> Idefics:
     """Load an IDEFICS checkpoint: a hub id ("HuggingFaceM4/idefics-9b"), a local directory, or None for the
-    embedded demo model. dtype defaults to bfloat16 on CUDA and float32 on the CPU."""
+    embedded demo model. dtype defaults to bfloat16 on CUDA and float32 on the CPU. quantize: one of QUANTIZE
+    (see idefics.quantize), applied layer by layer while loading."""
     if quantize is not None and quantize not in QUANTIZE:
-        raise IdeficsError(f"unknown quantize {quantize!r} (valid: {', '.join(QUANTIZE) or 'none yet'})")
+        raise IdeficsError(f"unknown quantize {quantize!r} (valid: {', '.join(QUANTIZE)})")
     device = _device(device)
     dtype = _dtype(dtype, device)
     path = resolve(model)
@@ -198,5 +204,7 @@ def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, qua
     files = weight_files(path)
     tokenizer = Tokenizer.from_dir(path)
     processor = Processor(tokenizer, ImageTransform.from_dir(path))
-    net = load_weights(build_meta(config), read_tensors(files), device, dtype)
-    return Idefics(net, tokenizer, processor, path)
+    net = build_meta(config)
+    hook = while_loading(net, quantize, device, dtype) if quantize else None  # fails here if its package is missing
+    net = load_weights(net, read_tensors(files), device, dtype, on_module_ready=hook)
+    return Idefics(net, tokenizer, processor, path, quantize)

@@ -193,36 +193,39 @@ def load_weights(
     (the hook for quantizing while loading)."""
     config = model.config
     params = dict(model.named_parameters())
+    shapes = {name: p.shape for name, p in params.items()}
     filled: dict[str, int] = {}  # our name -> rows filled so far (a 0-dim parameter counts as one row)
     pending = {name: len(list(m.parameters(recurse=False))) for name, m in model.named_modules()}
     for ckpt_name, t in tensors:
         mapped = map_name(ckpt_name, config)
-        if mapped is None or mapped[0] not in params:
+        if mapped is None or mapped[0] not in shapes:
             if mapped is None and _IGNORED.fullmatch(ckpt_name):
                 continue
             raise WeightsError(f"unexpected tensor '{ckpt_name}' in the checkpoint (not part of this model's config)")
         ours, slot = mapped
-        p = params[ours]
-        total = p.shape[0] if p.dim() else 1
+        shape = shapes[ours]
+        total = shape[0] if len(shape) else 1
         start, rows = _rows(slot, config, total)
-        want = p.shape if slot is None else (rows, *p.shape[1:])
+        want = shape if slot is None else (rows, *shape[1:])
         if tuple(t.shape) != tuple(want):
             raise WeightsError(f"tensor '{ckpt_name}' has shape {tuple(t.shape)}, expected {tuple(want)}")
+        if filled.get(ours, 0) + rows > total:
+            raise WeightsError(f"tensor '{ckpt_name}' appears more than once in the checkpoint")
         module_name, _, attr = ours.rpartition(".")
         module = model.get_submodule(module_name)
+        p = params[ours]
         if p.is_meta:
-            p = params[ours] = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device), requires_grad=False)
+            p = params[ours] = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
             setattr(module, attr, p)
         with torch.no_grad():
             (p if slot is None else p[start:start + rows]).copy_(t)
         filled[ours] = filled.get(ours, 0) + rows
-        if filled[ours] > total:
-            raise WeightsError(f"tensor '{ckpt_name}' appears more than once in the checkpoint")
         if filled[ours] == total:
+            del params[ours]  # the module holds it now; a quantizing hook frees it by replacing the module
             pending[module_name] -= 1
             if pending[module_name] == 0 and on_module_ready is not None:
                 on_module_ready(module_name, module)
-    missing = [n for n, p in params.items() if filled.get(n, 0) < (p.shape[0] if p.dim() else 1)]
+    missing = [n for n, s in shapes.items() if filled.get(n, 0) < (s[0] if len(s) else 1)]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise WeightsError(f"checkpoint is missing tensors for: {', '.join(missing[:3])}{more}")

@@ -11,7 +11,12 @@ a difference comes from: each quantized layer's output against its bfloat16 laye
 loading), and the logits against those of the bfloat16 model holding the dequantized weights (the layers compute
 exactly what their stored weights say when this is ~1). Also: one decoder w13 (4096 -> 2 x 11008) at batch 1,
 and the decode speed again with the step under torch.compile (--compiled). Each method runs in its own process
-so that host and GPU peaks are its own. Writes the numbers as JSON to $OUT/quant.json when OUT is
+so that host and GPU peaks are its own.
+
+    PYTHONPATH=src python bench/quant.py --demo [--model DIR]
+
+The same fidelity figures on trained weights: the demo model (CPU, float32) scoring held-out prompts of every
+task followed by their answers, each method against the unquantized model. Writes the numbers as JSON to $OUT/quant.json when OUT is
 set. `--device cpu --small` runs the same steps on a small config (a smoke test without a GPU)."""
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from common import random_model, run_engine, synthetic_prompts  # noqa: E402
 
 from idefics.config import IdeficsConfig, idefics_9b, to_dict  # noqa: E402
 from idefics.engine import Engine  # noqa: E402
-from idefics.inputs import causal_mask, image_features, image_token_mask, positions  # noqa: E402
+from idefics.inputs import causal_mask, full_logits, image_features, image_token_mask, positions  # noqa: E402
 from idefics.quantize import METHODS, is_target, while_loading  # noqa: E402
 from idefics.weights import build_meta, checkpoint_tensors, load_weights, read_tensors, weight_files  # noqa: E402
 
@@ -246,6 +251,27 @@ def dequantize(model, layers: dict[str, int]):
         setattr(model.get_submodule(parent), attr, linear)
 
 
+def demo_fidelity(args):
+    """Teacher-forced logits of the demo model (trained weights) with each method against float32."""
+    import idefics
+    from idefics.demo.evaluate import TASKS, heldout
+
+    items = [heldout(task, i, "mixed") for task in TASKS for i in range(args.demo_prompts)]
+    prompts = [prompt + [" " + example.answer] for example, prompt in items]
+    plain = idefics.load(args.model, device="cpu")
+    batch = plain.process(prompts)
+    real = batch["attention_mask"].bool()
+    ref = full_logits(plain.model, batch).float()[real]
+    print(f"demo model, {len(prompts)} held-out prompts with their answers, {int(real.sum())} positions")
+    print("| method | logits cosine to float32, min / mean | top-1 agrees |\n|---|---|---|")
+    for name in [m for m in args.methods if m in METHODS and "cpu" in METHODS[m].devices]:
+        model = idefics.load(args.model, device="cpu", quantize=name).model
+        logits = full_logits(model, batch).float()[real]
+        cos = cosine(logits, ref)
+        agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        print(f"| {name} | {cos.min().item():.4f} / {cos.mean().item():.4f} | {100 * agree:.1f}% |", flush=True)
+
+
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -270,6 +296,9 @@ def main():
     parser.add_argument("--compiled", nargs="*", default=["bf16", "int4"], choices=["bf16", *METHODS],
                         help="methods measured again with the decode step under torch.compile")
     parser.add_argument("--compile-timeout", type=int, default=150)
+    parser.add_argument("--demo", action="store_true", help="fidelity on the demo model's trained weights (CPU)")
+    parser.add_argument("--model", help="with --demo: a checkpoint directory instead of the shipped demo model")
+    parser.add_argument("--demo-prompts", type=int, default=8, help="with --demo: held-out prompts per task")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--write", action="store_true", help=argparse.SUPPRESS)
@@ -278,6 +307,8 @@ def main():
         return write_checkpoint(args)
     if args.one:
         return one(args)
+    if args.demo:
+        return demo_fidelity(args)
 
     passed = ["--dir", args.dir, "--device", args.device, "--new-tokens", str(args.new_tokens),
               "--eager-tokens", str(args.eager_tokens)] + (["--small"] if args.small else [])

@@ -7,10 +7,13 @@ the head is a small share of the bytes read per step), norms and gates (tiny), a
 
     int8  bitsandbytes LLM.int8(): int8 weights, activation outliers (> 6.0) kept in 16-bit; CPU and CUDA.
           Its outlier search reads a device value on the host, so CUDA graphs cannot capture it: decoding runs
-          without them (slower than bfloat16).
-    nf4   bitsandbytes 4-bit NormalFloat, double-quantized block scales (QLoRA's format, as in the guide).
-    fp4   bitsandbytes 4-bit float, double-quantized block scales.
-    int4  torchao weight-only int4, groups of 128, tinygemm kernel: the fast one for decoding. CUDA, bfloat16.
+          without them (a tenth of bfloat16's batch-1 speed on an H200: for memory, not speed).
+    nf4   bitsandbytes 4-bit NormalFloat (QLoRA's format), blocks of 64.
+    fp4   bitsandbytes 4-bit float, blocks of 64 (the guide's load_in_4bit, whose default type this is).
+          Both double-quantize the block scales (6.2 GB for idefics-9b instead of 6.5) and run as CUDA graphs;
+          they save memory, not time (their batch-1 kernel is about as fast as bfloat16's).
+    int4  torchao weight-only int4, groups of 128, PyTorch's tinygemm kernel: the fast one for decoding.
+          CUDA, bfloat16.
 The bitsandbytes layers compute in the model dtype (bfloat16 on CUDA by default), never in float32 by default."""
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def run() -> int:
            f"{names[first]:22s} -> {m.few_shot([(third, example)], first)}",
            f"{names[second]:22s} -> {m.few_shot([(third, example)], second)}"])
 
-    questions = [(first, "What color is the circle?"), (first, "Is the circle on the left or on the right?"),
+    questions = [(first, "What color is the circle?"), (first, "Is the square small or large?"),
                  (second, "How many stars are there?"), (second, "Is there a triangle?"),
                  (second, "Is there a red square?"), (third, "What shape is in the image?"),
                  (fourth, "What color is the star?"), (fourth, "How many shapes are there?")]

@@ -83,7 +83,7 @@ class Encoder:
         return dict(input_ids=ids, attention_mask=mask, targets=targets, image_attention_mask=iam,
                     pixels=torch.from_numpy(np.stack(pixels)), labels=torch.tensor(labels), slots=slots)
 
-    def batch(self, seed: int | str, step: int, size: int, mix: dict[str, float] = data.MIX) -> dict[str, torch.Tensor]:
+    def batch(self, seed: int, step: int, size: int) -> dict[str, torch.Tensor]:
         """A training batch. Each drawn scene is drawn once: the several questions asked about one scene share its
         image (rendering is most of the cost of a batch)."""
         rng = random.Random(f"train-{seed}-{step}")
@@ -97,7 +97,7 @@ class Encoder:
 
         rows = []
         while len(rows) < size:
-            rows += [self.encode(example, draw) for example in data.sample_examples(rng, mix)]
+            rows += [self.encode(example, draw) for example in data.sample_examples(rng)]
         return self.collate(rows[:size])
 
 
@@ -105,10 +105,8 @@ class Batches(torch.utils.data.IterableDataset):
     """Batches first..last-1 in order; with DataLoader workers, worker k makes every k-th batch (the loader
     takes them round-robin, so the order holds)."""
 
-    def __init__(self, checkpoint_dir: str | Path, seed: int | str, size: int, first: int, last: int,
-                 mix: dict[str, float] = data.MIX):
+    def __init__(self, checkpoint_dir: str | Path, seed: int, size: int, first: int, last: int):
         self.checkpoint_dir, self.seed, self.size, self.first, self.last = checkpoint_dir, seed, size, first, last
-        self.mix = mix
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -116,4 +114,4 @@ class Batches(torch.utils.data.IterableDataset):
         torch.set_num_threads(1)
         encoder = Encoder(self.checkpoint_dir)
         for step in range(self.first + k, self.last, workers):
-            yield encoder.batch(self.seed, step, self.size, self.mix)
+            yield encoder.batch(self.seed, step, self.size)

@@ -221,13 +221,8 @@ MIX = {"caption": 0.14, "prompted_caption": 0.12, "vqa": 0.22, "classify": 0.17,
        "chat": 0.13}
 
 
-# A second stage leans on the descriptions, where every shape of a scene must be right.
-POLISH_MIX = {"caption": 0.25, "prompted_caption": 0.15, "vqa": 0.18, "classify": 0.08, "few_shot": 0.14,
-              "story": 0.08, "chat": 0.12}
-
-
-def sample_examples(rng: random.Random, mix: dict[str, float] = MIX) -> list[Example]:
-    name = rng.choices(list(mix), weights=list(mix.values()))[0]
+def sample_examples(rng: random.Random) -> list[Example]:
+    name = rng.choices(list(MIX), weights=list(MIX.values()))[0]
     return vqa_set(rng) if name == "vqa" else [BUILDERS[name](rng)]
 
 

@@ -13,7 +13,7 @@ SCENES = {
                                     Shape("square", "blue", (30, 70, 220), 0.74, 0.7, 0.1, False)),
                                    (236, 232, 222), False),
     "stars.png": Scene((Shape("star", "yellow", (250, 210, 20), 0.25, 0.3, 0.16, True),
-                        Shape("star", "yellow", (250, 210, 20), 0.72, 0.28, 0.1, False),
+                        Shape("star", "red", (230, 40, 40), 0.72, 0.28, 0.1, False),
                         Shape("triangle", "green", (40, 170, 60), 0.5, 0.72, 0.18, True)),
                        (40, 42, 58), True),
     "triangle.png": Scene((Shape("triangle", "purple", (130, 40, 170), 0.55, 0.5, 0.24, True),),

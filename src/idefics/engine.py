@@ -25,7 +25,7 @@ class Prompt:
     image_mask: torch.Tensor
 
 
-def split_batch(batch: dict[str, torch.Tensor], pad_id: int | None = None) -> list[Prompt]:
+def split_batch(batch: dict[str, torch.Tensor]) -> list[Prompt]:
     """The processor's padded batch -> one Prompt per row: padding removed, image slots cut to its own images."""
     prompts = []
     for ids, am, pixels, iam in zip(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],

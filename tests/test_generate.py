@@ -87,6 +87,15 @@ def test_eos_ends_each_prompt_as_reference(pair, eos):
     assert len({len(c.token_ids) for c in results}) > 1  # rows leave the batch at different steps
 
 
+
+def test_an_eos_id_is_never_banned(pair, eos):
+    """As the reference, an id that is both eos and banned still ends the sequence."""
+    plain = pair[0].generate(PROMPTS, max_new_tokens=12, eos_token_id=eos)
+    banned = pair[0].generate(PROMPTS, max_new_tokens=12, eos_token_id=eos, banned_token_ids=[eos, 600, 601])
+    assert [c.token_ids for c in banned] == [c.token_ids for c in plain]
+    assert any(c.finish_reason == "stop" for c in banned)
+
+
 BEAMS = [
     dict(num_beams=2),
     dict(num_beams=3, early_stopping=True),

@@ -144,8 +144,8 @@ class Generator:
             logits = engine.prefill_batch([r.prompt for r in rows])
             while running:
                 active = [rows[i] for i in running]
-                contexts = [r.prompt_ids + r.tokens for r in active]
-                scores = rules.process(logits.to(torch.float32, copy=True), contexts, [len(r.tokens) for r in active])
+                scores = rules.process(logits.to(torch.float32, copy=True), lambda: [r.prompt_ids + r.tokens for r in active],
+                                       [len(r.tokens) for r in active])
                 next_tokens = choose(scores, o, generator)
                 if ahead:
                     logits = engine.decode(next_tokens)
@@ -180,9 +180,10 @@ class Generator:
         try:
             logits = engine.prefill_batch([r.prompt for r in rows], copies=k).repeat_interleave(k, dim=0)
             while running:
-                contexts = [rows[i].prompt_ids + beam for i, beams in zip(running, search.beams) for beam in beams]
                 log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)
-                log_probs = rules.process(log_probs, contexts, [search.length] * len(contexts))
+                log_probs = rules.process(
+                    log_probs, lambda: [rows[i].prompt_ids + beam for i, beams in zip(running, search.beams) for beam in beams],
+                    [search.length] * log_probs.shape[0])
                 candidates = search.expand(log_probs)
                 ends = torch.tensor([[self._ends(c, rows[i].budget, rules) for c in group]
                                      for i, group in zip(running, candidates)], device=log_probs.device)

@@ -3,6 +3,7 @@ search, and stop strings."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
@@ -85,11 +86,12 @@ class Processors:
     eos_ids: list[int]
     banned_ids: list[int]
 
-    def __call__(self, scores: torch.Tensor, context: list[list[int]], new_tokens: list[int]) -> torch.Tensor:
-        """scores (B, V) float32; context: each row's prompt and generated ids; new_tokens: generated so far."""
+    def __call__(self, scores: torch.Tensor, context: Callable[[], list[list[int]]], new_tokens: list[int]) -> torch.Tensor:
+        """scores (B, V) float32; context() gives each row's prompt and generated ids (built only for the
+        repetition penalty, not on every step); new_tokens: generated so far."""
         o = self.options
         if o.repetition_penalty != 1.0:
-            for row, ids in enumerate(context):
+            for row, ids in enumerate(context()):
                 idx = torch.tensor(ids, device=scores.device)
                 s = scores[row].gather(0, idx)
                 s = torch.where(s < 0, s * o.repetition_penalty, s / o.repetition_penalty)

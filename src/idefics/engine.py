@@ -13,6 +13,7 @@ import torch
 
 from idefics.cache import ImageKV, KVCache
 from idefics.graphs import Graphs, slot_bucket
+from idefics.layers import rope_cos_sin
 from idefics.model import IdeficsModel
 
 
@@ -97,14 +98,31 @@ def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-class Engine:
-    """graphs: capture decode steps and single-prompt prefills as CUDA graphs (default on CUDA); compile:
-    torch.compile the decode step (fuses its small elementwise kernels; compiles on first use of each shape)."""
+def _triton_ready() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    def __init__(self, model: IdeficsModel, image_cache: int = 256, graphs: bool | None = None, compile: bool = False):
+
+class Engine:
+    """graphs: capture decode steps and single-prompt prefills as CUDA graphs (default on CUDA); fused: decode
+    steps with their elementwise work in the fused Triton kernels of kernels.py (default on CUDA with Triton, for
+    the models fused.supported accepts; not with compile); compile: torch.compile the plain decode step (compiles on
+    first use of each shape)."""
+
+    def __init__(self, model: IdeficsModel, image_cache: int = 256, graphs: bool | None = None,
+                 fused: bool | None = None, compile: bool = False):
         self.model = model
         self.graphs = Graphs() if (self.device.type == "cuda" if graphs is None else graphs) else None
         self.encoder = ImageEncoder(model, image_cache, graphs=self.graphs)
+        self.fused = None
+        if fused or (fused is None and not compile and self.device.type == "cuda" and _triton_ready()):
+            from idefics import fused as fused_step  # needs Triton
+
+            if fused_step.supported(model):
+                self.fused = fused_step.FusedDecoder(model)
         self.step_fn = model
         if compile:
             import torch._inductor.config
@@ -151,6 +169,8 @@ class Engine:
         self.pf_image_mask = torch.zeros(slots, max_len, tokens, dtype=torch.bool, device=dev)
         self.pf_slots = torch.zeros(slots, dtype=torch.long, device=dev)
         self.pf_last = torch.zeros(slots, dtype=torch.long, device=dev)
+        cos, sin = rope_cos_sin(torch.arange(max_len, device=dev)[None], self.model.inv_freq, dt)
+        self.cos, self.sin = cos[0, :, 0], sin[0, :, 0]  # (max_len, Dh): the fused step's RoPE table
 
     def prefill(self, prompt: Prompt, copies: int = 1) -> torch.Tensor:
         """One prompt -> its next-token logits (V,); see prefill_batch."""
@@ -235,6 +255,9 @@ class Engine:
         dtype = self.cache.k.dtype
         mask = torch.zeros(hidden.shape, dtype=dtype, device=pos.device).masked_fill(hidden, torch.finfo(dtype).min)
         mask = mask[:, None, None]  # (n, 1, 1, kv_len)
+        if self.fused is not None:
+            return self.fused(self.tokens[:n], pos[:, 0], mask, self.images.view(slice(0, n)),
+                              self.images.visible[:n], self.cache, self.cos, self.sin)
         logits = self.step_fn(self.tokens[:n, None], pos, mask, self.images.view(slice(0, n)),
                               self.images.visible[:n, None], self.cache)
         return logits[:, -1]

@@ -1,0 +1,139 @@
+"""The fused decode kernels on the GPU, idefics-9b shapes, bfloat16: each against its eager composition (how many
+outputs differ, by how many bfloat16 steps), and whole decode steps, fused against plain, both as CUDA graphs
+(time per step; logits over teacher-forced steps: identical share, cosine).
+
+    PYTHONPATH=src python bench/fused_check.py [--vision]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import random_model, synthetic_prompts, timed  # noqa: E402
+
+from idefics import kernels  # noqa: E402
+from idefics.config import idefics_9b  # noqa: E402
+from idefics.engine import Engine  # noqa: E402
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
+    """-> (share of elements that differ, largest difference in bfloat16 steps)."""
+    ia, ib = a.view(torch.int16).int(), b.view(torch.int16).int()
+    same_sign = (ia >= 0) == (ib >= 0)
+    d = torch.where(same_sign, (ia - ib).abs(), torch.full_like(ia, 1 << 15))
+    return (a != b).float().mean().item(), int(d.max())
+
+
+def check_kernels():
+    """Each kernel against eager PyTorch on the GPU, idefics-9b widths, bfloat16."""
+    from idefics.layers import RMSNorm, apply_rope, rope_cos_sin
+
+    dev, dt = "cuda", torch.bfloat16
+    c = idefics_9b()
+    d, f, h, hd = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.head_dim
+    rows = 8
+    x, r = (torch.randn(rows, d, device=dev, dtype=dt) for _ in range(2))
+    norm = RMSNorm(d, 1e-6).to(dev, dt)
+    norm.weight.data.uniform_(0.5, 1.5)
+    keep = torch.arange(rows, device=dev) % 3 != 0
+    for name, gate in (("plain", None), ("scalar gate", torch.tanh(torch.tensor([0.7], device=dev, dtype=dt))),
+                       ("vector gate", torch.tanh(torch.randn(d, device=dev, dtype=dt)))):
+        x2, y = kernels.add_rms_norm(x, r, norm.weight, 1e-6, gate=gate, keep=keep if gate is not None else None)
+        ex = x + (gate * r.masked_fill(~keep[:, None], 0.0) if gate is not None else r)
+        print(f"add_rms_norm ({name}): sum {ulps(x2, ex)}, norm {ulps(y, norm(ex))}  (share differing, max steps)")
+    gu = torch.randn(rows, 2 * f, device=dev, dtype=dt) * 3
+    g, u = gu.chunk(2, dim=-1)
+    print(f"silu_mul: {ulps(kernels.silu_mul(gu), F.silu(g) * u)}")
+    max_len = 256
+    qkv = torch.randn(4, 3 * h * hd, device=dev, dtype=dt)
+    pos = torch.tensor([0, 17, 100, 255], device=dev)
+    inv = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, device=dev).float() / hd))
+    cos, sin = rope_cos_sin(torch.arange(max_len, device=dev)[None], inv, dt)
+    kc, vc = (torch.zeros(4, h, max_len, hd, device=dev, dtype=dt) for _ in range(2))
+    q = kernels.rope_cache(qkv, cos[0, :, 0], sin[0, :, 0], pos, kc, vc, h)
+    qk = apply_rope(qkv.view(4, 1, 3 * h, hd)[:, :, : 2 * h], *rope_cos_sin(pos[:, None], inv, dt))
+    k = torch.stack([kc[i, :, pos[i]] for i in range(4)])
+    print(f"rope_cache: q {ulps(q[:, :, 0], qk[:, 0, :h])}, k {ulps(k, qk[:, 0, h:])}")
+    for name, fn in (("add_rms_norm", lambda: kernels.add_rms_norm(x[:1], r[:1], norm.weight, 1e-6)),
+                     ("eager add + rms_norm", lambda: norm(x[:1] + r[:1])),
+                     ("silu_mul", lambda: kernels.silu_mul(gu[:1])), ("eager silu * up", lambda: F.silu(g[:1]) * u[:1])):
+        print(f"{name} (1 row): {do_bench(fn) * 1e3:.1f} us")
+
+
+@torch.inference_mode()
+def check_steps(batches):
+    model = random_model(idefics_9b(), "cuda", torch.bfloat16)
+    for b in batches:
+        prompts = synthetic_prompts(model.config, b)
+        results = {}
+        for fused in (False, True):
+            engine = Engine(model, fused=fused)
+            engine.reserve(b, 160, 1)
+            first = engine.prefill_batch(prompts)
+            tokens = first.argmax(-1)
+            logits = []
+            forced = results.get(False, (None, None))[1]
+            for i in range(32):
+                out = engine.decode(tokens)
+                logits.append(out.float())
+                tokens = forced[i].argmax(-1) if forced is not None else out.argmax(-1)
+            steps = 50
+            t, _ = timed(lambda: [engine.decode(tokens) for _ in range(steps)])
+            engine.release(0, engine.active)
+            results[fused] = (1e3 * t / steps, logits)
+        cos = min(F.cosine_similarity(a, p, dim=-1).min().item() for a, p in zip(results[True][1], results[False][1]))
+        same = sum(torch.equal(a, p) for a, p in zip(results[True][1], results[False][1]))
+        agree = sum((a.argmax(-1) == p.argmax(-1)).float().mean().item() for a, p in zip(results[True][1], results[False][1])) / 32
+        print(f"batch {b}: plain {results[False][0]:.2f} ms/step, fused {results[True][0]:.2f} ms/step "
+              f"({results[False][0] / results[True][0]:.2f}x); logits identical in {same}/32 steps, min cosine {cos:.5f}, "
+              f"top-1 agrees {100 * agree:.1f}%",
+              flush=True)
+
+
+@torch.inference_mode()
+def check_vision():
+    x = torch.randn(64, 257, 1280, device="cuda", dtype=torch.bfloat16)
+    ln = torch.nn.LayerNorm(1280, eps=1e-5).to("cuda", torch.bfloat16)
+    ln.weight.data.uniform_(0.5, 1.5)
+    ln.bias.data.normal_()
+    share, steps = ulps(kernels.layer_norm(x, ln.weight, ln.bias, 1e-5), ln(x))
+    t_t = do_bench(lambda: kernels.layer_norm(x, ln.weight, ln.bias, 1e-5)) * 1e3
+    t_e = do_bench(lambda: ln(x)) * 1e3
+    print(f"layer_norm (64, 257, 1280): triton {t_t:.1f} us, torch {t_e:.1f} us; {100 * share:.3f}% differ, max {steps} steps")
+    q, k, v = (torch.randn(64, 16, 257, 80, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    ref = F.scaled_dot_product_attention(q, k, v)
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(q, k, v)
+                t = do_bench(lambda: F.scaled_dot_product_attention(q, k, v)) * 1e3
+            print(f"sdpa {backend.name}: {t:.1f} us, max diff to default {(out - ref).abs().max().item():.4f}")
+        except RuntimeError as e:
+            print(f"sdpa {backend.name}: {str(e).splitlines()[0]}")
+    t = do_bench(lambda: F.scaled_dot_product_attention(q, k, v)) * 1e3
+    print(f"sdpa default: {t:.1f} us")
+    h = torch.randn(64 * 257, 5120, device="cuda", dtype=torch.bfloat16)
+    print(f"gelu (16448, 5120): {do_bench(lambda: F.gelu(h)) * 1e3:.1f} us")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--vision", action="store_true")
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name())
+    check_kernels()
+    if args.vision:
+        check_vision()
+    check_steps(args.batches)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Triton kernels for the decode step, where the many small elementwise kernels between the matrix products cost
+as much as the products themselves. Each one does in a single launch what eager PyTorch does in several:
+
+- `add_rms_norm`: the residual add (with the cross blocks' tanh gate and per-row image mask) and the next RMSNorm;
+- `silu_mul`: SwiGLU's silu(gate) * up;
+- `rope_cache`: rotate q and k of the new token, write k and v into the cache;
+- `layer_norm`: F.layer_norm in one pass.
+
+Rounding follows eager PyTorch step by step: every intermediate that eager keeps in the model's dtype is rounded to
+it here too (`_round`), so the results are the eager ones bit for bit. Runs on CUDA, and on the CPU under
+TRITON_INTERPRET=1 (the tests)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round(x, dt: tl.constexpr):
+    """float32 x rounded to dt (to nearest, ties to even), returned as float32. Done on the bits for bfloat16: a
+    cast there and back may be folded away by the compiler."""
+    if dt == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+    elif dt == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _add_rms_norm_kernel(X, H, G, KEEP, NW, XO, Y, N, eps, stride_x, stride_h, stride_xo, stride_y, stride_g,
+                         ADD: tl.constexpr, GATE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    dt = Y.dtype.element_ty
+    r = tl.arange(0, BLOCK)
+    ok = r < N
+    x = tl.load(X + row * stride_x + r, mask=ok, other=0.0).to(tl.float32)
+    if ADD:
+        h = tl.load(H + row * stride_h + r, mask=ok, other=0.0).to(tl.float32)
+        if GATE:  # x + tanh(alpha) * h, h zeroed on rows that see no image
+            if MASKED:
+                h = tl.where(tl.load(KEEP + row) != 0, h, 0.0)
+            h = _round(h * tl.load(G + r * stride_g, mask=ok, other=0.0).to(tl.float32), dt)
+        x = _round(x + h, dt)
+        tl.store(XO + row * stride_xo + r, x.to(dt), mask=ok)
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / N + eps)
+    y = _round(_round(x * rstd, dt) * tl.load(NW + r, mask=ok, other=0.0).to(tl.float32), dt)
+    tl.store(Y + row * stride_y + r, y.to(dt), mask=ok)
+
+
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 gate: torch.Tensor | None = None, keep: torch.Tensor | None = None):
+    """x, h (M, D) -> (x', weight * rms_norm(x')) with x' = x + gate * keep * h (x' = x without h); gate (D,) or
+    (1,), already tanh'd; keep (M,) bool."""
+    m, d = x.shape
+    xo = torch.empty_like(x) if h is not None else x
+    y = torch.empty_like(x)
+    block = triton.next_power_of_2(d)
+    _add_rms_norm_kernel[(m,)](
+        x, h if h is not None else x, gate if gate is not None else x, keep.view(torch.uint8) if keep is not None else x,
+        weight, xo, y, d, eps, x.stride(0), h.stride(0) if h is not None else 0, xo.stride(0), y.stride(0),
+        1 if gate is not None and gate.numel() > 1 else 0, ADD=h is not None, GATE=gate is not None,
+        MASKED=keep is not None, BLOCK=block, num_warps=_warps(block))
+    return xo, y
+
+
+@triton.jit
+def _silu_mul_kernel(X, Y, N, stride_x, stride_y, BLOCK: tl.constexpr):
+    row, col = tl.program_id(0), tl.program_id(1)
+    dt = Y.dtype.element_ty
+    r = col * BLOCK + tl.arange(0, BLOCK)
+    ok = r < N
+    g = tl.load(X + row * stride_x + r, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(X + row * stride_x + N + r, mask=ok, other=0.0).to(tl.float32)
+    a = _round(g / (1.0 + tl.exp(-g)), dt)
+    tl.store(Y + row * stride_y + r, _round(a * u, dt).to(dt), mask=ok)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """x (M, 2N): gate then up -> silu(gate) * up (M, N)."""
+    m, n = x.shape[0], x.shape[1] // 2
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block = min(triton.next_power_of_2(n), 1024)
+    _silu_mul_kernel[(m, triton.cdiv(n, block))](x, y, n, x.stride(0), y.stride(0), BLOCK=block, num_warps=4)
+    return y
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+@triton.jit
+def _rope_cache_kernel(QKV, COS, SIN, POS, Q, KC, VC, H, stride_qkv, stride_cos, stride_kslot, stride_khead,
+                       stride_kpos, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    m, h = tl.program_id(0), tl.program_id(1)
+    dt = Q.dtype.element_ty
+    d = 2 * HALF
+    r = tl.arange(0, BLOCK)
+    ok = r < HALF
+    pos = tl.load(POS + m)
+    c = tl.load(COS + pos * stride_cos + r, mask=ok, other=0.0).to(tl.float32)  # both halves hold the same angles
+    s = tl.load(SIN + pos * stride_cos + r, mask=ok, other=0.0).to(tl.float32)
+    src = QKV + m * stride_qkv + h * d
+    cache = m * stride_kslot + h * stride_khead + pos * stride_kpos
+    for part in tl.static_range(2):  # q, then k: x * cos + rotate_half(x) * sin, each product rounded
+        x1 = tl.load(src + part * H * d + r, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(src + part * H * d + HALF + r, mask=ok, other=0.0).to(tl.float32)
+        o1 = _round(_round(x1 * c, dt) + _round(-x2 * s, dt), dt).to(dt)
+        o2 = _round(_round(x2 * c, dt) + _round(x1 * s, dt), dt).to(dt)
+        if part == 0:
+            tl.store(Q + (m * H + h) * d + r, o1, mask=ok)
+            tl.store(Q + (m * H + h) * d + HALF + r, o2, mask=ok)
+        else:
+            tl.store(KC + cache + r, o1, mask=ok)
+            tl.store(KC + cache + HALF + r, o2, mask=ok)
+    for half in tl.static_range(2):
+        v = tl.load(src + 2 * H * d + half * HALF + r, mask=ok, other=0.0)
+        tl.store(VC + cache + half * HALF + r, v, mask=ok)
+
+
+def rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, heads: int) -> torch.Tensor:
+    """qkv (M, 3*H*Dh) of one new token per row; cos, sin (max_len, Dh); pos (M,); k_cache, v_cache
+    (slots, H, max_len, Dh) of one layer, rows 0..M-1 -> rotated q (M, H, 1, Dh), k and v written at pos."""
+    m = qkv.shape[0]
+    d = qkv.shape[1] // (3 * heads)
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and qkv.stride(1) == 1
+    q = torch.empty(m, heads, 1, d, dtype=qkv.dtype, device=qkv.device)
+    _rope_cache_kernel[(m, heads)](
+        qkv, cos, sin, pos, q, k_cache, v_cache, heads, qkv.stride(0), cos.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
+    )
+    return q
+
+
+@triton.jit
+def _layer_norm_kernel(X, W, B, Y, N, eps, stride_x, stride_y, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    r = tl.arange(0, BLOCK)
+    ok = r < N
+    x = tl.load(X + row * stride_x + r, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / N
+    xc = tl.where(ok, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(xc * xc, axis=0) / N + eps)
+    w = tl.load(W + r, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(B + r, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + r, _round(xc * rstd * w + b, Y.dtype.element_ty).to(Y.dtype.element_ty), mask=ok)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.layer_norm over the last dimension, one program per row (statistics in float32, one rounding)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.empty_like(x2)
+    block = triton.next_power_of_2(x2.shape[1])
+    _layer_norm_kernel[(x2.shape[0],)](x2, weight, bias, y, x2.shape[1], eps, x2.stride(0), y.stride(0),
+                                       BLOCK=block, num_warps=_warps(block))
+    return y.view(x.shape)

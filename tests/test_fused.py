@@ -1,0 +1,123 @@
+"""The fused decode step (Triton kernels, run here by Triton's interpreter) computes what the plain model does:
+each kernel against its eager composition, bit for bit in bfloat16 too, and whole decode steps against the plain
+engine's."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import idefics
+from checkpoints import make_checkpoint
+from idefics import kernels
+from idefics.engine import Engine, split_batch
+from idefics.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def assert_same(got: torch.Tensor, expected: torch.Tensor, atol: float = 0.0):
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    if expected.dtype == torch.float32 and atol:
+        torch.testing.assert_close(got, expected, atol=atol, rtol=atol)
+    else:
+        assert torch.equal(got, expected), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("part", ["norm", "add", "scalar-gate-masked", "vector-gate"])
+def test_add_rms_norm_equals_eager(dtype, part):
+    torch.manual_seed(0)
+    rows, d = 5, 40  # not a power of two
+    x, h = (torch.randn(rows, d).to(dtype) for _ in range(2))
+    norm = RMSNorm(d, 1e-6).to(dtype)
+    norm.weight.data.uniform_(0.5, 1.5)
+    gate = torch.tanh(torch.randn(d if part == "vector-gate" else 1).to(dtype))
+    keep = torch.tensor([True, False, True, True, False])
+    if part == "norm":
+        x2, y = kernels.add_rms_norm(x, None, norm.weight, norm.eps)
+        expected_x = x
+    elif part == "add":
+        x2, y = kernels.add_rms_norm(x, h, norm.weight, norm.eps)
+        expected_x = x + h
+    elif part == "scalar-gate-masked":
+        x2, y = kernels.add_rms_norm(x, h, norm.weight, norm.eps, gate=gate, keep=keep)
+        expected_x = x + gate * h.masked_fill(~keep[:, None], 0.0)
+        assert torch.equal(x2[~keep], x[~keep])  # rows that see no image keep their residual
+    else:
+        x2, y = kernels.add_rms_norm(x, h, norm.weight, norm.eps, gate=gate)
+        expected_x = x + gate * h
+    assert_same(x2, expected_x)
+    assert_same(y, norm(expected_x), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_equals_eager(dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 2 * 1100) * 3).to(dtype)  # more than one block per row
+    g, u = x.chunk(2, dim=-1)
+    assert_same(kernels.silu_mul(x), F.silu(g) * u, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [8, 12])
+def test_rope_cache_rotates_and_writes_as_eager(dtype, head_dim):
+    torch.manual_seed(0)
+    rows, heads, max_len = 3, 2, 16
+    qkv = torch.randn(rows, 3 * heads * head_dim).to(dtype)
+    pos = torch.tensor([0, 5, 15])
+    inv_freq = rope_inv_freq(head_dim, 10000.0)
+    cos, sin = rope_cos_sin(torch.arange(max_len)[None], inv_freq, dtype)
+    k_cache = torch.zeros(4, heads, max_len, head_dim, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    q = kernels.rope_cache(qkv, cos[0, :, 0], sin[0, :, 0], pos, k_cache, v_cache, heads)
+    x = qkv.view(rows, 1, 3 * heads, head_dim)
+    qk = apply_rope(x[:, :, : 2 * heads], *rope_cos_sin(pos[:, None], inv_freq, dtype))
+    assert_same(q[:, :, 0], qk[:, 0, :heads])
+    for i in range(rows):
+        assert_same(k_cache[i, :, pos[i]], qk[i, 0, heads:])
+        assert_same(v_cache[i, :, pos[i]], x[i, 0, 2 * heads:])
+    assert k_cache[3].abs().sum() == 0 and k_cache[0, :, 1:].abs().sum() == 0  # nothing else written
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_equals_eager(dtype):
+    torch.manual_seed(0)
+    ln = torch.nn.LayerNorm(40, eps=1e-5).to(dtype)
+    ln.weight.data.uniform_(0.5, 1.5)
+    ln.bias.data.normal_()
+    x = torch.randn(2, 7, 40).to(dtype)
+    assert_same(kernels.layer_norm(x, ln.weight, ln.bias, ln.eps), ln(x), atol=1e-6)
+
+
+CONFIGS = {
+    "qknorms-float-gates": {},
+    "vector-gates-6heads-interval3": dict(qk_layer_norms=False, alpha_type="vector", cross_layer_interval=3,
+                                          num_hidden_layers=6, hidden_size=48, num_attention_heads=6),
+}
+
+
+def image(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (36, 44, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_fused_decode_steps_equal_the_plain_engine(tmp_path, name):
+    model = idefics.load(make_checkpoint(tmp_path, **CONFIGS[name])[0])
+    items = [[image(1), "This is an image of "], ["No image, just text."], ["User:", image(2), "And", image(3), "?"]]
+    prompts = [split_batch(model.process([p]))[0] for p in items]
+    runs = []
+    for fused in (False, True):
+        engine = Engine(model.model, fused=fused)
+        assert (engine.fused is not None) == fused
+        engine.reserve(3, 64, 2)
+        tokens, steps = engine.prefill_batch(prompts).argmax(-1), []
+        for _ in range(6):  # the same inputs for both: each step feeds the plain engine's choice
+            logits = engine.decode(tokens)
+            steps.append(logits)
+            tokens = runs[0][len(steps) - 1].argmax(-1) if runs else logits.argmax(-1)
+        runs.append(steps)
+    for plain, fused in zip(*runs):
+        torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import random_model, synthetic_prompts, timed  # noqa: E402
+from common import random_model, run_engine, synthetic_prompts, timed  # noqa: E402
 
 from idefics import kernels  # noqa: E402
 from idefics.config import idefics_9b  # noqa: E402
@@ -85,7 +85,20 @@ def check_steps(batches):
                 tokens = forced[i].argmax(-1) if forced is not None else out.argmax(-1)
             steps = 50
             t, _ = timed(lambda: [engine.decode(tokens) for _ in range(steps)])
+            key = max((k for k in engine.graphs.graphs if k[0] == "decode"), key=lambda k: k[2])
+            graph = engine.graphs.graphs[key][0]
+            t_graph, _ = timed(lambda: [graph.replay() for _ in range(steps)])
             engine.release(0, engine.active)
+            _, first, total = run_engine(engine, prompts, 128)
+            if fused and b == 1:  # where the host's time goes in generate (is the device waiting for it?)
+                import cProfile
+                import pstats
+
+                prof = cProfile.Profile()
+                prof.runcall(run_engine, engine, prompts, 128)
+                pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+            print(f"batch {b} fused={fused}: graph replay {1e3 * t_graph / steps:.2f} ms/step, decode() "
+                  f"{1e3 * t / steps:.2f} ms/step, generate {127 * b / (total - first):.0f} tok/s", flush=True)
             results[fused] = (1e3 * t / steps, logits)
         cos = min(F.cosine_similarity(a, p, dim=-1).min().item() for a, p in zip(results[True][1], results[False][1]))
         same = sum(torch.equal(a, p) for a, p in zip(results[True][1], results[False][1]))

@@ -19,12 +19,42 @@ from idefics.engine import Engine  # noqa: E402
 
 
 @torch.inference_mode()
+def blas_libraries():
+    """Each idefics-9b decoder matrix at batch 1, 20 back-to-back products captured in one CUDA graph (as in a
+    decode step), under each BLAS library PyTorch can use."""
+    c = idefics_9b()
+    d, f = c.hidden_size, c.intermediate_size
+    shapes = {"wqkv": (3 * d, d), "wo": (d, d), "w13": (2 * f, d), "w2": (d, f), "lm_head": (c.total_vocab_size, d)}
+    for library in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(library)
+        line = []
+        for name, (n, k) in shapes.items():
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]  # 4 copies: no L2 reuse
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            for w in ws:
+                torch.nn.functional.linear(x, w)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(5):
+                    for w in ws:
+                        torch.nn.functional.linear(x, w)
+            graph.replay()
+            t, _ = timed(graph.replay)
+            line.append(f"{name} {1e6 * t / 20:.1f} us ({n * k * 2 * 20 / t / 1e12:.2f} TB/s)")
+        print(f"{library}: " + ", ".join(line), flush=True)
+    torch.backends.cuda.preferred_blas_library("cublas")
+
+
+@torch.inference_mode()
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--vision", action="store_true", help="also profile the image encoder at batch 64")
+    parser.add_argument("--blas", action="store_true", help="time one token's matrix products per BLAS library")
     args = parser.parse_args()
+    if args.blas:
+        blas_libraries()
     model = random_model(idefics_9b(), "cuda", torch.bfloat16)
     if args.vision:
         pixels = torch.randn(64, 3, 224, 224, device="cuda", dtype=torch.bfloat16)

@@ -83,6 +83,26 @@ def test_rope_cache_rotates_and_writes_as_eager(dtype, head_dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_gemv_equals_eager(dtype, swiglu):
+    torch.manual_seed(0)
+    k, n = 1100, 37  # more than one block of columns, rows not a multiple of the block
+    x = torch.randn(1, k).to(dtype)
+    w = (torch.randn(2 * n if swiglu else n, k) / k ** 0.5).to(dtype)
+    y = x.float() @ w.float().t()
+    if swiglu:  # from float32 sums, rounded where eager rounds
+        g, u = y.to(dtype).chunk(2, dim=-1)
+        expected = F.silu(g) * u
+    else:
+        expected = y.to(dtype)
+    got = kernels.gemv(x, w, swiglu)
+    if dtype == torch.float32:
+        assert_same(got, expected, atol=1e-5)
+    else:  # the float32 sums' order may move a rounding by one step
+        assert got.dtype == dtype and (got.float() - expected.float()).abs().max() <= 0.02 * expected.float().abs().max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_layer_norm_equals_eager(dtype):
     torch.manual_seed(0)
     ln = torch.nn.LayerNorm(40, eps=1e-5).to(dtype)
@@ -104,10 +124,11 @@ def image(seed: int) -> Image.Image:
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_fused_decode_steps_equal_the_plain_engine(tmp_path, name):
+@pytest.mark.parametrize("batch", [1, 3])  # one sequence: the matrix products go through kernels.gemv too
+def test_fused_decode_steps_equal_the_plain_engine(tmp_path, name, batch):
     model = idefics.load(make_checkpoint(tmp_path, **CONFIGS[name])[0])
     items = [[image(1), "This is an image of "], ["No image, just text."], ["User:", image(2), "And", image(3), "?"]]
-    prompts = [split_batch(model.process([p]))[0] for p in items]
+    prompts = [split_batch(model.process([p]))[0] for p in items][-batch:]
     runs = []
     for fused in (False, True):
         engine = Engine(model.model, fused=fused)

@@ -1,11 +1,13 @@
 """The decode step (one new token per sequence) with the elementwise work fused by kernels.py: per decoder layer
-the matrix products (the model's own modules: cuBLAS, or a quantized kernel), attention, and between them three
-launches — residual add + gate + next norm, SwiGLU, RoPE + cache write — instead of some twenty small kernels.
-The same math as IdeficsModel.forward for S = 1, rounded the same way."""
+the matrix products, attention, and between them three launches (residual add + gate + next norm, SwiGLU, RoPE +
+cache write) instead of some twenty small kernels. The matrix products are the model's own modules (cuBLAS, or a
+quantized kernel), except for a single sequence, where kernels.gemv streams plain weights faster and applies
+SwiGLU itself. The same math as IdeficsModel.forward for S = 1, rounded the same way."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from idefics import kernels
 from idefics.cache import KVCache
@@ -17,6 +19,13 @@ def supported(model: IdeficsModel) -> bool:
     return model.config.hidden_act == "silu" and model.norm.weight.dtype in (torch.bfloat16, torch.float32)
 
 
+def _streamable(linear: nn.Linear) -> bool:
+    """A plain weight kernels.gemv can read (a quantized one runs its own module)."""
+    w = linear.weight
+    return type(linear) is nn.Linear and linear.bias is None and type(w) in (torch.Tensor, nn.Parameter) \
+        and w.dtype in (torch.bfloat16, torch.float32) and w.stride(1) == 1
+
+
 class FusedDecoder:
     """Call with the engine's static buffers; graph-capturable (no host sync, no data-dependent shapes)."""
 
@@ -25,6 +34,7 @@ class FusedDecoder:
         c = model.config
         self.heads, self.head_dim = c.num_attention_heads, c.head_dim
         # tanh of the gates once, in the model's dtype, as the reference's tanh(alpha) rounds it
+        self.streamable = {id(mod) for mod in model.modules() if isinstance(mod, nn.Linear) and _streamable(mod)}
         self.gates = {id(b): (torch.tanh(b.attn_gate.detach()).reshape(-1), torch.tanh(b.mlp_gate.detach()).reshape(-1))
                       for b in model.cross_layers}
 
@@ -42,6 +52,11 @@ class FusedDecoder:
         kv = iter(image_kv)
         pending, gate = None, None  # the last block's output, added to x by the next norm's kernel
 
+        def project(linear, inp, swiglu=False):
+            if m == 1 and id(linear) in self.streamable:
+                return kernels.gemv(inp, linear.weight, swiglu)
+            return kernels.silu_mul(linear(inp)) if swiglu else linear(inp)
+
         def add_norm(norm, **extra):
             nonlocal x
             x, y = kernels.add_rms_norm(x, pending, norm.weight, norm.eps, **extra)
@@ -51,17 +66,18 @@ class FusedDecoder:
             if layer.cross is not None:
                 b = layer.cross
                 attn_gate, mlp_gate = self.gates[id(b)]
-                q = b.attn.wq(add_norm(b.attn_norm, gate=gate)).view(m, h, 1, d)
+                q = project(b.attn.wq, add_norm(b.attn_norm, gate=gate)).view(m, h, 1, d)
                 if b.attn.qk_norms:
                     q = b.attn.q_norm(q)
-                pending = b.attn.wo(F.scaled_dot_product_attention(q, *next(kv), attn_mask=cross_mask).reshape(m, h * d))
+                a = F.scaled_dot_product_attention(q, *next(kv), attn_mask=cross_mask)
+                pending = project(b.attn.wo, a.reshape(m, h * d))
                 n = add_norm(b.mlp_norm, gate=attn_gate, keep=sees_image)
-                pending, gate = b.mlp.w2(kernels.silu_mul(b.mlp.w13(n))), mlp_gate
+                pending, gate = project(b.mlp.w2, project(b.mlp.w13, n, swiglu=True)), mlp_gate
             n = add_norm(layer.attn_norm, gate=gate)
             k_cache, v_cache = cache.k[i], cache.v[i]
-            q = kernels.rope_cache(layer.attn.wqkv(n), cos, sin, pos, k_cache, v_cache, h)  # (M, H, 1, Dh)
+            q = kernels.rope_cache(project(layer.attn.wqkv, n), cos, sin, pos, k_cache, v_cache, h)  # (M, H, 1, Dh)
             k, v = k_cache[:m, :, : cache.kv_len], v_cache[:m, :, : cache.kv_len]
-            pending = layer.attn.wo(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(m, h * d))
+            pending = project(layer.attn.wo, F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(m, h * d))
             n = add_norm(layer.mlp_norm)
-            pending, gate = layer.mlp.w2(kernels.silu_mul(layer.mlp.w13(n))), None
-        return model.lm_head(add_norm(model.norm, gate=gate))
+            pending, gate = project(layer.mlp.w2, project(layer.mlp.w13, n, swiglu=True)), None
+        return project(model.lm_head, add_norm(model.norm, gate=gate))

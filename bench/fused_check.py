@@ -136,12 +136,32 @@ def check_vision():
     print(f"gelu (16448, 5120): {do_bench(lambda: F.gelu(h)) * 1e3:.1f} us")
 
 
+@torch.inference_mode()
+def profile_first_token(batch: int):
+    """Where the host's time goes until the first token of `batch` prompts (each with its own image)."""
+    import cProfile
+    import pstats
+
+    model = random_model(idefics_9b(), "cuda", torch.bfloat16)
+    engine = Engine(model)
+    prompts = synthetic_prompts(model.config, batch)
+    run_engine(engine, prompts, 2)
+    _, first, _ = run_engine(engine, prompts, 2)
+    print(f"batch {batch}: first token after {1e3 * first:.1f} ms")
+    prof = cProfile.Profile()
+    prof.runcall(run_engine, engine, prompts, 1)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+
+
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--first-token", type=int, help="only profile the time to the first token at this batch")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--vision", action="store_true")
     args = parser.parse_args()
     print(torch.cuda.get_device_name())
+    if args.first_token:
+        return profile_first_token(args.first_token)
     check_kernels()
     if args.vision:
         check_vision()

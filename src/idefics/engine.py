@@ -5,8 +5,11 @@ keys/values. Active slots are always [0, n), so one decode step runs every activ
 Sequences join (prefill) and leave (release) between steps: this is the continuous batching core."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +44,11 @@ def split_batch(batch: dict[str, torch.Tensor]) -> list[Prompt]:
 SMALL_IMAGE_BATCH = 8
 
 
+@functools.cache
+def _hash_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="idefics-image-hash")
+
+
 class ImageEncoder:
     """Vision tower + perceiver, batched, with a bounded cache keyed by the image's pixel content."""
 
@@ -54,18 +62,20 @@ class ImageEncoder:
 
     @staticmethod
     def key(pixels: torch.Tensor) -> bytes:
-        return hashlib.blake2b(pixels.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+        """pixels: one contiguous image on the CPU. hashlib reads the buffer in place and lets go of the GIL."""
+        return hashlib.blake2b(memoryview(pixels.numpy()).cast("B"), digest_size=16).digest()
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, 3, H, W) -> features (N, T_img, D_img), encoding only images not seen recently."""
-        keys = [self.key(p) for p in pixels]
+        pixels = pixels.detach().cpu().contiguous()
+        keys = list(_hash_pool().map(self.key, pixels)) if len(pixels) > 1 else [self.key(p) for p in pixels]
         todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
         first = {k: keys.index(k) for k in todo}
         w = self.model.embed.weight
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i : i + self.batch_size]
-            x = torch.stack([pixels[first[k]] for k in chunk]).to(device=w.device, dtype=w.dtype)
+            x = pixels[[first[k] for k in chunk]].to(device=w.device).to(w.dtype)
             for k, f in zip(chunk, self._encode(x)):
                 self.cache[k] = f.clone()
         out = [self.cache[k] for k in keys]
@@ -188,16 +198,19 @@ class Engine:
         n_images = [p.pixels.shape[0] for p in prompts]
         s = _round_up(max(lens), LEN_BUCKET) if self.graphs is not None and b == 1 else max(lens)
         t = max(n_images) * t_img
-        self.pf_ids[:b, :s] = 0
+        # Ids and image masks padded on the host and copied once; features placed on the device.
+        ids = torch.zeros(b, s, dtype=torch.long)
+        image_mask = torch.zeros(b, s, max(n_images), dtype=torch.bool)  # per image; per image token below
         self.pf_feats[:b, :t] = 0
-        self.pf_image_mask[:b, :s, :t] = False
         offset = 0
         for i, p in enumerate(prompts):
             n = n_images[i]
-            self.pf_ids[i, : lens[i]] = p.ids.to(self.device)
+            ids[i, : lens[i]] = p.ids
+            image_mask[i, : lens[i], :n] = p.image_mask.bool()
             self.pf_feats[i, : n * t_img] = feats[offset : offset + n].flatten(0, 1)
-            self.pf_image_mask[i, : lens[i], : n * t_img] = p.image_mask.to(self.device).bool().repeat_interleave(t_img, -1)
             offset += n
+        self.pf_ids[:b, :s] = ids.to(self.device)
+        self.pf_image_mask[:b, :s, :t] = image_mask.to(self.device).repeat_interleave(t_img, -1)
         slots = torch.arange(b, device=self.device) * copies + first
         self.pf_slots[:b] = slots
         self.pf_last[:b] = torch.tensor(lens, device=self.device) - 1

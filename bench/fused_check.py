@@ -151,6 +151,11 @@ def profile_first_token(batch: int):
     prof = cProfile.Profile()
     prof.runcall(run_engine, engine, prompts, 1)
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as tp:
+        run_engine(engine, prompts, 1)
+    print(tp.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
 
 
 def main():

@@ -193,27 +193,28 @@ class Engine:
         b, first = len(prompts), self.active
         assert first + b * copies <= self.cache.k.shape[1], "not enough slots reserved"
         t_img = self.model.config.image_seq_len
-        feats = self.encoder(torch.cat([p.pixels for p in prompts]))  # (sum N, T, D)
         lens = [p.ids.shape[0] for p in prompts]
         n_images = [p.pixels.shape[0] for p in prompts]
         s = _round_up(max(lens), LEN_BUCKET) if self.graphs is not None and b == 1 else max(lens)
         t = max(n_images) * t_img
-        # Ids and image masks padded on the host and copied once; features placed on the device.
+        # Every host-to-device copy first, padded on the host, one per tensor: a copy from pageable host memory
+        # waits for the device's queue, so a copy issued after the image encoder would stall the host behind it.
         ids = torch.zeros(b, s, dtype=torch.long)
         image_mask = torch.zeros(b, s, max(n_images), dtype=torch.bool)  # per image; per image token below
-        self.pf_feats[:b, :t] = 0
-        offset = 0
         for i, p in enumerate(prompts):
-            n = n_images[i]
             ids[i, : lens[i]] = p.ids
-            image_mask[i, : lens[i], :n] = p.image_mask.bool()
-            self.pf_feats[i, : n * t_img] = feats[offset : offset + n].flatten(0, 1)
-            offset += n
+            image_mask[i, : lens[i], : n_images[i]] = p.image_mask.bool()
         self.pf_ids[:b, :s] = ids.to(self.device)
         self.pf_image_mask[:b, :s, :t] = image_mask.to(self.device).repeat_interleave(t_img, -1)
+        self.pf_last[:b] = torch.tensor(lens, device=self.device) - 1
+        feats = self.encoder(torch.cat([p.pixels for p in prompts]))  # (sum N, T, D)
+        self.pf_feats[:b, :t] = 0
+        offset = 0
+        for i, n in enumerate(n_images):
+            self.pf_feats[i, : n * t_img] = feats[offset : offset + n].flatten(0, 1)
+            offset += n
         slots = torch.arange(b, device=self.device) * copies + first
         self.pf_slots[:b] = slots
-        self.pf_last[:b] = torch.tensor(lens, device=self.device) - 1
         if self.graphs is not None and b == 1:
             logits, kv = self.graphs.run(("prefill", s, t), lambda: self._prefill_step(1, s, t))
         else:

@@ -2,7 +2,7 @@
 search, and stop strings."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -85,6 +85,7 @@ class Processors:
     options: GenerationOptions
     eos_ids: list[int]
     banned_ids: list[int]
+    masks: dict = field(default_factory=dict, repr=False, compare=False)  # _vocab_mask's, per device
 
     def __call__(self, scores: torch.Tensor, context: Callable[[], list[list[int]]], new_tokens: list[int]) -> torch.Tensor:
         """scores (B, V) float32; context() gives each row's prompt and generated ids (built only for the
@@ -96,13 +97,25 @@ class Processors:
                 s = scores[row].gather(0, idx)
                 s = torch.where(s < 0, s * o.repetition_penalty, s / o.repetition_penalty)
                 scores[row].scatter_(0, idx, s)
+        # Token masks live on the device (made once): indexing with a host list would copy it every step, and a
+        # copy from the host waits for the device, which would stall decoding that runs a step ahead.
         if self.banned_ids:
-            scores[:, self.banned_ids] = -float("inf")
+            scores.masked_fill_(self._vocab_mask("banned", self.banned_ids, scores), -float("inf"))
         if o.min_new_tokens and self.eos_ids:
-            short = torch.tensor([n < o.min_new_tokens for n in new_tokens], device=scores.device)
-            eos = torch.tensor(self.eos_ids, device=scores.device)
-            scores[short[:, None] & torch.isin(torch.arange(scores.shape[1], device=scores.device), eos)[None]] = -float("inf")
+            short = [n < o.min_new_tokens for n in new_tokens]
+            if any(short):
+                rows = torch.tensor(short, device=scores.device)[:, None]
+                scores.masked_fill_(rows & self._vocab_mask("eos", self.eos_ids, scores), -float("inf"))
         return scores
+
+    def _vocab_mask(self, name: str, ids: list[int], scores: torch.Tensor) -> torch.Tensor:
+        """(V,) bool, True at ids; cached per name, vocabulary size and device."""
+        key = (name, scores.shape[-1], scores.device)
+        if key not in self.masks:
+            mask = torch.zeros(scores.shape[-1], dtype=torch.bool)
+            mask[[i for i in ids if 0 <= i < scores.shape[-1]]] = True
+            self.masks[key] = mask.to(scores.device)
+        return self.masks[key]
 
 
 def warp(scores: torch.Tensor, o: GenerationOptions) -> torch.Tensor:

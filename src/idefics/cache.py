@@ -56,8 +56,9 @@ class ImageKV:
         self.visible = torch.zeros(slots, max_tokens, dtype=torch.bool, device=device)
         self.max_tokens = max_tokens
 
-    def set(self, slots: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]], visible: torch.Tensor):
-        """slots (B,) indices; kv per block (B, H, T, Dh) with T <= max_tokens; visible (B, T) bool."""
+    def set(self, slots: slice, kv: list[tuple[torch.Tensor, torch.Tensor]], visible: torch.Tensor):
+        """slots: B slots (a slice, so that no index is copied from the host); kv per block (B, H, T, Dh) with
+        T <= max_tokens; visible (B, T) bool."""
         t = visible.shape[1]
         for i, (k, v) in enumerate(kv):
             self.k[i, slots, :, :t] = k

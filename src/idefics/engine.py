@@ -221,7 +221,7 @@ class Engine:
             logits, kv = self._prefill_step(b, s, t)
         # Generated tokens attend to what the last prompt token attends to (its latest image).
         visible = self.pf_image_mask[torch.arange(b, device=self.device), self.pf_last[:b], :t]
-        self.images.set(slots, kv, visible)
+        self.images.set(slice(first, first + b * copies, copies), kv, visible)
         for i in range(b):
             for extra in range(1, copies):
                 self.cache.copy_slot(first + i * copies, first + i * copies + extra)

@@ -55,11 +55,15 @@ def check_kernels():
     pos = torch.tensor([0, 17, 100, 255], device=dev)
     inv = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, device=dev).float() / hd))
     cos, sin = rope_cos_sin(torch.arange(max_len, device=dev)[None], inv, dt)
-    kc, vc = (torch.zeros(4, h, max_len, hd, device=dev, dtype=dt) for _ in range(2))
-    q = kernels.rope_cache(qkv, cos[0, :, 0], sin[0, :, 0], pos, kc, vc, h)
+    kc, vc = (torch.randn(4, h, max_len, hd, device=dev, dtype=dt) for _ in range(2))
+    out = kernels.rope_attention(qkv, cos[0, :, 0], sin[0, :, 0], pos, kc, vc, h)
     qk = apply_rope(qkv.view(4, 1, 3 * h, hd)[:, :, : 2 * h], *rope_cos_sin(pos[:, None], inv, dt))
     k = torch.stack([kc[i, :, pos[i]] for i in range(4)])
-    print(f"rope_cache: q {ulps(q[:, :, 0], qk[:, 0, :h])}, k {ulps(k, qk[:, 0, h:])}")
+    hidden = torch.arange(max_len, device=dev)[None] > pos[:, None]
+    ref = F.scaled_dot_product_attention(qk[:, :, :h].transpose(1, 2), kc, vc, attn_mask=~hidden[:, None, None])
+    ref = ref.transpose(1, 2).reshape(4, -1)
+    print(f"rope_attention: k written {ulps(k, qk[:, 0, h:])}, output against SDPA {ulps(out, ref)}, "
+          f"cosine {F.cosine_similarity(out.float(), ref.float(), dim=-1).min().item():.6f}")
     for name, fn in (("add_rms_norm", lambda: kernels.add_rms_norm(x[:1], r[:1], norm.weight, 1e-6)),
                      ("eager add + rms_norm", lambda: norm(x[:1] + r[:1])),
                      ("silu_mul", lambda: kernels.silu_mul(gu[:1])), ("eager silu * up", lambda: F.silu(g[:1]) * u[:1])):

@@ -252,7 +252,8 @@ class Engine:
         if self.graphs is None:
             logits = self._decode_step(n, kv_len)
         else:
-            kv_len = min(_round_up(kv_len, KV_BUCKET), self.cache.max_len)
+            # The fused step reads each sequence's own length on the device: one graph per slot bucket serves all.
+            kv_len = 0 if self.fused is not None else min(_round_up(kv_len, KV_BUCKET), self.cache.max_len)
             m = slot_bucket(n, self.cache.k.shape[1])
             logits = self.graphs.run(("decode", m, kv_len), lambda: self._decode_step(m, kv_len))[:n]
         self.lengths[:n] += 1
@@ -262,16 +263,17 @@ class Engine:
     def _decode_step(self, n: int, kv_len: int) -> torch.Tensor:
         """One step over slots [0, n) attending to the first kv_len cache positions: static shapes, no host
         sync, and idempotent (the lengths advance outside), so it can be captured."""
-        pos = self.lengths[:n].clamp(max=self.cache.max_len - 1)[:, None]  # idle slots stay in bounds
+        pos = self.lengths[:n].clamp(max=self.cache.max_len - 1)  # idle slots stay in bounds
+        if self.fused is not None:
+            return self.fused(self.tokens[:n], pos, self.images.view(slice(0, n)), self.images.visible[:n],
+                              self.cache, self.cos, self.sin)
+        pos = pos[:, None]
         self.cache.rows, self.cache.kv_len, self.cache.pos = slice(0, n), kv_len, pos
         hidden = torch.arange(kv_len, device=pos.device)[None] > pos  # (n, kv_len): not yet written
         # Additive, built once per step: a boolean mask would be converted again in every layer.
         dtype = self.cache.k.dtype
         mask = torch.zeros(hidden.shape, dtype=dtype, device=pos.device).masked_fill(hidden, torch.finfo(dtype).min)
         mask = mask[:, None, None]  # (n, 1, 1, kv_len)
-        if self.fused is not None:
-            return self.fused(self.tokens[:n], pos[:, 0], mask, self.images.view(slice(0, n)),
-                              self.images.visible[:n], self.cache, self.cos, self.sin)
         logits = self.step_fn(self.tokens[:n, None], pos, mask, self.images.view(slice(0, n)),
                               self.images.visible[:n, None], self.cache)
         return logits[:, -1]

@@ -1,6 +1,6 @@
 """The decode step (one new token per sequence) with the elementwise work fused by kernels.py: per decoder layer
-the matrix products, attention, and between them three launches (residual add + gate + next norm, SwiGLU, RoPE +
-cache write) instead of some twenty small kernels. The matrix products are the model's own modules (cuBLAS, or a
+the matrix products and between them three launches (residual add + gate + next norm, SwiGLU, and RoPE + cache
+write + attention in one) instead of some twenty small kernels. The matrix products are the model's own modules (cuBLAS, or a
 quantized kernel), except for a single sequence, where kernels.gemv streams plain weights faster and applies
 SwiGLU itself. The same math as IdeficsModel.forward for S = 1, rounded the same way."""
 from __future__ import annotations
@@ -38,11 +38,11 @@ class FusedDecoder:
         self.gates = {id(b): (torch.tanh(b.attn_gate.detach()).reshape(-1), torch.tanh(b.mlp_gate.detach()).reshape(-1))
                       for b in model.cross_layers}
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, image_kv, visible: torch.Tensor,
-                 cache: KVCache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """ids, pos (M,); mask (M, 1, 1, kv_len) additive; image_kv per cross block (M, H, T, Dh) each; visible
-        (M, T) bool; cache rows 0..M-1 hold the sequences and cache.kv_len positions are read; cos, sin
-        (max_len, Dh) -> logits (M, V)."""
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, image_kv, visible: torch.Tensor, cache: KVCache,
+                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """ids, pos (M,): the new token of each sequence and its position; image_kv per cross block (M, H, T, Dh)
+        each; visible (M, T) bool; cache rows 0..M-1 hold the sequences, whose tokens at 0..pos are attended to;
+        cos, sin (max_len, Dh) -> logits (M, V)."""
         model = self.model
         m, h, d = ids.shape[0], self.heads, self.head_dim
         x = model.embed(ids)  # (M, D), the residual stream
@@ -74,10 +74,8 @@ class FusedDecoder:
                 n = add_norm(b.mlp_norm, gate=attn_gate, keep=sees_image)
                 pending, gate = project(b.mlp.w2, project(b.mlp.w13, n, swiglu=True)), mlp_gate
             n = add_norm(layer.attn_norm, gate=gate)
-            k_cache, v_cache = cache.k[i], cache.v[i]
-            q = kernels.rope_cache(project(layer.attn.wqkv, n), cos, sin, pos, k_cache, v_cache, h)  # (M, H, 1, Dh)
-            k, v = k_cache[:m, :, : cache.kv_len], v_cache[:m, :, : cache.kv_len]
-            pending = project(layer.attn.wo, F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(m, h * d))
+            a = kernels.rope_attention(project(layer.attn.wqkv, n), cos, sin, pos, cache.k[i], cache.v[i], h)
+            pending = project(layer.attn.wo, a)
             n = add_norm(layer.mlp_norm)
             pending, gate = project(layer.mlp.w2, project(layer.mlp.w13, n, swiglu=True)), None
         return project(model.lm_head, add_norm(model.norm, gate=gate))

@@ -3,7 +3,8 @@ as much as the products themselves. Each one does in a single launch what eager 
 
 - `add_rms_norm`: the residual add (with the cross blocks' tanh gate and per-row image mask) and the next RMSNorm;
 - `silu_mul`: SwiGLU's silu(gate) * up;
-- `rope_cache`: rotate q and k of the new token, write k and v into the cache;
+- `rope_attention`: rotate q and k of the new token, write k and v into the cache, attend (one program per row
+  and head);
 - `layer_norm`: F.layer_norm in one pass.
 
 Rounding follows eager PyTorch step by step: every intermediate that eager keeps in the model's dtype is rounded to
@@ -11,9 +12,13 @@ it here too (`_round`), so the results are the eager ones bit for bit. Runs on C
 TRITON_INTERPRET=1 (the tests)."""
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -93,10 +98,21 @@ def _warps(block: int) -> int:
 
 
 @triton.jit
-def _rope_cache_kernel(QKV, COS, SIN, POS, Q, KC, VC, H, stride_qkv, stride_cos, stride_kslot, stride_khead,
-                       stride_kpos, HALF: tl.constexpr, BLOCK: tl.constexpr):
+def _rotate(src, c, s, r, ok, HALF: tl.constexpr, dt: tl.constexpr):
+    """x * cos + rotate_half(x) * sin of one head at src, as the two halves, each product rounded as in eager."""
+    x1 = tl.load(src + r, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + r, mask=ok, other=0.0).to(tl.float32)
+    o1 = _round(_round(x1 * c, dt) + _round(-x2 * s, dt), dt)
+    o2 = _round(_round(x2 * c, dt) + _round(x1 * s, dt), dt)
+    return o1, o2
+
+
+@triton.jit
+def _rope_attention_kernel(QKV, COS, SIN, POS, KC, VC, OUT, H, scale, stride_qkv, stride_cos, stride_kslot,
+                           stride_khead, stride_kpos, stride_out, HALF: tl.constexpr, BLOCK: tl.constexpr,
+                           BLOCK_KV: tl.constexpr):
     m, h = tl.program_id(0), tl.program_id(1)
-    dt = Q.dtype.element_ty
+    dt = KC.dtype.element_ty
     d = 2 * HALF
     r = tl.arange(0, BLOCK)
     ok = r < HALF
@@ -104,36 +120,59 @@ def _rope_cache_kernel(QKV, COS, SIN, POS, Q, KC, VC, H, stride_qkv, stride_cos,
     c = tl.load(COS + pos * stride_cos + r, mask=ok, other=0.0).to(tl.float32)  # both halves hold the same angles
     s = tl.load(SIN + pos * stride_cos + r, mask=ok, other=0.0).to(tl.float32)
     src = QKV + m * stride_qkv + h * d
-    cache = m * stride_kslot + h * stride_khead + pos * stride_kpos
-    for part in tl.static_range(2):  # q, then k: x * cos + rotate_half(x) * sin, each product rounded
-        x1 = tl.load(src + part * H * d + r, mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(src + part * H * d + HALF + r, mask=ok, other=0.0).to(tl.float32)
-        o1 = _round(_round(x1 * c, dt) + _round(-x2 * s, dt), dt).to(dt)
-        o2 = _round(_round(x2 * c, dt) + _round(x1 * s, dt), dt).to(dt)
-        if part == 0:
-            tl.store(Q + (m * H + h) * d + r, o1, mask=ok)
-            tl.store(Q + (m * H + h) * d + HALF + r, o2, mask=ok)
-        else:
-            tl.store(KC + cache + r, o1, mask=ok)
-            tl.store(KC + cache + HALF + r, o2, mask=ok)
-    for half in tl.static_range(2):
-        v = tl.load(src + 2 * H * d + half * HALF + r, mask=ok, other=0.0)
-        tl.store(VC + cache + half * HALF + r, v, mask=ok)
+    q1, q2 = _rotate(src, c, s, r, ok, HALF, dt)
+    k1, k2 = _rotate(src + H * d, c, s, r, ok, HALF, dt)
+    head = KC + m * stride_kslot + h * stride_khead
+    vhead = VC + m * stride_kslot + h * stride_khead
+    tl.store(head + pos * stride_kpos + r, k1.to(dt), mask=ok)
+    tl.store(head + pos * stride_kpos + HALF + r, k2.to(dt), mask=ok)
+    tl.store(vhead + pos * stride_kpos + r, tl.load(src + 2 * H * d + r, mask=ok, other=0.0), mask=ok)
+    tl.store(vhead + pos * stride_kpos + HALF + r, tl.load(src + 2 * H * d + HALF + r, mask=ok, other=0.0), mask=ok)
+    tl.debug_barrier()  # the new key and value, written above, are read back below by other threads
+    # Attention over the keys 0..pos (online softmax, float32; probabilities rounded to the dtype before they
+    # weight the values, as flash attention does).
+    m_i = -float("inf")
+    l_i = 0.0
+    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, pos + 1, BLOCK_KV):
+        offs = start + tl.arange(0, BLOCK_KV)
+        kv_ok = offs <= pos
+        tile = offs[:, None] * stride_kpos + r[None, :]
+        t_ok = kv_ok[:, None] & ok[None, :]
+        kt1 = tl.load(head + tile, mask=t_ok, other=0.0).to(tl.float32)
+        kt2 = tl.load(head + HALF + tile, mask=t_ok, other=0.0).to(tl.float32)
+        scores = (tl.sum(kt1 * q1[None, :], axis=1) + tl.sum(kt2 * q2[None, :], axis=1)) * scale
+        scores = tl.where(kv_ok, scores, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        p = _round(p, dt)
+        vt1 = tl.load(vhead + tile, mask=t_ok, other=0.0).to(tl.float32)
+        vt2 = tl.load(vhead + HALF + tile, mask=t_ok, other=0.0).to(tl.float32)
+        acc1 = acc1 * alpha + tl.sum(p[:, None] * vt1, axis=0)
+        acc2 = acc2 * alpha + tl.sum(p[:, None] * vt2, axis=0)
+        m_i = m_new
+    out = OUT + m * stride_out + h * d
+    tl.store(out + r, (acc1 / l_i).to(dt), mask=ok)
+    tl.store(out + HALF + r, (acc2 / l_i).to(dt), mask=ok)
 
 
-def rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, heads: int) -> torch.Tensor:
-    """qkv (M, 3*H*Dh) of one new token per row; cos, sin (max_len, Dh); pos (M,); k_cache, v_cache
-    (slots, H, max_len, Dh) of one layer, rows 0..M-1 -> rotated q (M, H, 1, Dh), k and v written at pos."""
+def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int) -> torch.Tensor:
+    """One decode step of self-attention: qkv (M, 3*H*Dh) of the new token of each row; cos, sin (max_len, Dh);
+    pos (M,) its position; k_cache, v_cache (slots, H, max_len, Dh) of one layer, rows 0..M-1. Rotates q and k,
+    writes k and v at pos, attends to positions 0..pos -> (M, H*Dh)."""
     m = qkv.shape[0]
     d = qkv.shape[1] // (3 * heads)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and qkv.stride(1) == 1
-    q = torch.empty(m, heads, 1, d, dtype=qkv.dtype, device=qkv.device)
-    _rope_cache_kernel[(m, heads)](
-        qkv, cos, sin, pos, q, k_cache, v_cache, heads, qkv.stride(0), cos.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
-    )
-    return q
+    out = torch.empty(m, heads * d, dtype=qkv.dtype, device=qkv.device)
+    _rope_attention_kernel[(m, heads)](
+        qkv, cos, sin, pos, k_cache, v_cache, out, heads, d ** -0.5, qkv.stride(0), cos.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), HALF=d // 2,
+        BLOCK=triton.next_power_of_2(d // 2), BLOCK_KV=16 if INTERPRET else 64, num_warps=4)
+    return out
 
 
 @triton.jit

@@ -141,6 +141,36 @@ def check_vision():
 
 
 @torch.inference_mode()
+def decode_parity(batches: list[int]):
+    """Teacher-forced logits of each decode path against the model's own full forward pass (which matches
+    transformers, bench/gpu.py), per position."""
+    from gpu import engine_teacher_forced
+
+    from common import reference_inputs
+    from idefics.inputs import causal_mask, image_features, image_token_mask, positions
+
+    model = random_model(idefics_9b(), "cuda", torch.bfloat16)
+    for batch in batches:
+        prompts = synthetic_prompts(model.config, batch)
+        tokens = run_engine(Engine(model, graphs=False, fused=False), prompts, 16)[0]
+        b = reference_inputs(prompts, "cuda")
+        ids = torch.cat([b["input_ids"], torch.tensor(tokens, device="cuda")], 1)
+        am = torch.ones_like(ids)
+        iam = torch.cat([b["image_attention_mask"], b["image_attention_mask"][:, -1:].expand(-1, 16, -1)], 1)
+        feats = image_features(model, b["pixel_values"], iam)
+        full = model(ids, positions(am), causal_mask(am), model.image_kv(feats),
+                     image_token_mask(iam, model.config.image_seq_len))
+        start = prompts[0].ids.shape[0] - 1
+        full = full[:, start : start + 16].float()
+        for graphs in (False, True):
+            for fused in (False, True):
+                got = engine_teacher_forced(Engine(model, graphs=graphs, fused=fused), prompts, tokens)
+                cos = F.cosine_similarity(got, full, dim=-1).min(dim=0).values
+                print(f"batch {batch} graphs={graphs} fused={fused}: cosine per position "
+                      + " ".join(f"{c:.4f}" for c in cos.tolist()), flush=True)
+
+
+@torch.inference_mode()
 def profile_first_token(batch: int):
     """Where the host's time goes until the first token of `batch` prompts (each with its own image)."""
     import cProfile
@@ -165,12 +195,15 @@ def profile_first_token(batch: int):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--first-token", type=int, help="only profile the time to the first token at this batch")
+    parser.add_argument("--decode-parity", type=int, nargs="+", help="only compare the decode paths at these batches")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--vision", action="store_true")
     args = parser.parse_args()
     print(torch.cuda.get_device_name())
     if args.first_token:
         return profile_first_token(args.first_token)
+    if args.decode_parity:
+        return decode_parity(args.decode_parity)
     check_kernels()
     if args.vision:
         check_vision()

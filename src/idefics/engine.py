@@ -255,7 +255,8 @@ class Engine:
             # The fused step reads each sequence's own length on the device: one graph per slot bucket serves all.
             kv_len = 0 if self.fused is not None else min(_round_up(kv_len, KV_BUCKET), self.cache.max_len)
             m = slot_bucket(n, self.cache.k.shape[1])
-            logits = self.graphs.run(("decode", m, kv_len), lambda: self._decode_step(m, kv_len))[:n]
+            # A copy: the graph's output buffer is overwritten by the next replay.
+            logits = self.graphs.run(("decode", m, kv_len), lambda: self._decode_step(m, kv_len))[:n].clone()
         self.lengths[:n] += 1
         self.host_lengths = [x + 1 for x in self.host_lengths]
         return logits

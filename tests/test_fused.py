@@ -132,10 +132,12 @@ def image(seed: int) -> Image.Image:
     return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (36, 44, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", [*CONFIGS, "int8"])
 @pytest.mark.parametrize("batch", [1, 3])  # one sequence: the matrix products go through kernels.gemv too
 def test_fused_decode_steps_equal_the_plain_engine(tmp_path, name, batch):
-    model = idefics.load(make_checkpoint(tmp_path, **CONFIGS[name])[0])
+    """int8: quantized layers run their own modules inside the fused step."""
+    quantize = "int8" if name == "int8" else None
+    model = idefics.load(make_checkpoint(tmp_path, **CONFIGS.get(name, {}))[0], quantize=quantize)
     items = [[image(1), "This is an image of "], ["No image, just text."], ["User:", image(2), "And", image(3), "?"]]
     prompts = [split_batch(model.process([p]))[0] for p in items][-batch:]
     runs = []

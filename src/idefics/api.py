@@ -164,7 +164,7 @@ class Idefics:
         return {
             "model": str(self.path), "parameters": sum(p.numel() for p in self.model.parameters()),
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "quantize": self.quantize,
-            "cuda_graphs": self.engine.graphs is not None,
+            "cuda_graphs": self.engine.graphs is not None, "fused_decode": self.engine.fused is not None,
             "decoder": f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, MLP {c.intermediate_size}",
             "cross_attention_blocks": len(self.model.cross_layers),
             "vision": f"{c.vision.num_hidden_layers} layers, width {c.vision.embed_dim}, {c.vision.image_size}px images, patch {c.vision.patch_size}",

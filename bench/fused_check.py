@@ -115,14 +115,10 @@ def check_steps(batches):
 
 @torch.inference_mode()
 def check_vision():
+    """The image encoder's non-matrix kernels at batch 64: LayerNorm, attention backends (head dim 80), GELU."""
     x = torch.randn(64, 257, 1280, device="cuda", dtype=torch.bfloat16)
     ln = torch.nn.LayerNorm(1280, eps=1e-5).to("cuda", torch.bfloat16)
-    ln.weight.data.uniform_(0.5, 1.5)
-    ln.bias.data.normal_()
-    share, steps = ulps(kernels.layer_norm(x, ln.weight, ln.bias, 1e-5), ln(x))
-    t_t = do_bench(lambda: kernels.layer_norm(x, ln.weight, ln.bias, 1e-5)) * 1e3
-    t_e = do_bench(lambda: ln(x)) * 1e3
-    print(f"layer_norm (64, 257, 1280): triton {t_t:.1f} us, torch {t_e:.1f} us; {100 * share:.3f}% differ, max {steps} steps")
+    print(f"layer_norm (64, 257, 1280): {do_bench(lambda: ln(x)) * 1e3:.1f} us")
     q, k, v = (torch.randn(64, 16, 257, 80, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     from torch.nn.attention import SDPBackend, sdpa_kernel
     ref = F.scaled_dot_product_attention(q, k, v)

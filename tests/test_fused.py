@@ -111,16 +111,6 @@ def test_gemv_equals_eager(dtype, swiglu):
         assert got.dtype == dtype and (got.float() - expected.float()).abs().max() <= 0.02 * expected.float().abs().max()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_layer_norm_equals_eager(dtype):
-    torch.manual_seed(0)
-    ln = torch.nn.LayerNorm(40, eps=1e-5).to(dtype)
-    ln.weight.data.uniform_(0.5, 1.5)
-    ln.bias.data.normal_()
-    x = torch.randn(2, 7, 40).to(dtype)
-    assert_same(kernels.layer_norm(x, ln.weight, ln.bias, ln.eps), ln(x), atol=1e-6)
-
-
 CONFIGS = {
     "qknorms-float-gates": {},
     "vector-gates-6heads-interval3": dict(qk_layer_norms=False, alpha_type="vector", cross_layer_interval=3,

@@ -5,7 +5,7 @@ as much as the products themselves. Each one does in a single launch what eager 
 - `silu_mul`: SwiGLU's silu(gate) * up;
 - `rope_attention`: rotate q and k of the new token, write k and v into the cache, attend (one program per row
   and head);
-- `layer_norm`: F.layer_norm in one pass.
+- `gemv`: one row times a weight matrix, with SwiGLU in its epilogue (batch 1).
 
 Rounding follows eager PyTorch step by step: every intermediate that eager keeps in the model's dtype is rounded to
 it here too (`_round`), so the results are the eager ones bit for bit. Runs on CUDA, and on the CPU under
@@ -176,30 +176,6 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos:
 
 
 @triton.jit
-def _layer_norm_kernel(X, W, B, Y, N, eps, stride_x, stride_y, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    r = tl.arange(0, BLOCK)
-    ok = r < N
-    x = tl.load(X + row * stride_x + r, mask=ok, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / N
-    xc = tl.where(ok, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(xc * xc, axis=0) / N + eps)
-    w = tl.load(W + r, mask=ok, other=0.0).to(tl.float32)
-    b = tl.load(B + r, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + r, _round(xc * rstd * w + b, Y.dtype.element_ty).to(Y.dtype.element_ty), mask=ok)
-
-
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """F.layer_norm over the last dimension, one program per row (statistics in float32, one rounding)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    y = torch.empty_like(x2)
-    block = triton.next_power_of_2(x2.shape[1])
-    _layer_norm_kernel[(x2.shape[0],)](x2, weight, bias, y, x2.shape[1], eps, x2.stride(0), y.stride(0),
-                                       BLOCK=block, num_warps=_warps(block))
-    return y.view(x.shape)
-
-
-@triton.jit
 def _gemv_kernel(X, W, Y, N, K, stride_w, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     dt = Y.dtype.element_ty
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -221,7 +197,8 @@ def _gemv_kernel(X, W, Y, N, K, stride_w, SWIGLU: tl.constexpr, BLOCK_N: tl.cons
     tl.store(Y + rn, y.to(dt), mask=n_ok)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, block_n: int | None = None,
+         block_k: int | None = None, warps: int = 4) -> torch.Tensor:
     """One row: x (1, K), weight (N, K) -> x @ weight.T (1, N); with swiglu, weight (2N, K) holds the gate rows then
     the up rows and the result is silu(gate) * up (1, N). At batch 1 this streams the weights faster than cuBLAS
     (bench/gemv_sweep.py: 4.0 against 3.6 TB/s on an H200) and needs no split-K reduction launch."""
@@ -231,8 +208,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) -> torch.T
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     # 8 rows x 1024 columns per program (4 for the widest and for SwiGLU's two halves): many small programs keep
     # enough loads in flight; the best blocks of bench/gemv_sweep.py for every idefics-9b matrix.
-    block_n = 4 if swiglu or n > 16384 else 8
-    block_k = min(1024, triton.next_power_of_2(k))
+    block_n = block_n or (4 if swiglu or n > 16384 else 8)
+    block_k = block_k or min(1024, triton.next_power_of_2(k))
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, y, n, k, weight.stride(0), SWIGLU=swiglu, BLOCK_N=block_n,
-                                             BLOCK_K=block_k, num_warps=4)
+                                             BLOCK_K=block_k, num_warps=warps)
     return y

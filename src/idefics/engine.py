@@ -262,8 +262,9 @@ class Engine:
         return logits
 
     def _decode_step(self, n: int, kv_len: int) -> torch.Tensor:
-        """One step over slots [0, n) attending to the first kv_len cache positions: static shapes, no host
-        sync, and idempotent (the lengths advance outside), so it can be captured."""
+        """One step over slots [0, n): static shapes, no host sync, and idempotent (the lengths advance outside),
+        so it can be captured. The plain step attends to the first kv_len cache positions under a mask; the fused
+        step reads each sequence's length on the device and ignores kv_len."""
         pos = self.lengths[:n].clamp(max=self.cache.max_len - 1)  # idle slots stay in bounds
         if self.fused is not None:
             return self.fused(self.tokens[:n], pos, self.images.view(slice(0, n)), self.images.visible[:n],

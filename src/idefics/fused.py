@@ -1,8 +1,8 @@
 """The decode step (one new token per sequence) with the elementwise work fused by kernels.py: per decoder layer
 the matrix products and between them three launches (residual add + gate + next norm, SwiGLU, and RoPE + cache
-write + attention in one) instead of some twenty small kernels. The matrix products are the model's own modules (cuBLAS, or a
-quantized kernel), except for a single sequence, where kernels.gemv streams plain weights faster and applies
-SwiGLU itself. The same math as IdeficsModel.forward for S = 1, rounded the same way."""
+write + attention in one) instead of some twenty small kernels. The matrix products are the model's own modules
+(cuBLAS, or a quantized kernel), except for a single sequence, where kernels.gemv streams plain weights faster
+and applies SwiGLU itself. The same math as IdeficsModel.forward for S = 1, rounded the same way."""
 from __future__ import annotations
 
 import torch
@@ -15,7 +15,7 @@ from idefics.model import IdeficsModel
 
 
 def supported(model: IdeficsModel) -> bool:
-    """The kernels implement SiLU MLPs in bfloat16 or float32 (float16 rounding could not be pinned there)."""
+    """The kernels implement SiLU MLPs in bfloat16 or float32 (their rounding to float16 is not implemented)."""
     return model.config.hidden_act == "silu" and model.norm.weight.dtype in (torch.bfloat16, torch.float32)
 
 
@@ -33,8 +33,8 @@ class FusedDecoder:
         self.model = model
         c = model.config
         self.heads, self.head_dim = c.num_attention_heads, c.head_dim
-        # tanh of the gates once, in the model's dtype, as the reference's tanh(alpha) rounds it
         self.streamable = {id(mod) for mod in model.modules() if isinstance(mod, nn.Linear) and _streamable(mod)}
+        # tanh of the gates once, in the model's dtype, as the reference's tanh(alpha) rounds it
         self.gates = {id(b): (torch.tanh(b.attn_gate.detach()).reshape(-1), torch.tanh(b.mlp_gate.detach()).reshape(-1))
                       for b in model.cross_layers}
 

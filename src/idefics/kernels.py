@@ -24,7 +24,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 @triton.jit
 def _round(x, dt: tl.constexpr):
     """float32 x rounded to dt, bfloat16 or float32 (to nearest, ties to even), returned as float32. Done on the
-    bits: a cast there and back was folded away by the compiler on the GPU (the results then differed from eager)."""
+    bits: on the GPU a cast there and back did not round (its results differed from eager)."""
     if dt == tl.bfloat16:
         b = x.to(tl.uint32, bitcast=True)
         b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000

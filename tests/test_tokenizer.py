@@ -87,6 +87,27 @@ def test_detokenizer_takes_chunks(pair):
     assert stream.push(ids[:3]) + stream.push(ids[3:]) + stream.flush() == ours.decode(ids)
 
 
+def test_detokenizer_joins_to_decode_through_invalid_byte_runs():
+    """Random mixes of byte-fallback pieces (valid and invalid UTF-8: an invalid run decodes as U+FFFD per byte, its
+    ASCII bytes included, so earlier bytes change with later ones), special tokens and words."""
+    import random
+    import re
+
+    from idefics.hub import DEMO_DIR
+
+    tok = Tokenizer.from_dir(DEMO_DIR)
+    vocab = tok.backend.get_vocab_size()
+    byte_ids = [i for i in range(vocab) if re.fullmatch(r"<0x[0-9A-F]{2}>", tok.backend.id_to_token(i) or "")]
+    assert len(byte_ids) == 256
+    rng = random.Random(0)
+    for _ in range(400):
+        ids = [rng.choice(byte_ids) if rng.random() < 0.6 else rng.randrange(vocab) for _ in range(rng.randint(1, 9))]
+        for skip in (False, True):
+            stream = tok.detokenizer(skip_special_tokens=skip)
+            pieces = [stream.push(i) for i in ids] + [stream.flush()]
+            assert "".join(pieces) == tok.decode(ids, skip_special_tokens=skip), ids
+
+
 def test_missing_tokenizer_json_is_one_clear_error(tmp_path):
     with pytest.raises(IdeficsError, match="no tokenizer.json in"):
         Tokenizer.from_dir(tmp_path)

@@ -2,7 +2,6 @@
 events."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -41,37 +40,21 @@ def default_banned(tokenizer: Tokenizer) -> list[int]:
     return [i for i in ids if i is not None]
 
 
-BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # Llama's byte-fallback pieces
-
-
 class TextStream:
-    """One row's tokens -> text pieces that join to its Completion text. A run of byte-fallback tokens decodes as
-    one group (and an invalid group as U+FFFD per byte), so it waits for the next token that closes it; so does a
-    token that decodes to nothing (a skipped special token may sit inside a run). Text that may begin a stop
-    string waits until it cannot."""
+    """One row's tokens -> text pieces that join to its Completion text: the detokenizer's final text, and of that
+    what may begin a stop string waits until it cannot."""
 
     def __init__(self, tokenizer: Tokenizer, stops: StopStrings):
-        self.tokenizer = tokenizer
         self.detokenizer = tokenizer.detokenizer(skip_special_tokens=True)
         self.stops = stops
-        self.waiting: list[int] = []
         self.text = ""
         self.sent = 0  # characters given out
 
     def push(self, token: int) -> str:
-        self.waiting.append(token)
-        if not self._closes(token):
-            return ""
-        self.text += self.detokenizer.push(self.waiting)
-        self.waiting = []
+        self.text += self.detokenizer.push(token)
         shown = self.stops.shown(self.text)
         piece, self.sent = self.text[self.sent : shown], shown
         return piece
-
-    def _closes(self, token: int) -> bool:
-        if BYTE_TOKEN.fullmatch(self.tokenizer.backend.id_to_token(token) or ""):
-            return False
-        return bool(self.tokenizer.decode([token], skip_special_tokens=True))
 
     def end(self, text: str) -> str:
         """The rest of the row's final text."""

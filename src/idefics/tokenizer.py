@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ END_OF_UTTERANCE_TOKEN = "<end_of_utterance>"
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # transformers maps the idefics model type to this class, which rebuilds the pipeline around tokenizer.json's vocab.
 _LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # Llama's byte-fallback pieces
 
 
 def _read_json(path: Path) -> dict:
@@ -113,9 +115,11 @@ class Tokenizer:
 
 
 class IncrementalDetokenizer:
-    """Text pieces as ids arrive. Each piece is the growth of the decode of a window that starts at the last
-    emitted boundary, so decoder steps that look at the window's first token apply alike to both sides. A piece
-    ending in U+FFFD is held back: a byte-fallback character is still incomplete."""
+    """Text pieces as ids arrive, which concatenate to decode() of all ids. Each piece is the growth of the decode
+    of a window that starts at the last emitted boundary, so decoder steps that look at the window's first token
+    apply alike to both sides. Text waits while the last id may still change it: a byte-fallback piece (a run of
+    them decodes as one group, and an invalid group as U+FFFD per byte, its ASCII bytes included), an id that
+    decodes to nothing (a skipped special token inside such a run joins its two sides), or text ending in U+FFFD."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
         self.tokenizer = tokenizer
@@ -127,9 +131,17 @@ class IncrementalDetokenizer:
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, self.skip_special_tokens)
 
+    def _closes(self, token: int) -> bool:
+        """Whether text before and at this id is final whatever comes next."""
+        if BYTE_TOKEN.fullmatch(self.tokenizer.backend.id_to_token(token) or ""):
+            return False
+        return bool(self._text([token]))
+
     def push(self, ids: int | Iterable[int]) -> str:
-        """Adds ids; returns the newly complete text ("" while a character is still incomplete)."""
+        """Adds ids; returns the newly final text ("" while the last id may still change it)."""
         self.ids.extend([ids] if isinstance(ids, int) else ids)
+        if not self.ids or not self._closes(self.ids[-1]):
+            return ""
         piece = self._pending()
         if piece and not piece.endswith("\ufffd"):
             self.start, self.emitted = self.emitted, len(self.ids)
@@ -137,7 +149,7 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """Whatever is held back, complete or not; the pieces then concatenate to the decode of all ids."""
+        """Whatever is held back; the pieces then concatenate to the decode of all ids."""
         piece = self._pending()
         self.start, self.emitted = self.emitted, len(self.ids)
         return piece

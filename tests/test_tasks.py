@@ -1,6 +1,5 @@
 """The guide's tasks on a tiny checkpoint: each builds the guide's exact prompt with the guide's settings, returns one
 result per image, ranks labels by their log-likelihood, and chats in the guide's format until <end_of_utterance>."""
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -8,7 +8,8 @@ as much as the products themselves. Each one does in a single launch what eager 
 - `gemv`: one row times a weight matrix, with SwiGLU in its epilogue (batch 1).
 
 Rounding follows eager PyTorch step by step: every intermediate that eager keeps in the model's dtype is rounded to
-it here too (`_round`), so the results are the eager ones bit for bit. Runs on CUDA, and on the CPU under
+it here too (`_round`), so the elementwise results (norms, gates, SwiGLU, RoPE) are the eager ones bit for bit;
+the attention's and the GEMV's float32 sums run in their own order. Runs on CUDA, and on the CPU under
 TRITON_INTERPRET=1 (the tests)."""
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -64,6 +65,10 @@ def check_kernels():
     ref = ref.transpose(1, 2).reshape(4, -1)
     print(f"rope_attention: k written {ulps(k, qk[:, 0, h:])}, output against SDPA {ulps(out, ref)}, "
           f"cosine {F.cosine_similarity(out.float(), ref.float(), dim=-1).min().item():.6f}")
+    one = torch.tensor([150], device=dev)
+    for bkv, w in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8)):
+        t = do_bench(lambda: kernels.rope_attention(qkv[:1], cos[0, :, 0], sin[0, :, 0], one, kc, vc, h, bkv, w))
+        print(f"rope_attention (1 row at 150, {bkv} keys a block, {w} warps): {t * 1e3:.1f} us")
     for name, fn in (("add_rms_norm", lambda: kernels.add_rms_norm(x[:1], r[:1], norm.weight, 1e-6)),
                      ("eager add + rms_norm", lambda: norm(x[:1] + r[:1])),
                      ("silu_mul", lambda: kernels.silu_mul(gu[:1])), ("eager silu * up", lambda: F.silu(g[:1]) * u[:1])):
@@ -76,13 +81,18 @@ def check_steps(batches):
     for b in batches:
         prompts = synthetic_prompts(model.config, b)
         results = {}
-        for fused in (False, True):
+        # plain, then fused with kernels launched one after another, then with programmatic dependent launch
+        for name, fused, pdl, prefetch in (("plain", False, False, 0), ("fused", True, False, 0),
+                                           ("fused+pdl", True, True, 0), ("fused+pdl+prefetch", True, True, 1),
+                                           ("fused+pdl+prefetch 4", True, True, 4),
+                                           ("fused+pdl+prefetch 16", True, True, 16)):
+            kernels.PDL, kernels.PREFETCH = pdl, prefetch
             engine = Engine(model, fused=fused)
             engine.reserve(b, 160, 1)
             first = engine.prefill_batch(prompts)
             tokens = first.argmax(-1)
             logits = []
-            forced = results.get(False, (None, None))[1]
+            forced = results["plain"][1] if "plain" in results else None
             for i in range(32):
                 out = engine.decode(tokens)
                 logits.append(out.float())
@@ -91,29 +101,24 @@ def check_steps(batches):
             t, _ = timed(lambda: [engine.decode(tokens) for _ in range(steps)])
             key = max((k for k in engine.graphs.graphs if k[0] == "decode"), key=lambda k: k[2])
             graph = engine.graphs.graphs[key][0]
-            t_graph, _ = timed(lambda: [graph.replay() for _ in range(steps)])
+            t_graph = min(timed(lambda: [graph.replay() for _ in range(steps)])[0] for _ in range(3))
             engine.release(0, engine.active)
             _, first, total = run_engine(engine, prompts, 128)
-            if fused and b == 1:  # where the host's time goes in generate (is the device waiting for it?)
-                import cProfile
-                import pstats
-
-                prof = cProfile.Profile()
-                prof.runcall(run_engine, engine, prompts, 128)
-                pstats.Stats(prof).sort_stats("tottime").print_stats(12)
-            print(f"batch {b} fused={fused}: graph replay {1e3 * t_graph / steps:.2f} ms/step, decode() "
+            print(f"batch {b} {name}: graph replay {1e3 * t_graph / steps:.2f} ms/step, decode() "
                   f"{1e3 * t / steps:.2f} ms/step, generate {127 * b / (total - first):.0f} tok/s", flush=True)
-            results[fused] = (1e3 * t / steps, logits)
-        cos = min(F.cosine_similarity(a, p, dim=-1).min().item() for a, p in zip(results[True][1], results[False][1]))
-        same = sum(torch.equal(a, p) for a, p in zip(results[True][1], results[False][1]))
-        agree = sum((a.argmax(-1) == p.argmax(-1)).float().mean().item() for a, p in zip(results[True][1], results[False][1])) / 32
-        print(f"batch {b}: plain {results[False][0]:.2f} ms/step, fused {results[True][0]:.2f} ms/step "
-              f"({results[False][0] / results[True][0]:.2f}x); logits identical in {same}/32 steps, min cosine {cos:.5f}, "
-              f"top-1 agrees {100 * agree:.1f}%",
-              flush=True)
+            results[name] = (1e3 * t / steps, logits)
+        base = results["plain"]
+        for name in list(results)[1:]:
+            got = results[name]
+            cos = min(F.cosine_similarity(a, p, dim=-1).min().item() for a, p in zip(got[1], base[1]))
+            same = sum(torch.equal(a, p) for a, p in zip(got[1], base[1]))
+            agree = sum((a.argmax(-1) == p.argmax(-1)).float().mean().item() for a, p in zip(got[1], base[1])) / 32
+            print(f"batch {b}: plain {base[0]:.2f} ms/step, {name} {got[0]:.2f} ms/step ({base[0] / got[0]:.2f}x); "
+                  f"logits identical in {same}/32 steps, min cosine {cos:.5f}, top-1 agrees {100 * agree:.1f}%",
+                  flush=True)
+        kernels.PDL, kernels.PREFETCH = True, 1
 
 
-@torch.inference_mode()
 def check_vision():
     """The image encoder's non-matrix kernels at batch 64: LayerNorm, attention backends (head dim 80), GELU."""
     x = torch.randn(64, 257, 1280, device="cuda", dtype=torch.bfloat16)
@@ -134,6 +139,24 @@ def check_vision():
     print(f"sdpa default: {t:.1f} us")
     h = torch.randn(64 * 257, 5120, device="cuda", dtype=torch.bfloat16)
     print(f"gelu (16448, 5120): {do_bench(lambda: F.gelu(h)) * 1e3:.1f} us")
+    # the whole encoder at batch 64: kernel time by kernel, then images/s eager and compiled
+    from gpu import images_per_second
+
+    model = random_model(idefics_9b(), "cuda", torch.bfloat16)
+    pixels = torch.randn(64, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        model.encode_images(pixels)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as tp:
+            model.encode_images(pixels)
+            torch.cuda.synchronize()
+        print(tp.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+        print(f"encode_images eager: {images_per_second(model.encode_images, pixels):.0f} images/s", flush=True)
+        compiled = torch.compile(model.encode_images, dynamic=False)
+        t0 = time.perf_counter()
+        compiled(pixels)
+        torch.cuda.synchronize()
+        print(f"torch.compile: {time.perf_counter() - t0:.0f} s to compile, "
+              f"{images_per_second(compiled, pixels):.0f} images/s", flush=True)
 
 
 @torch.inference_mode()

@@ -1,8 +1,11 @@
 """The decoder's matrix-vector products at batch 1 (idefics-9b shapes, bfloat16): cuBLAS against the Triton GEMV of
 kernels.py over its block shapes, each timed as 20 back-to-back products in one CUDA graph (as in a decode step).
-kernels.gemv's default blocks are the best of this sweep on an H200.
+With --chain: 32 decoder layers' products at batch 1 in one CUDA graph, as a decode step runs them one after
+another, with the norms between them as separate kernels or folded into the products, launched with or without
+programmatic dependent launch and the L2 prefetch, and with other blocks per matrix. kernels.gemv's default
+blocks are the best of the chain on an H200.
 
-    PYTHONPATH=src python bench/gemv_sweep.py
+    PYTHONPATH=src python bench/gemv_sweep.py [--chain]
 """
 from __future__ import annotations
 
@@ -33,8 +36,60 @@ def graph_time(fn, copies: int) -> float:
 
 
 @torch.inference_mode()
+def chain():
+    c = idefics_9b()
+    d, f = c.hidden_size, c.intermediate_size
+    dev, dt = "cuda", torch.bfloat16
+    layers = [{name: torch.randn(n, k, device=dev, dtype=dt) * 0.02
+               for name, (n, k) in (("qkv", (3 * d, d)), ("wo", (d, d)), ("w13", (2 * f, d)), ("w2", (d, f)))}
+              for _ in range(c.num_hidden_layers)]
+    nw = torch.ones(d, device=dev, dtype=dt)
+    x0 = torch.randn(1, d, device=dev, dtype=dt)
+
+    def separate_norms(cfg):
+        x, pending = x0, None
+        for w in layers:
+            x, n = kernels.add_rms_norm(x, pending, nw, 1e-6)
+            pending = kernels.gemv(kernels.gemv(n, w["qkv"])[:, :d].contiguous(), w["wo"])
+            x, n = kernels.add_rms_norm(x, pending, nw, 1e-6)
+            pending = kernels.gemv(kernels.gemv(n, w["w13"], swiglu=True), w["w2"])
+
+    def folded_norms(cfg):
+        x = kernels.Normed(x0, torch.full((512,), float(d) / 512, device=dev))
+        for w in layers:
+            a = kernels.gemv(x, w["qkv"], norm=(nw, 1e-6), **cfg.get("qkv", {}))[:, :d].contiguous()
+            x = kernels.gemv(a, w["wo"], residual=x.x, **cfg.get("wo", {}))
+            h = kernels.gemv(x, w["w13"], swiglu=True, norm=(nw, 1e-6), **cfg.get("w13", {}))
+            x = kernels.gemv(h, w["w2"], residual=x.x, **cfg.get("w2", {}))
+
+    runs = [("separate norms", separate_norms, {}, False, 0), ("separate norms, PDL", separate_norms, {}, True, 0),
+            ("folded norms", folded_norms, {}, False, 0), ("folded norms, PDL", folded_norms, {}, True, 0)]
+    runs += [(f"folded norms, PDL + prefetch {n} tiles", folded_norms, {}, True, n) for n in (1, 2, 4, 16)]
+    for name, cfg in (("qkv 4 rows", {"qkv": dict(block_n=4)}), ("qkv 16x512", {"qkv": dict(block_n=16, block_k=512)}),
+                      ("wo 8 rows", {"wo": dict(block_n=8)}), ("wo 2x2048", {"wo": dict(block_n=2, block_k=2048)}),
+                      ("w13 2 rows", {"w13": dict(block_n=2)}), ("w13 8x512", {"w13": dict(block_n=8, block_k=512)}),
+                      ("w2 8 rows", {"w2": dict(block_n=8)}), ("w2 4x2048", {"w2": dict(block_n=4, block_k=2048)}),
+                      ("8 warps", {k: dict(warps=8) for k in layers[0]})):
+        runs.append((f"folded norms, PDL + prefetch, {name}", folded_norms, cfg, True, 1))
+    weight_bytes = sum(t.numel() * t.element_size() for w in layers for t in w.values())
+    for name, fn, cfg, pdl, prefetch in runs:
+        kernels.PDL, kernels.PREFETCH = pdl, prefetch
+        fn(cfg)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(cfg)
+        graph.replay()
+        t = min(timed(lambda: [graph.replay() for _ in range(10)])[0] for _ in range(3)) / 10
+        print(f"{name}: {t * 1e3:.3f} ms ({weight_bytes / t / 1e12:.2f} TB/s)", flush=True)
+    kernels.PDL, kernels.PREFETCH = True, 1
+
+
+@torch.inference_mode()
 def main():
-    argparse.ArgumentParser(description=__doc__).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--chain", action="store_true")
+    if parser.parse_args().chain:
+        return chain()
     c = idefics_9b()
     d, f = c.hidden_size, c.intermediate_size
     shapes = {"wqkv": (3 * d, d), "wo": (d, d), "w13": (2 * f, d), "w2": (d, f), "lm_head": (c.total_vocab_size, d)}

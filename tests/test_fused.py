@@ -111,6 +111,29 @@ def test_gemv_equals_eager(dtype, swiglu):
         assert got.dtype == dtype and (got.float() - expected.float()).abs().max() <= 0.02 * expected.float().abs().max()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gated", [False, True])
+def test_gemv_folds_the_residual_add_and_the_norm(dtype, gated):
+    """residual + gate * keep * (h @ w.T), as add_rms_norm adds it, then the next product of the normalized sum."""
+    torch.manual_seed(0)
+    k, n = 1100, 48
+    h, x = torch.randn(1, k).to(dtype), torch.randn(1, n).to(dtype)
+    w1, w2 = (torch.randn(n, k) / k ** 0.5).to(dtype), (torch.randn(37, n) / n ** 0.5).to(dtype)
+    norm = RMSNorm(n, 1e-6).to(dtype)
+    norm.weight.data.uniform_(0.5, 1.5)
+    gate = dict(gate=torch.tanh(torch.randn(n).to(dtype)), keep=torch.tensor([True])) if gated else {}
+    out = kernels.gemv(h, w1, residual=x, **gate)
+    expected_x, expected_n = kernels.add_rms_norm(x, kernels.gemv(h, w1), norm.weight, norm.eps, **gate)
+    assert_same(out.x, expected_x)
+    assert torch.allclose(out.partials.sum(), expected_x.float().pow(2).sum(), rtol=1e-5)
+    got = kernels.gemv(out, w2, norm=(norm.weight, norm.eps))
+    expected = kernels.gemv(expected_n, w2)
+    tol = 1e-5 if dtype == torch.float32 else 0.01  # a sum of squares in another order may move a rounding
+    torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+    if gated:  # a row that sees no image keeps its residual
+        assert_same(kernels.gemv(h, w1, residual=x, gate=gate["gate"], keep=torch.tensor([False])).x, x)
+
+
 CONFIGS = {
     "qknorms-float-gates": {},
     "vector-gates-6heads-interval3": dict(qk_layer_norms=False, alpha_type="vector", cross_layer_interval=3,

@@ -2,7 +2,9 @@
 the matrix products and between them three launches (residual add + gate + next norm, SwiGLU, and RoPE + cache
 write + attention in one) instead of some twenty small kernels. The matrix products are the model's own modules
 (cuBLAS, or a quantized kernel), except for a single sequence, where kernels.gemv streams plain weights faster
-and applies SwiGLU itself. The same math as IdeficsModel.forward for S = 1, rounded the same way."""
+and applies SwiGLU itself; there the norms fold into the GEMVs too (the residual add into the product before,
+the normalization into the one after), leaving four launches per layer besides attention. The same math as
+IdeficsModel.forward for S = 1, rounded the same way."""
 from __future__ import annotations
 
 import torch
@@ -45,37 +47,49 @@ class FusedDecoder:
         cos, sin (max_len, Dh) -> logits (M, V)."""
         model = self.model
         m, h, d = ids.shape[0], self.heads, self.head_dim
-        x = model.embed(ids)  # (M, D), the residual stream
-        cross_mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device)
-        cross_mask = cross_mask.masked_fill(~visible, torch.finfo(x.dtype).min)[:, None, None]  # (M, 1, 1, T)
+        dt = model.embed.weight.dtype
+        cross_mask = torch.zeros(visible.shape, dtype=dt, device=ids.device)
+        cross_mask = cross_mask.masked_fill(~visible, torch.finfo(dt).min)[:, None, None]  # (M, 1, 1, T)
         sees_image = visible.any(dim=-1)  # (M,)
         kv = iter(image_kv)
-        pending, gate = None, None  # the last block's output, added to x by the next norm's kernel
+        # The residual stream: x, plus the last block's output and its gate and mask, added by the next norm's
+        # kernel. At batch 1 the GEMVs do the add and the norm themselves: x is then a kernels.Normed.
+        x, pending, extra = model.embed(ids), None, {}
 
-        def project(linear, inp, swiglu=False):
-            if m == 1 and id(linear) in self.streamable:
-                return kernels.gemv(inp, linear.weight, swiglu)
-            return kernels.silu_mul(linear(inp)) if swiglu else linear(inp)
+        def streams(linear):
+            return m == 1 and id(linear) in self.streamable
 
-        def add_norm(norm, **extra):
-            nonlocal x
-            x, y = kernels.add_rms_norm(x, pending, norm.weight, norm.eps, **extra)
-            return y
+        def normed(norm, linear, swiglu=False):
+            """linear(norm(x + pending)), SwiGLU'd if asked."""
+            nonlocal x, pending, extra
+            if isinstance(x, kernels.Normed) and pending is None and streams(linear):
+                return kernels.gemv(x, linear.weight, swiglu, norm=(norm.weight, norm.eps))
+            x, n = kernels.add_rms_norm(x.x if isinstance(x, kernels.Normed) else x, pending, norm.weight, norm.eps,
+                                        **extra)
+            pending, extra = None, {}
+            if streams(linear):
+                return kernels.gemv(n, linear.weight, swiglu)
+            return kernels.silu_mul(linear(n)) if swiglu else linear(n)
+
+        def add(linear, inp, **gate):
+            """x + gate * keep * linear(inp), now or at the next norm."""
+            nonlocal x, pending, extra
+            if streams(linear):
+                x = kernels.gemv(inp, linear.weight, residual=x.x if isinstance(x, kernels.Normed) else x, **gate)
+            else:
+                pending, extra = linear(inp), gate
 
         for i, layer in enumerate(model.layers):
             if layer.cross is not None:
                 b = layer.cross
                 attn_gate, mlp_gate = self.gates[id(b)]
-                q = project(b.attn.wq, add_norm(b.attn_norm, gate=gate)).view(m, h, 1, d)
+                q = normed(b.attn_norm, b.attn.wq).view(m, h, 1, d)
                 if b.attn.qk_norms:
                     q = b.attn.q_norm(q)
                 a = F.scaled_dot_product_attention(q, *next(kv), attn_mask=cross_mask)
-                pending = project(b.attn.wo, a.reshape(m, h * d))
-                n = add_norm(b.mlp_norm, gate=attn_gate, keep=sees_image)
-                pending, gate = project(b.mlp.w2, project(b.mlp.w13, n, swiglu=True)), mlp_gate
-            n = add_norm(layer.attn_norm, gate=gate)
-            a = kernels.rope_attention(project(layer.attn.wqkv, n), cos, sin, pos, cache.k[i], cache.v[i], h)
-            pending = project(layer.attn.wo, a)
-            n = add_norm(layer.mlp_norm)
-            pending, gate = project(layer.mlp.w2, project(layer.mlp.w13, n, swiglu=True)), None
-        return project(model.lm_head, add_norm(model.norm, gate=gate))
+                add(b.attn.wo, a.reshape(m, h * d), gate=attn_gate, keep=sees_image)
+                add(b.mlp.w2, normed(b.mlp_norm, b.mlp.w13, swiglu=True), gate=mlp_gate)
+            qkv = normed(layer.attn_norm, layer.attn.wqkv)
+            add(layer.attn.wo, kernels.rope_attention(qkv, cos, sin, pos, cache.k[i], cache.v[i], h))
+            add(layer.mlp.w2, normed(layer.mlp_norm, layer.mlp.w13, swiglu=True))
+        return normed(model.norm, model.lm_head)

@@ -130,9 +130,10 @@ class Generator:
                 scores = rules.process(logits.to(torch.float32, copy=True), lambda: [r.prompt_ids + r.tokens for r in active],
                                        [len(r.tokens) for r in active])
                 next_tokens = choose(scores, o, generator)
+                tokens = _host_copy(next_tokens)
                 if ahead:
                     logits = engine.decode(next_tokens)
-                tokens = next_tokens.tolist()
+                tokens = tokens()
                 done = []
                 for slot, (i, t) in enumerate(zip(running, tokens)):
                     r = rows[i]
@@ -215,3 +216,14 @@ class Generator:
         if include_prompt:
             text = self._text(r.prompt_ids + r.tokens)
         return Completion(text[: len(text) - cut], list(r.tokens), r.finish or "length")
+
+
+def _host_copy(t: torch.Tensor):
+    """Start copying t to the host now, ahead of what is queued after it -> a function that waits for that copy
+    alone and returns t's values as a list. (tolist() after the next step is queued would wait for that step.)"""
+    if t.device.type != "cuda":
+        return t.tolist
+    host = t.to("cpu", non_blocking=True)  # into pinned memory
+    copied = torch.cuda.Event()
+    copied.record()
+    return lambda: (copied.synchronize(), host.tolist())[1]

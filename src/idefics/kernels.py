@@ -20,6 +20,33 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Programmatic dependent launch (Hopper on): a kernel is launched while the one before it is still finishing, and
+# waits (gdc_wait) only where it first reads what earlier kernels wrote; the weight loads and the launch itself
+# overlap the previous kernel's tail. Set IDEFICS_PDL=0 to launch them one after another.
+PDL = os.environ.get("IDEFICS_PDL", "1") != "0"
+PREFETCH = 1  # with PDL: a GEMV sends this many tiles of its weights to L2 before it waits (see _gemv_kernel)
+
+
+def _launch(t: torch.Tensor) -> dict:
+    """The launch options for kernels whose inputs are on t's device."""
+    pdl = PDL and not INTERPRET and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Start loading the cache lines at ptrs into L2; nothing is returned or awaited."""
+    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _wait_inputs(PDL: tl.constexpr):
+    """From here on the kernel reads what earlier kernels wrote (and writes what they read): wait for the previous
+    kernel to finish, then let the next one launch."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -36,7 +63,9 @@ def _round(x, dt: tl.constexpr):
 
 @triton.jit
 def _add_rms_norm_kernel(X, H, G, KEEP, NW, XO, Y, N, eps, stride_x, stride_h, stride_xo, stride_y, stride_g,
-                         ADD: tl.constexpr, GATE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+                         ADD: tl.constexpr, GATE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    _wait_inputs(PDL)
     row = tl.program_id(0)
     dt = Y.dtype.element_ty
     r = tl.arange(0, BLOCK)
@@ -67,12 +96,13 @@ def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, 
         x, h if h is not None else x, gate if gate is not None else x, keep.view(torch.uint8) if keep is not None else x,
         weight, xo, y, d, eps, x.stride(0), h.stride(0) if h is not None else 0, xo.stride(0), y.stride(0),
         1 if gate is not None and gate.numel() > 1 else 0, ADD=h is not None, GATE=gate is not None,
-        MASKED=keep is not None, BLOCK=block, num_warps=_warps(block))
+        MASKED=keep is not None, BLOCK=block, num_warps=_warps(block), **_launch(x))
     return xo, y
 
 
 @triton.jit
-def _silu_mul_kernel(X, Y, N, stride_x, stride_y, BLOCK: tl.constexpr):
+def _silu_mul_kernel(X, Y, N, stride_x, stride_y, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _wait_inputs(PDL)
     row, col = tl.program_id(0), tl.program_id(1)
     dt = Y.dtype.element_ty
     r = col * BLOCK + tl.arange(0, BLOCK)
@@ -88,7 +118,8 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     m, n = x.shape[0], x.shape[1] // 2
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block = min(triton.next_power_of_2(n), 1024)
-    _silu_mul_kernel[(m, triton.cdiv(n, block))](x, y, n, x.stride(0), y.stride(0), BLOCK=block, num_warps=4)
+    _silu_mul_kernel[(m, triton.cdiv(n, block))](x, y, n, x.stride(0), y.stride(0), BLOCK=block, num_warps=4,
+                                                       **_launch(x))
     return y
 
 
@@ -97,10 +128,8 @@ def _warps(block: int) -> int:
 
 
 @triton.jit
-def _rotate(src, c, s, r, ok, HALF: tl.constexpr, dt: tl.constexpr):
-    """x * cos + rotate_half(x) * sin of one head at src, as the two halves, each product rounded as in eager."""
-    x1 = tl.load(src + r, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF + r, mask=ok, other=0.0).to(tl.float32)
+def _rotate(x1, x2, c, s, dt: tl.constexpr):
+    """x * cos + rotate_half(x) * sin of one head given as its two halves, each product rounded as in eager."""
     o1 = _round(_round(x1 * c, dt) + _round(-x2 * s, dt), dt)
     o2 = _round(_round(x2 * c, dt) + _round(x1 * s, dt), dt)
     return o1, o2
@@ -109,38 +138,46 @@ def _rotate(src, c, s, r, ok, HALF: tl.constexpr, dt: tl.constexpr):
 @triton.jit
 def _rope_attention_kernel(QKV, COS, SIN, POS, KC, VC, OUT, H, scale, stride_qkv, stride_cos, stride_kslot,
                            stride_khead, stride_kpos, stride_out, HALF: tl.constexpr, BLOCK: tl.constexpr,
-                           BLOCK_KV: tl.constexpr):
+                           BLOCK_KV: tl.constexpr, PDL: tl.constexpr):
+    _wait_inputs(PDL)
     m, h = tl.program_id(0), tl.program_id(1)
     dt = KC.dtype.element_ty
     d = 2 * HALF
     r = tl.arange(0, BLOCK)
     ok = r < HALF
+    # The loads that do not need the position first: this kernel is a chain of memory round trips.
+    src = QKV + m * stride_qkv + h * d
+    q1 = tl.load(src + r, mask=ok, other=0.0).to(tl.float32)
+    q2 = tl.load(src + HALF + r, mask=ok, other=0.0).to(tl.float32)
+    k1 = tl.load(src + H * d + r, mask=ok, other=0.0).to(tl.float32)
+    k2 = tl.load(src + H * d + HALF + r, mask=ok, other=0.0).to(tl.float32)
+    v1 = tl.load(src + 2 * H * d + r, mask=ok, other=0.0)
+    v2 = tl.load(src + 2 * H * d + HALF + r, mask=ok, other=0.0)
     pos = tl.load(POS + m)
     c = tl.load(COS + pos * stride_cos + r, mask=ok, other=0.0).to(tl.float32)  # both halves hold the same angles
     s = tl.load(SIN + pos * stride_cos + r, mask=ok, other=0.0).to(tl.float32)
-    src = QKV + m * stride_qkv + h * d
-    q1, q2 = _rotate(src, c, s, r, ok, HALF, dt)
-    k1, k2 = _rotate(src + H * d, c, s, r, ok, HALF, dt)
+    q1, q2 = _rotate(q1, q2, c, s, dt)
+    k1, k2 = _rotate(k1, k2, c, s, dt)
     head = KC + m * stride_kslot + h * stride_khead
     vhead = VC + m * stride_kslot + h * stride_khead
     tl.store(head + pos * stride_kpos + r, k1.to(dt), mask=ok)
     tl.store(head + pos * stride_kpos + HALF + r, k2.to(dt), mask=ok)
-    tl.store(vhead + pos * stride_kpos + r, tl.load(src + 2 * H * d + r, mask=ok, other=0.0), mask=ok)
-    tl.store(vhead + pos * stride_kpos + HALF + r, tl.load(src + 2 * H * d + HALF + r, mask=ok, other=0.0), mask=ok)
-    tl.debug_barrier()  # the new key and value, written above, are read back below by other threads
-    # Attention over the keys 0..pos (online softmax, float32; probabilities rounded to the dtype before they
-    # weight the values, as flash attention does).
-    m_i = -float("inf")
-    l_i = 0.0
-    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, pos + 1, BLOCK_KV):
+    tl.store(vhead + pos * stride_kpos + r, v1, mask=ok)
+    tl.store(vhead + pos * stride_kpos + HALF + r, v2, mask=ok)
+    # Attention (online softmax, float32; probabilities rounded to the dtype before they weight the values, as
+    # flash attention does): the new key from registers first, then the cached keys 0..pos-1.
+    m_i = (tl.sum(k1 * q1, axis=0) + tl.sum(k2 * q2, axis=0)) * scale
+    l_i = 1.0
+    acc1, acc2 = v1.to(tl.float32), v2.to(tl.float32)
+    for start in range(0, pos, BLOCK_KV):
         offs = start + tl.arange(0, BLOCK_KV)
-        kv_ok = offs <= pos
+        kv_ok = offs < pos
         tile = offs[:, None] * stride_kpos + r[None, :]
         t_ok = kv_ok[:, None] & ok[None, :]
         kt1 = tl.load(head + tile, mask=t_ok, other=0.0).to(tl.float32)
         kt2 = tl.load(head + HALF + tile, mask=t_ok, other=0.0).to(tl.float32)
+        vt1 = tl.load(vhead + tile, mask=t_ok, other=0.0).to(tl.float32)
+        vt2 = tl.load(vhead + HALF + tile, mask=t_ok, other=0.0).to(tl.float32)
         scores = (tl.sum(kt1 * q1[None, :], axis=1) + tl.sum(kt2 * q2[None, :], axis=1)) * scale
         scores = tl.where(kv_ok, scores, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=0))
@@ -148,8 +185,6 @@ def _rope_attention_kernel(QKV, COS, SIN, POS, KC, VC, OUT, H, scale, stride_qkv
         p = tl.exp(scores - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         p = _round(p, dt)
-        vt1 = tl.load(vhead + tile, mask=t_ok, other=0.0).to(tl.float32)
-        vt2 = tl.load(vhead + HALF + tile, mask=t_ok, other=0.0).to(tl.float32)
         acc1 = acc1 * alpha + tl.sum(p[:, None] * vt1, axis=0)
         acc2 = acc2 * alpha + tl.sum(p[:, None] * vt2, axis=0)
         m_i = m_new
@@ -159,7 +194,8 @@ def _rope_attention_kernel(QKV, COS, SIN, POS, KC, VC, OUT, H, scale, stride_qkv
 
 
 def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int) -> torch.Tensor:
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, block_kv: int | None = None,
+                   warps: int = 4) -> torch.Tensor:
     """One decode step of self-attention: qkv (M, 3*H*Dh) of the new token of each row; cos, sin (max_len, Dh);
     pos (M,) its position; k_cache, v_cache (slots, H, max_len, Dh) of one layer, rows 0..M-1. Rotates q and k,
     writes k and v at pos, attends to positions 0..pos -> (M, H*Dh)."""
@@ -170,45 +206,106 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos:
     _rope_attention_kernel[(m, heads)](
         qkv, cos, sin, pos, k_cache, v_cache, out, heads, d ** -0.5, qkv.stride(0), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), HALF=d // 2,
-        BLOCK=triton.next_power_of_2(d // 2), BLOCK_KV=16 if INTERPRET else 64, num_warps=4)
+        BLOCK=triton.next_power_of_2(d // 2), BLOCK_KV=block_kv or (16 if INTERPRET else 64), num_warps=warps,
+        **_launch(qkv))
     return out
 
 
 @triton.jit
-def _gemv_kernel(X, W, Y, N, K, stride_w, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(X, W, Y, N, K, stride_w,
+                 PART, n_part, NW, eps,  # NORM: X is the residual stream, normalized here
+                 R, PART_OUT, G, KEEP, stride_g,  # RESIDUAL: Y = R + gate * keep * (X @ W.T), with partial sums
+                 SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATE: tl.constexpr,
+                 MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                 PDL: tl.constexpr, PREFETCH):
     dt = Y.dtype.element_ty
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # summed over K in place, reduced once
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    # Launched early (PDL), the first weight tiles head for L2 while the previous kernel finishes.
+    for t in range(0, tl.minimum(PREFETCH, tl.cdiv(K, BLOCK_K))):
+        cols = tl.minimum(t * BLOCK_K + tl.arange(0, BLOCK_K // 64) * 64, K - 1)  # one per 128-byte line
+        lines = tl.minimum(rn, N - 1)[:, None] * stride_w + cols[None, :]
+        _prefetch_l2(W + lines)
+        if SWIGLU:
+            _prefetch_l2(W + N * stride_w + lines)
+    _wait_inputs(PDL)
+    if NORM:  # RMSNorm's statistic from the previous product's partial sums of squares
+        rp = tl.arange(0, BLOCK_P)
+        sumsq = tl.load(PART + rp, mask=rp < n_part, other=0.0)
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(sumsq, axis=0) / K + eps)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
-        x = tl.load(X + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        # the weights' loads are issued first: what follows waits for x, and they need not
         w_mask = n_ok[:, None] & k_ok[None, :]
-        acc += x * tl.load(W + rn[:, None] * stride_w + kk[None, :], mask=w_mask, other=0.0).to(tl.float32)
+        w = tl.load(W + rn[:, None] * stride_w + kk[None, :], mask=w_mask, other=0.0)
         if SWIGLU:  # the up projection's rows follow the gate's N rows
-            acc_up += x * tl.load(W + (rn + N)[:, None] * stride_w + kk[None, :], mask=w_mask, other=0.0).to(tl.float32)
+            w_up = tl.load(W + (rn + N)[:, None] * stride_w + kk[None, :], mask=w_mask, other=0.0)
+        x = tl.load(X + kk, mask=k_ok, other=0.0).to(tl.float32)
+        if NORM:  # weight * normalized x, rounded as eager rounds it
+            x = _round(_round(x * rstd, dt) * tl.load(NW + kk, mask=k_ok, other=0.0).to(tl.float32), dt)
+        x = x[None, :]
+        acc += x * w.to(tl.float32)
+        if SWIGLU:
+            acc_up += x * w_up.to(tl.float32)
     y = _round(tl.sum(acc, axis=1), dt)
     if SWIGLU:  # silu(gate) * up, each rounded as in eager
         y = _round(_round(y / (1.0 + tl.exp(-y)), dt) * _round(tl.sum(acc_up, axis=1), dt), dt)
+    if RESIDUAL:  # the residual add of add_rms_norm, and this block's share of the next norm's sum of squares
+        if GATE:
+            if MASKED:
+                y = tl.where(tl.load(KEEP) != 0, y, 0.0)
+            y = _round(y * tl.load(G + rn * stride_g, mask=n_ok, other=0.0).to(tl.float32), dt)
+        y = _round(tl.load(R + rn, mask=n_ok, other=0.0).to(tl.float32) + y, dt)
+        tl.store(PART_OUT + pid, tl.sum(tl.where(n_ok, y * y, 0.0), axis=0))
     tl.store(Y + rn, y.to(dt), mask=n_ok)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, block_n: int | None = None,
-         block_k: int | None = None, warps: int = 4) -> torch.Tensor:
+class Normed:
+    """The residual stream as a product left it for the next RMSNorm: x (1, K) and its partial sums of squares
+    (one per program). A GEMV given it as input normalizes x itself (kernels.gemv's norm)."""
+
+    def __init__(self, x: torch.Tensor, partials: torch.Tensor):
+        self.x, self.partials = x, partials
+
+
+def gemv(x: torch.Tensor | Normed, weight: torch.Tensor, swiglu: bool = False, norm: tuple | None = None,
+         residual: torch.Tensor | None = None, gate: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+         block_n: int | None = None, block_k: int | None = None, warps: int = 4):
     """One row: x (1, K), weight (N, K) -> x @ weight.T (1, N); with swiglu, weight (2N, K) holds the gate rows then
     the up rows and the result is silu(gate) * up (1, N). At batch 1 this streams the weights faster than cuBLAS
-    (bench/gemv_sweep.py: 4.0 against 3.6 TB/s on an H200) and needs no split-K reduction launch."""
-    k = x.shape[1]
+    (bench/gemv_sweep.py: 4.0 against 3.6 TB/s on an H200) and needs no split-K reduction launch.
+
+    The norms between the products fold into them (one launch fewer each): with norm (weight, eps), x is a Normed
+    and the product is of weight * rms_norm(x.x); with residual (1, N), the result is residual + gate * keep *
+    (x @ weight.T), returned as a Normed for the next product (gate (N,) or (1,), already tanh'd; keep (1,) bool).
+    Both are rounded as add_rms_norm rounds them; only the sum of squares is added in another order."""
+    xin = x.x if isinstance(x, Normed) else x
+    k = xin.shape[1]
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
-    assert x.shape[0] == 1 and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    # 8 rows x 1024 columns per program (4 for the widest and for SwiGLU's two halves): many small programs keep
-    # enough loads in flight; the best blocks of bench/gemv_sweep.py for every idefics-9b matrix.
-    block_n = block_n or (4 if swiglu or n > 16384 else 8)
+    assert xin.shape[0] == 1 and weight.shape[1] == k and xin.stride(1) == 1 and weight.stride(1) == 1
+    assert (norm is not None) == isinstance(x, Normed)
+    y = torch.empty(1, n, dtype=xin.dtype, device=xin.device)
+    # 4 rows x 1024 columns per program (8 for matrices at least twice as tall as wide, as wqkv): many small
+    # programs keep enough loads in flight. The best blocks for every idefics-9b matrix on an H200, timed as a
+    # decode step runs them, one after another (bench/gemv_sweep.py --chain).
+    block_n = block_n or (8 if 2 * k <= n <= 16384 and not swiglu else 4)
     block_k = block_k or min(1024, triton.next_power_of_2(k))
-    _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, y, n, k, weight.stride(0), SWIGLU=swiglu, BLOCK_N=block_n,
-                                             BLOCK_K=block_k, num_warps=warps)
-    return y
+    grid = triton.cdiv(n, block_n)
+    launch = _launch(xin)
+    part_in = x.partials if norm is not None else y
+    part_out = torch.empty(grid, dtype=torch.float32, device=xin.device) if residual is not None else y
+    nw, eps = norm if norm is not None else (y, 0.0)
+    _gemv_kernel[(grid,)](
+        xin, weight, y, n, k, weight.stride(0), part_in, part_in.numel(), nw, eps,
+        residual if residual is not None else y, part_out, gate if gate is not None else y,
+        keep.view(torch.uint8) if keep is not None else y, 1 if gate is not None and gate.numel() > 1 else 0,
+        SWIGLU=swiglu, NORM=norm is not None, RESIDUAL=residual is not None, GATE=gate is not None,
+        MASKED=keep is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_P=triton.next_power_of_2(part_in.numel()) if norm is not None else 1, num_warps=warps,
+        PREFETCH=PREFETCH if launch["PDL"] and xin.dtype == torch.bfloat16 and block_k >= 64 else 0, **launch)
+    return Normed(y, part_out) if residual is not None else y

@@ -5,14 +5,17 @@ as much as the products themselves. Each one does in a single launch what eager 
 - `silu_mul`: SwiGLU's silu(gate) * up;
 - `rope_attention`: rotate q and k of the new token, write k and v into the cache, attend (one program per row
   and head);
-- `gemv`: one row times a weight matrix, with SwiGLU in its epilogue (batch 1).
+- `gemv`: one row times a weight matrix (batch 1), with SwiGLU in its epilogue; it can also take over the
+  residual add (epilogue) and the RMSNorm (prologue) of add_rms_norm, so that a layer is four GEMVs and attention.
 
 Rounding follows eager PyTorch step by step: every intermediate that eager keeps in the model's dtype is rounded to
 it here too (`_round`), so the elementwise results (norms, gates, SwiGLU, RoPE) are the eager ones bit for bit;
-the attention's and the GEMV's float32 sums run in their own order. Runs on CUDA, and on the CPU under
+the attention's and the GEMV's float32 sums run in their own order, as does a folded norm's sum of squares. On
+Hopper the kernels use programmatic dependent launch (below). Runs on CUDA, and on the CPU under
 TRITON_INTERPRET=1 (the tests)."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,9 +30,14 @@ PDL = os.environ.get("IDEFICS_PDL", "1") != "0"
 PREFETCH = 1  # with PDL: a GEMV sends this many tiles of its weights to L2 before it waits (see _gemv_kernel)
 
 
+@functools.cache
+def _hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _launch(t: torch.Tensor) -> dict:
     """The launch options for kernels whose inputs are on t's device."""
-    pdl = PDL and not INTERPRET and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+    pdl = PDL and not INTERPRET and t.is_cuda and _hopper(t.device)
     return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 

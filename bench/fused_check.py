@@ -18,7 +18,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).parent))
 from common import random_model, run_engine, synthetic_prompts, timed  # noqa: E402
 
-from idefics import kernels  # noqa: E402
+from idefics import gemv, kernels  # noqa: E402
 from idefics.config import idefics_9b  # noqa: E402
 from idefics.engine import Engine  # noqa: E402
 
@@ -86,7 +86,7 @@ def check_steps(batches):
                                            ("fused+pdl", True, True, 0), ("fused+pdl+prefetch", True, True, 1),
                                            ("fused+pdl+prefetch 4", True, True, 4),
                                            ("fused+pdl+prefetch 16", True, True, 16)):
-            kernels.PDL, kernels.PREFETCH = pdl, prefetch
+            kernels.PDL, gemv.PREFETCH = pdl, prefetch
             engine = Engine(model, fused=fused)
             engine.reserve(b, 160, 1)
             first = engine.prefill_batch(prompts)
@@ -116,7 +116,7 @@ def check_steps(batches):
             print(f"batch {b}: plain {base[0]:.2f} ms/step, {name} {got[0]:.2f} ms/step ({base[0] / got[0]:.2f}x); "
                   f"logits identical in {same}/32 steps, min cosine {cos:.5f}, top-1 agrees {100 * agree:.1f}%",
                   flush=True)
-        kernels.PDL, kernels.PREFETCH = True, 1
+        kernels.PDL, gemv.PREFETCH = True, 1
 
 
 def check_vision():

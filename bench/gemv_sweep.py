@@ -1,8 +1,8 @@
 """The decoder's matrix-vector products at batch 1 (idefics-9b shapes, bfloat16): cuBLAS against the Triton GEMV of
-kernels.py over its block shapes, each timed as 20 back-to-back products in one CUDA graph (as in a decode step).
+gemv.py over its block shapes, each timed as 20 back-to-back products in one CUDA graph (as in a decode step).
 With --chain: 32 decoder layers' products at batch 1 in one CUDA graph, as a decode step runs them one after
 another, with the norms between them as separate kernels or folded into the products, launched with or without
-programmatic dependent launch and the L2 prefetch, and with other blocks per matrix. kernels.gemv's default
+programmatic dependent launch and the L2 prefetch, and with other blocks per matrix. gemv.gemv's default
 blocks are the best of the chain on an H200.
 
     PYTHONPATH=src python bench/gemv_sweep.py [--chain]
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from common import timed  # noqa: E402
 
-from idefics import kernels  # noqa: E402
+from idefics import gemv, kernels  # noqa: E402
 from idefics.config import idefics_9b  # noqa: E402
 
 
@@ -50,17 +50,17 @@ def chain():
         x, pending = x0, None
         for w in layers:
             x, n = kernels.add_rms_norm(x, pending, nw, 1e-6)
-            pending = kernels.gemv(kernels.gemv(n, w["qkv"])[:, :d].contiguous(), w["wo"])
+            pending = gemv.gemv(gemv.gemv(n, w["qkv"])[:, :d].contiguous(), w["wo"])
             x, n = kernels.add_rms_norm(x, pending, nw, 1e-6)
-            pending = kernels.gemv(kernels.gemv(n, w["w13"], swiglu=True), w["w2"])
+            pending = gemv.gemv(gemv.gemv(n, w["w13"], swiglu=True), w["w2"])
 
     def folded_norms(cfg):
-        x = kernels.Normed(x0, torch.full((512,), float(d) / 512, device=dev))
+        x = gemv.Normed(x0, torch.full((512,), float(d) / 512, device=dev))
         for w in layers:
-            a = kernels.gemv(x, w["qkv"], norm=(nw, 1e-6), **cfg.get("qkv", {}))[:, :d].contiguous()
-            x = kernels.gemv(a, w["wo"], residual=x.x, **cfg.get("wo", {}))
-            h = kernels.gemv(x, w["w13"], swiglu=True, norm=(nw, 1e-6), **cfg.get("w13", {}))
-            x = kernels.gemv(h, w["w2"], residual=x.x, **cfg.get("w2", {}))
+            a = gemv.gemv(x, w["qkv"], norm=(nw, 1e-6), **cfg.get("qkv", {}))[:, :d].contiguous()
+            x = gemv.gemv(a, w["wo"], residual=x.x, **cfg.get("wo", {}))
+            h = gemv.gemv(x, w["w13"], swiglu=True, norm=(nw, 1e-6), **cfg.get("w13", {}))
+            x = gemv.gemv(h, w["w2"], residual=x.x, **cfg.get("w2", {}))
 
     runs = [("separate norms", separate_norms, {}, False, 0), ("separate norms, PDL", separate_norms, {}, True, 0),
             ("folded norms", folded_norms, {}, False, 0), ("folded norms, PDL", folded_norms, {}, True, 0)]
@@ -73,7 +73,7 @@ def chain():
         runs.append((f"folded norms, PDL + prefetch, {name}", folded_norms, cfg, True, 1))
     weight_bytes = sum(t.numel() * t.element_size() for w in layers for t in w.values())
     for name, fn, cfg, pdl, prefetch in runs:
-        kernels.PDL, kernels.PREFETCH = pdl, prefetch
+        kernels.PDL, gemv.PREFETCH = pdl, prefetch
         fn(cfg)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -81,14 +81,15 @@ def chain():
         graph.replay()
         t = min(timed(lambda: [graph.replay() for _ in range(10)])[0] for _ in range(3)) / 10
         print(f"{name}: {t * 1e3:.3f} ms ({weight_bytes / t / 1e12:.2f} TB/s)", flush=True)
-    kernels.PDL, kernels.PREFETCH = True, 1
+    kernels.PDL, gemv.PREFETCH = True, 1
 
 
 @torch.inference_mode()
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--chain", action="store_true")
-    if parser.parse_args().chain:
+    args = parser.parse_args()
+    if args.chain:
         return chain()
     c = idefics_9b()
     d, f = c.hidden_size, c.intermediate_size
@@ -105,13 +106,13 @@ def main():
             if bk > 2 * k:
                 continue
             try:
-                t = graph_time(lambda i: kernels.gemv(x, ws[i], block_n=bn, block_k=bk, warps=w), 4)
+                t = graph_time(lambda i: gemv.gemv(x, ws[i], block_n=bn, block_k=bk, warps=w), 4)
             except Exception as e:  # a shape the compiler rejects
                 print(f"  {name} {bn}x{bk} w{w}: {type(e).__name__}")
                 continue
             if best is None or t < best[0]:
                 best = (t, bn, bk, w)
-        got = kernels.gemv(x, ws[0], block_n=best[1], block_k=best[2], warps=best[3])
+        got = gemv.gemv(x, ws[0], block_n=best[1], block_k=best[2], warps=best[3])
         err = (got.float() - F.linear(x, ws[0]).float()).abs().max().item()
         gb = n * k * 2 / 1e9
         print(f"{name} ({n}x{k}): cuBLAS {1e6 * t_blas:.1f} us ({gb / t_blas / 1e3:.2f} TB/s), "

@@ -12,6 +12,7 @@ from PIL import Image
 import idefics
 from checkpoints import make_checkpoint
 from idefics import kernels
+from idefics.gemv import gemv
 from idefics.engine import Engine, split_batch
 from idefics.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
@@ -104,7 +105,7 @@ def test_gemv_equals_eager(dtype, swiglu):
         expected = F.silu(g) * u
     else:
         expected = y.to(dtype)
-    got = kernels.gemv(x, w, swiglu)
+    got = gemv(x, w, swiglu)
     if dtype == torch.float32:
         assert_same(got, expected, atol=1e-5)
     else:  # the float32 sums' order may move a rounding by one step
@@ -122,16 +123,16 @@ def test_gemv_folds_the_residual_add_and_the_norm(dtype, gated):
     norm = RMSNorm(n, 1e-6).to(dtype)
     norm.weight.data.uniform_(0.5, 1.5)
     gate = dict(gate=torch.tanh(torch.randn(n).to(dtype)), keep=torch.tensor([True])) if gated else {}
-    out = kernels.gemv(h, w1, residual=x, **gate)
-    expected_x, expected_n = kernels.add_rms_norm(x, kernels.gemv(h, w1), norm.weight, norm.eps, **gate)
+    out = gemv(h, w1, residual=x, **gate)
+    expected_x, expected_n = kernels.add_rms_norm(x, gemv(h, w1), norm.weight, norm.eps, **gate)
     assert_same(out.x, expected_x)
     assert torch.allclose(out.partials.sum(), expected_x.float().pow(2).sum(), rtol=1e-5)
-    got = kernels.gemv(out, w2, norm=(norm.weight, norm.eps))
-    expected = kernels.gemv(expected_n, w2)
+    got = gemv(out, w2, norm=(norm.weight, norm.eps))
+    expected = gemv(expected_n, w2)
     tol = 1e-5 if dtype == torch.float32 else 0.01  # a sum of squares in another order may move a rounding
     torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
     if gated:  # a row that sees no image keeps its residual
-        assert_same(kernels.gemv(h, w1, residual=x, gate=gate["gate"], keep=torch.tensor([False])).x, x)
+        assert_same(gemv(h, w1, residual=x, gate=gate["gate"], keep=torch.tensor([False])).x, x)
 
 
 CONFIGS = {
@@ -146,7 +147,7 @@ def image(seed: int) -> Image.Image:
 
 
 @pytest.mark.parametrize("name", [*CONFIGS, "int8"])
-@pytest.mark.parametrize("batch", [1, 3])  # one sequence: the matrix products go through kernels.gemv too
+@pytest.mark.parametrize("batch", [1, 3])  # one sequence: the matrix products go through gemv.py too
 def test_fused_decode_steps_equal_the_plain_engine(tmp_path, name, batch):
     """int8: quantized layers run their own modules inside the fused step."""
     quantize = "int8" if name == "int8" else None

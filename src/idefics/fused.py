@@ -1,8 +1,8 @@
 """The decode step (one new token per sequence) with the elementwise work fused by kernels.py: per decoder layer
 the matrix products and between them three launches (residual add + gate + next norm, SwiGLU, and RoPE + cache
 write + attention in one) instead of some twenty small kernels. The matrix products are the model's own modules
-(cuBLAS, or a quantized kernel), except for a single sequence, where kernels.gemv streams plain weights faster
-and applies SwiGLU itself; there the norms fold into the GEMVs too (the residual add into the product before,
+(cuBLAS, or a quantized kernel), except for a single sequence, where gemv.py streams plain weights faster and
+applies SwiGLU itself; there the norms fold into the GEMVs too (the residual add into the product before,
 the normalization into the one after), leaving four launches per layer besides attention. The same math as
 IdeficsModel.forward for S = 1, rounded the same way."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ from torch import nn
 
 from idefics import kernels
 from idefics.cache import KVCache
+from idefics.gemv import Normed, gemv
 from idefics.model import IdeficsModel
 
 
@@ -21,11 +22,12 @@ def supported(model: IdeficsModel) -> bool:
     return model.config.hidden_act == "silu" and model.norm.weight.dtype in (torch.bfloat16, torch.float32)
 
 
-def _streamable(linear: nn.Linear) -> bool:
-    """A plain weight kernels.gemv can read (a quantized one runs its own module)."""
-    w = linear.weight
-    return type(linear) is nn.Linear and linear.bias is None and type(w) in (torch.Tensor, nn.Parameter) \
-        and w.dtype in (torch.bfloat16, torch.float32) and w.stride(1) == 1
+def _streamed(linear: nn.Module) -> torch.Tensor | None:
+    """The weight gemv reads for this layer, if it is a plain one (quantized layers run their own module)."""
+    w = linear.weight if type(linear) is nn.Linear and linear.bias is None else None
+    if type(w) in (torch.Tensor, nn.Parameter) and w.dtype in (torch.bfloat16, torch.float32) and w.stride(1) == 1:
+        return w
+    return None
 
 
 class FusedDecoder:
@@ -35,7 +37,7 @@ class FusedDecoder:
         self.model = model
         c = model.config
         self.heads, self.head_dim = c.num_attention_heads, c.head_dim
-        self.streamable = {id(mod) for mod in model.modules() if isinstance(mod, nn.Linear) and _streamable(mod)}
+        self.streamed = {id(mod): w for mod in model.modules() if (w := _streamed(mod)) is not None}
         # tanh of the gates once, in the model's dtype, as the reference's tanh(alpha) rounds it
         self.gates = {id(b): (torch.tanh(b.attn_gate.detach()).reshape(-1), torch.tanh(b.mlp_gate.detach()).reshape(-1))
                       for b in model.cross_layers}
@@ -53,29 +55,29 @@ class FusedDecoder:
         sees_image = visible.any(dim=-1)  # (M,)
         kv = iter(image_kv)
         # The residual stream: x, plus the last block's output and its gate and mask, added by the next norm's
-        # kernel. At batch 1 the GEMVs do the add and the norm themselves: x is then a kernels.Normed.
+        # kernel. At batch 1 the GEMVs do the add and the norm themselves: x is then a Normed.
         x, pending, extra = model.embed(ids), None, {}
 
         def streams(linear):
-            return m == 1 and id(linear) in self.streamable
+            return m == 1 and id(linear) in self.streamed
 
         def normed(norm, linear, swiglu=False):
             """linear(norm(x + pending)), SwiGLU'd if asked."""
             nonlocal x, pending, extra
-            if isinstance(x, kernels.Normed) and pending is None and streams(linear):
-                return kernels.gemv(x, linear.weight, swiglu, norm=(norm.weight, norm.eps))
-            x, n = kernels.add_rms_norm(x.x if isinstance(x, kernels.Normed) else x, pending, norm.weight, norm.eps,
+            if isinstance(x, Normed) and pending is None and streams(linear):
+                return gemv(x, self.streamed[id(linear)], swiglu, norm=(norm.weight, norm.eps))
+            x, n = kernels.add_rms_norm(x.x if isinstance(x, Normed) else x, pending, norm.weight, norm.eps,
                                         **extra)
             pending, extra = None, {}
             if streams(linear):
-                return kernels.gemv(n, linear.weight, swiglu)
+                return gemv(n, self.streamed[id(linear)], swiglu)
             return kernels.silu_mul(linear(n)) if swiglu else linear(n)
 
         def add(linear, inp, **gate):
             """x + gate * keep * linear(inp), now or at the next norm."""
             nonlocal x, pending, extra
             if streams(linear):
-                x = kernels.gemv(inp, linear.weight, residual=x.x if isinstance(x, kernels.Normed) else x, **gate)
+                x = gemv(inp, self.streamed[id(linear)], residual=x.x if isinstance(x, Normed) else x, **gate)
             else:
                 pending, extra = linear(inp), gate
 

@@ -29,13 +29,14 @@ PDL = os.environ.get("IDEFICS_PDL", "1") != "0"
 
 
 @functools.cache
-def _hopper(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
+def _pdl_ready(device: torch.device) -> bool:
+    """Hopper or later, and a Triton that launches with PDL (3.4 on)."""
+    return torch.cuda.get_device_capability(device)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait")
 
 
 def _launch(t: torch.Tensor) -> dict:
     """The launch options for kernels whose inputs are on t's device."""
-    pdl = PDL and not INTERPRET and t.is_cuda and _hopper(t.device)
+    pdl = PDL and not INTERPRET and t.is_cuda and _pdl_ready(t.device)
     return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 

@@ -5,9 +5,7 @@ another, with the norms between them as separate kernels or folded into the prod
 programmatic dependent launch and the L2 prefetch, and with other blocks per matrix. gemv.gemv's default
 blocks are the best of the chain on an H200.
 
-With --rows R: the same chain for R sequences, cuBLAS against the row kernel.
-
-    PYTHONPATH=src python bench/gemv_sweep.py [--chain | --rows 8]
+    PYTHONPATH=src python bench/gemv_sweep.py [--chain]
 """
 from __future__ import annotations
 
@@ -87,61 +85,12 @@ def chain():
 
 
 @torch.inference_mode()
-def rows_chain(rows: int):
-    """The chain of 32 layers for a few sequences: cuBLAS products with the norms and SwiGLU as separate kernels
-    (the fused step's way for more than one row before), against gemv's row kernel with the norms folded in, over
-    block shapes (columns x k x pipeline stages x warps, the same for every matrix)."""
-    c = idefics_9b()
-    d, f = c.hidden_size, c.intermediate_size
-    dev, dt = "cuda", torch.bfloat16
-    layers = [{name: torch.randn(n, k, device=dev, dtype=dt) * 0.02
-               for name, (n, k) in (("qkv", (3 * d, d)), ("wo", (d, d)), ("w13", (2 * f, d)), ("w2", (d, f)))}
-              for _ in range(c.num_hidden_layers)]
-    nw = torch.ones(d, device=dev, dtype=dt)
-    x0 = torch.randn(rows, d, device=dev, dtype=dt)
-
-    def cublas(cfg):
-        x, pending = x0, None
-        for w in layers:
-            x, n = kernels.add_rms_norm(x, pending, nw, 1e-6)
-            pending = F.linear(F.linear(n, w["qkv"])[:, :d].contiguous(), w["wo"])
-            x, n = kernels.add_rms_norm(x, pending, nw, 1e-6)
-            pending = F.linear(kernels.silu_mul(F.linear(n, w["w13"])), w["w2"])
-
-    def folded(cfg):
-        x = gemv.Normed(x0, torch.full((rows, 128), float(d) / 128, device=dev))
-        for w in layers:
-            a = gemv.gemv(x, w["qkv"], norm=(nw, 1e-6), **cfg)[:, :d].contiguous()
-            x = gemv.gemv(a, w["wo"], residual=x.x, **cfg)
-            x = gemv.gemv(gemv.gemv(x, w["w13"], swiglu=True, norm=(nw, 1e-6), **cfg), w["w2"], residual=x.x, **cfg)
-
-    runs = [("cuBLAS, separate norms", cublas, {}), ("row kernel, folded norms", folded, {})]
-    for bn, bk, stages, warps in ((16, 256, 3, 4), (64, 256, 3, 4), (32, 128, 4, 4), (32, 512, 3, 4),
-                                  (32, 256, 4, 8), (32, 256, 2, 4), (16, 512, 4, 4), (64, 128, 4, 4)):
-        runs.append((f"row kernel, {bn} x {bk}, {stages} stages, {warps} warps", folded,
-                     dict(block_n=bn, block_k=bk, stages=stages, warps=warps)))
-    weight_bytes = sum(t.numel() * t.element_size() for w in layers for t in w.values())
-    print(f"{torch.cuda.get_device_name()}, {rows} rows")
-    for name, fn, cfg in runs:
-        fn(cfg)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn(cfg)
-        graph.replay()
-        t = min(timed(lambda: [graph.replay() for _ in range(10)])[0] for _ in range(3)) / 10
-        print(f"{name}: {t * 1e3:.3f} ms ({weight_bytes / t / 1e12:.2f} TB/s)", flush=True)
-
-
-@torch.inference_mode()
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--chain", action="store_true")
-    parser.add_argument("--rows", type=int, help="the chain for this many sequences (2 to 8)")
     args = parser.parse_args()
     if args.chain:
         return chain()
-    if args.rows:
-        return rows_chain(args.rows)
     c = idefics_9b()
     d, f = c.hidden_size, c.intermediate_size
     shapes = {"wqkv": (3 * d, d), "wo": (d, d), "w13": (2 * f, d), "w2": (d, f), "lm_head": (c.total_vocab_size, d)}

@@ -13,7 +13,7 @@ from torch import nn
 
 from idefics import kernels
 from idefics.cache import KVCache
-from idefics.gemv import ROWS, Normed, gemv
+from idefics.gemv import Normed, gemv
 from idefics.model import IdeficsModel
 
 
@@ -59,7 +59,7 @@ class FusedDecoder:
         x, pending, extra = model.embed(ids), None, {}
 
         def streams(linear):
-            return m <= ROWS and id(linear) in self.streamed
+            return m == 1 and id(linear) in self.streamed
 
         def normed(norm, linear, swiglu=False):
             """linear(norm(x + pending)), SwiGLU'd if asked."""

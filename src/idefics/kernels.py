@@ -2,7 +2,6 @@
 as much as the products themselves. Each one does in a single launch what eager PyTorch does in several:
 
 - `add_rms_norm`: the residual add (with the cross blocks' tanh gate and per-row image mask) and the next RMSNorm;
-- `add_layer_norm`: the same for the image encoder's LayerNorms (prefill, not decode);
 - `silu_mul`: SwiGLU's silu(gate) * up;
 - `rope_attention`: rotate q and k of the new token, write k and v into the cache, attend (one program per row
   and head);
@@ -99,41 +98,6 @@ def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, 
         1 if gate is not None and gate.numel() > 1 else 0, ADD=h is not None, GATE=gate is not None,
         MASKED=keep is not None, BLOCK=block, num_warps=_warps(block), **_launch(x))
     return xo, y
-
-
-@triton.jit
-def _add_layer_norm_kernel(X, H, NW, NB, XO, Y, N, eps, stride_x, stride_h, stride_xo, stride_y,
-                           ADD: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    dt = Y.dtype.element_ty
-    r = tl.arange(0, BLOCK)
-    ok = r < N
-    x = tl.load(X + row * stride_x + r, mask=ok, other=0.0).to(tl.float32)
-    if ADD:
-        x = _round(x + tl.load(H + row * stride_h + r, mask=ok, other=0.0).to(tl.float32), dt)
-        tl.store(XO + row * stride_xo + r, x.to(dt), mask=ok)
-    mean = tl.sum(x, axis=0) / N
-    centered = tl.where(ok, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(centered * centered, axis=0) / N + eps)
-    w = tl.load(NW + r, mask=ok, other=0.0).to(tl.float32)
-    b = tl.load(NB + r, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + r, (centered * rstd * w + b).to(dt), mask=ok)
-
-
-def add_layer_norm(x: torch.Tensor, h: torch.Tensor | None, norm: torch.nn.LayerNorm):
-    """x, h (..., D) -> (x', norm(x')) with x' = x + h (x' = x without h): the image encoder's residual add and the
-    LayerNorm after it in one pass (eager LayerNorm's float32 formula, its statistics summed in another order)."""
-    d = x.shape[-1]
-    x2 = x.reshape(-1, d)
-    h2 = h.reshape(-1, d) if h is not None else x2
-    assert x2.stride(-1) == 1 and h2.stride(-1) == 1
-    xo = torch.empty_like(x2) if h is not None else x2
-    y = torch.empty_like(x2)
-    block = triton.next_power_of_2(d)
-    _add_layer_norm_kernel[(x2.shape[0],)](
-        x2, h2, norm.weight, norm.bias, xo, y, d, norm.eps, x2.stride(0), h2.stride(0), xo.stride(0), y.stride(0),
-        ADD=h is not None, BLOCK=block, num_warps=_warps(block))
-    return xo.view(x.shape), y.view(x.shape)
 
 
 @triton.jit

@@ -1,8 +1,6 @@
 """Small building blocks shared by the vision tower, the perceiver and the decoder."""
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 
 import torch
@@ -29,24 +27,6 @@ def activation(name: str):
         return ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"unsupported activation '{name}' (known: {', '.join(ACTIVATIONS)})") from None
-
-
-@functools.cache
-def _triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def add_norm(x: torch.Tensor, h: torch.Tensor | None, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + h, norm(x + h)), or (x, norm(x)) without h. On CUDA, one Triton kernel reads and writes each once
-    (kernels.add_layer_norm); elsewhere, and under torch.compile, the eager operations."""
-    if (x.is_cuda and x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float32) and norm.weight.dtype == x.dtype
-            and norm.bias is not None and _triton() and not torch.compiler.is_compiling()
-            and (h is None or (h.is_contiguous() and h.dtype == x.dtype))):
-        from idefics import kernels
-
-        return kernels.add_layer_norm(x, h, norm)
-    x = x if h is None else x + h
-    return x, norm(x)
 
 
 class RMSNorm(nn.Module):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from idefics.config import PerceiverConfig
-from idefics.layers import add_norm, merge_heads, split_heads
+from idefics.layers import merge_heads, split_heads
 
 
 class PerceiverAttention(nn.Module):
@@ -25,8 +25,7 @@ class PerceiverAttention(nn.Module):
 
     def forward(self, context: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """context (N, T, D), latents (N, L, D) -> (N, L, D). Keys are the context and the latents together."""
-        context = add_norm(context, None, self.context_norm)[1]
-        latents = add_norm(latents, None, self.latents_norm)[1]
+        context, latents = self.context_norm(context), self.latents_norm(latents)
         q = split_heads(self.wq(latents), self.head_dim)  # (N, H, L, Dh)
         k, v = (split_heads(t, self.head_dim) for t in self.wkv(torch.cat([context, latents], 1)).chunk(2, -1))
         if self.qk_norms:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from idefics.config import VisionConfig
-from idefics.layers import activation, add_norm, merge_heads, split_heads
+from idefics.layers import activation, merge_heads, split_heads
 
 
 class VisionBlock(nn.Module):
@@ -22,19 +22,11 @@ class VisionBlock(nn.Module):
         self.fc2 = nn.Linear(c.intermediate_size, d)
         self.act = activation(c.hidden_act)
 
-    def attend(self, n: torch.Tensor) -> torch.Tensor:
-        """n = norm1(x) -> what the attention adds to x."""
-        q, k, v = self.wqkv(n).chunk(3, dim=-1)  # (N, T, D) each
-        q, k, v = (split_heads(t, self.head_dim) for t in (q, k, v))
-        return self.wo(merge_heads(F.scaled_dot_product_attention(q, k, v)))
-
-    def feed(self, n: torch.Tensor) -> torch.Tensor:
-        """n = norm2(x) -> what the MLP adds to x."""
-        return self.fc2(self.act(self.fc1(n)))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attend(self.norm1(x))
-        return x + self.feed(self.norm2(x))
+        q, k, v = self.wqkv(self.norm1(x)).chunk(3, dim=-1)  # (N, T, D) each
+        q, k, v = (split_heads(t, self.head_dim) for t in (q, k, v))
+        x = x + self.wo(merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
 class VisionTower(nn.Module):
@@ -54,11 +46,7 @@ class VisionTower(nn.Module):
         """pixels (N, C, H, W) -> hidden states of the last layer (N, 1 + num_patches, D), no final norm."""
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (N, P, D)
         x = torch.cat([self.class_embed.expand(x.shape[0], 1, -1), x], dim=1) + self.pos_embed
-        x = add_norm(x, None, self.pre_norm)[1]
-        # Each block's forward, with its last residual add joined to the next block's first norm (add_norm).
-        added = None
+        x = self.pre_norm(x)
         for layer in self.layers:
-            x, n = add_norm(x, added, layer.norm1)
-            x, n = add_norm(x, layer.attend(n), layer.norm2)
-            added = layer.feed(n)
-        return x + added if added is not None else x
+            x = layer(x)
+        return x

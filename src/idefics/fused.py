@@ -76,6 +76,7 @@ class FusedDecoder:
         def add(linear, inp, **gate):
             """x + gate * keep * linear(inp), now or at the next norm."""
             nonlocal x, pending, extra
+            assert pending is None  # every add follows a norm, which took the last one in
             if streams(linear):
                 x = gemv(inp, self.streamed[id(linear)], residual=x.x if isinstance(x, Normed) else x, **gate)
             else:

@@ -65,10 +65,6 @@ def check_kernels():
     ref = ref.transpose(1, 2).reshape(4, -1)
     print(f"rope_attention: k written {ulps(k, qk[:, 0, h:])}, output against SDPA {ulps(out, ref)}, "
           f"cosine {F.cosine_similarity(out.float(), ref.float(), dim=-1).min().item():.6f}")
-    one = torch.tensor([150], device=dev)
-    for bkv, w in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8)):
-        t = do_bench(lambda: kernels.rope_attention(qkv[:1], cos[0, :, 0], sin[0, :, 0], one, kc, vc, h, bkv, w))
-        print(f"rope_attention (1 row at 150, {bkv} keys a block, {w} warps): {t * 1e3:.1f} us")
     for name, fn in (("add_rms_norm", lambda: kernels.add_rms_norm(x[:1], r[:1], norm.weight, 1e-6)),
                      ("eager add + rms_norm", lambda: norm(x[:1] + r[:1])),
                      ("silu_mul", lambda: kernels.silu_mul(gu[:1])), ("eager silu * up", lambda: F.silu(g[:1]) * u[:1])):

@@ -130,10 +130,10 @@ class Generator:
                 scores = rules.process(logits.to(torch.float32, copy=True), lambda: [r.prompt_ids + r.tokens for r in active],
                                        [len(r.tokens) for r in active])
                 next_tokens = choose(scores, o, generator)
-                tokens = _host_copy(next_tokens)
+                read = _host_copy(next_tokens)
                 if ahead:
                     logits = engine.decode(next_tokens)
-                tokens = tokens()
+                tokens = read()
                 done = []
                 for slot, (i, t) in enumerate(zip(running, tokens)):
                     r = rows[i]

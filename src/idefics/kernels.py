@@ -9,9 +9,8 @@ as much as the products themselves. Each one does in a single launch what eager 
 
 Rounding follows eager PyTorch step by step: every intermediate that eager keeps in the model's dtype is rounded to
 it here too (`_round`), so the elementwise results (norms, gates, SwiGLU, RoPE) are the eager ones bit for bit;
-the attention's float32 sums run in their own order. On
-Hopper the kernels use programmatic dependent launch (below). Runs on CUDA, and on the CPU under
-TRITON_INTERPRET=1 (the tests)."""
+the attention's float32 sums run in their own order. On Hopper the kernels use programmatic dependent launch
+(below). Runs on CUDA, and on the CPU under TRITON_INTERPRET=1 (the tests)."""
 from __future__ import annotations
 
 import functools
@@ -194,8 +193,7 @@ def _rope_attention_kernel(QKV, COS, SIN, POS, KC, VC, OUT, H, scale, stride_qkv
 
 
 def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, block_kv: int | None = None,
-                   warps: int = 4) -> torch.Tensor:
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int) -> torch.Tensor:
     """One decode step of self-attention: qkv (M, 3*H*Dh) of the new token of each row; cos, sin (max_len, Dh);
     pos (M,) its position; k_cache, v_cache (slots, H, max_len, Dh) of one layer, rows 0..M-1. Rotates q and k,
     writes k and v at pos, attends to positions 0..pos -> (M, H*Dh)."""
@@ -206,6 +204,6 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos:
     _rope_attention_kernel[(m, heads)](
         qkv, cos, sin, pos, k_cache, v_cache, out, heads, d ** -0.5, qkv.stride(0), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), HALF=d // 2,
-        BLOCK=triton.next_power_of_2(d // 2), BLOCK_KV=block_kv or (16 if INTERPRET else 64), num_warps=warps,
+        BLOCK=triton.next_power_of_2(d // 2), BLOCK_KV=16 if INTERPRET else 64, num_warps=4,
         **_launch(qkv))
     return out

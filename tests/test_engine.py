@@ -59,14 +59,42 @@ def test_sequences_join_and_leave_between_steps(model, prompts):
     order.append(2)
     while len(got[0]) < 8:
         step()
-    engine.release(0, 1)  # the first leaves; the others move down a slot
+    engine.release(0, 1)  # the first leaves; the others keep their slots
     order.remove(0)
     while len(got[1]) < 8:
         step()
-    engine.release(0, 1)
+    engine.release(1, 1)
     order.remove(1)
     while len(got[2]) < 8:
         step()
+    assert [got[i] for i in range(3)] == expected
+
+
+def test_a_release_moves_no_other_sequence_and_a_hole_is_refilled(model, prompts):
+    engine = Engine(model.model)
+    expected = [alone(engine, p, 6) for p in prompts]
+    engine.reserve(3, 64, 2)
+    first = engine.prefill_batch(prompts).argmax(-1).tolist()
+    got = {i: [t] for i, t in enumerate(first)}
+    logits = engine.decode(torch.tensor(first))
+    for i, row in enumerate(logits):
+        got[i].append(int(row.argmax()))
+    kept = engine.cache.k[:, 1:].clone(), engine.images.k[:, 1:].clone()
+    engine.release(0, 1)
+    assert torch.equal(engine.cache.k[:, 1:], kept[0]) and torch.equal(engine.images.k[:, 1:], kept[1])
+    assert engine.free_slots(1) == [0]
+    while len(got[1]) < 4:  # slots 1 and 2 run on with a hole below them
+        for i, row in zip((1, 2), engine.decode(torch.tensor([got[1][-1], got[2][-1]]))):
+            got[i].append(int(row.argmax()))
+    got[0] = [int(engine.prefill(prompts[0]).argmax())]  # into the hole
+    assert engine.free_slots(1) is None
+    while len(got[0]) < 6:
+        live = [i for i in (0, 1, 2) if len(got[i]) < 6]
+        for i, row in zip(live, engine.decode(torch.tensor([got[i][-1] for i in live]), live)):
+            got[i].append(int(row.argmax()))
+        for i in (1, 2):
+            if len(got[i]) == 6 and i in engine.host_lengths:
+                engine.release(i)
     assert [got[i] for i in range(3)] == expected
 
 

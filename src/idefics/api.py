@@ -10,8 +10,9 @@ import torch
 from idefics import tasks
 from idefics.chat import Conversation
 from idefics.config import IdeficsConfig
+from idefics.beam import beam_search
 from idefics.engine import Engine, split_batch
-from idefics.generate import Completion, Generator, TextStream
+from idefics.generate import Completion, completion
 from idefics.errors import IdeficsError
 from idefics.hub import resolve
 from idefics.images import ImageTransform, load_image
@@ -19,7 +20,9 @@ from idefics.inputs import full_logits
 from idefics.model import IdeficsModel
 from idefics.processor import Processor, as_batch
 from idefics.quantize import METHODS, while_loading
-from idefics.sampling import GenerationOptions, StopStrings
+from idefics.loop import Busy, EngineLoop
+from idefics.sampling import GenerationOptions
+from idefics.scheduler import Request, Scheduler
 from idefics.scoring import rank
 from idefics.tokenizer import Tokenizer
 from idefics.weights import build_meta, load_weights, read_tensors, weight_files
@@ -62,7 +65,9 @@ class Idefics:
         self.quantize = quantize
         # Layers that CUDA graphs cannot capture (int8's outlier search syncs with the host) decode eagerly.
         self.engine = Engine(model, graphs=False if quantize and not METHODS[quantize].graphs else None)
-        self.generator = Generator(self.engine, tokenizer)
+        self.scheduler = Scheduler(self.engine, tokenizer)
+        # One thread runs the model; every call, from any thread, goes through it.
+        self.loop = EngineLoop(self.scheduler)
 
     @property
     def config(self) -> IdeficsConfig:
@@ -83,32 +88,65 @@ class Idefics:
 
     def logits(self, prompts, **options) -> torch.Tensor:
         """(B, S, V) float32 logits at every position of the processed prompts (padding positions included)."""
-        return full_logits(self.model, self.process(prompts, **options)).float()
+        batch = self.process(prompts, **options)
+        return self.loop.call(lambda: full_logits(self.model, batch).float())
+
+    def requests(self, prompts, *, add_end_of_utterance_token: bool = False, logprobs: int | None = None,
+                 **options) -> list[Request]:
+        """Prompts -> checked requests for the scheduler (an error names the failing prompt; nothing is queued)."""
+        o = GenerationOptions.make(**options)
+        batch = self.process(prompts, add_end_of_utterance_token=add_end_of_utterance_token)
+        context = self.config.max_position_embeddings
+        return [Request.make(p, o, self.tokenizer, context, logprobs=logprobs, where=f"prompt {i}")
+                for i, p in enumerate(split_batch(batch))]
 
     def generate(self, prompts, *, include_prompt: bool = False, add_end_of_utterance_token: bool = False,
                  **options) -> list[Completion]:
         """Continue each prompt. Options: max_new_tokens, min_new_tokens, max_length, do_sample, temperature,
         top_k, top_p, repetition_penalty, num_beams, length_penalty, early_stopping, eos_token_id, stop, seed,
-        banned_token_ids. <image> and <fake_token_around_image> are never generated unless you say otherwise."""
-        o = GenerationOptions.make(**options)
-        batch = self.process(prompts, add_end_of_utterance_token=add_end_of_utterance_token)
-        return self.generator.completions(split_batch(batch), o, include_prompt)
+        banned_token_ids. <image> and <fake_token_around_image> are never generated unless you say otherwise.
+        Safe to call from several threads at once: concurrent calls share the running batch."""
+        requests = self.requests(prompts, add_end_of_utterance_token=add_end_of_utterance_token, **options)
+        if requests[0].options.num_beams > 1:
+            self._beams(requests)
+        else:
+            for r, sink in zip(requests, self.loop.submit(requests)):
+                for _ in self.loop.outputs(sink, r.id):
+                    pass
+        return [completion(self.tokenizer, r, include_prompt) for r in requests]
 
     def stream(self, prompt, *, add_end_of_utterance_token: bool = False, **options) -> Iterator[str]:
         """Yield the continuation of one prompt as text pieces, as tokens are decoded (never a broken character).
         The pieces join to generate()'s text: text that may begin a stop string waits until it is known not to.
-        With beam search the text comes at the end, once the best beam is known."""
-        o = GenerationOptions.make(**options)
-        batch = self.process([as_batch(prompt)[0]], add_end_of_utterance_token=add_end_of_utterance_token)
-        rows, steps = self.generator.start(split_batch(batch), o)
-        text = TextStream(self.tokenizer, StopStrings(o.stop))
-        for _, token in steps:
-            if token is None:
-                if rest := text.end(self.generator.completion(rows[0]).text):
-                    yield rest
-                return
-            if piece := text.push(token):
-                yield piece
+        With beam search the text comes at the end, once the best beam is known. Closing the iterator early ends
+        the request; streams of several threads run side by side."""
+        [r] = self.requests([as_batch(prompt)[0]], add_end_of_utterance_token=add_end_of_utterance_token, **options)
+        if r.options.num_beams > 1:
+            self._beams([r])
+            if text := completion(self.tokenizer, r).text:
+                yield text
+            return
+        [sink] = self.loop.submit([r])
+        for o in self.loop.outputs(sink, r.id):
+            if o.text:
+                yield o.text
+
+    def _beams(self, requests: list[Request]):
+        """Beam search on the engine thread, in slots beside the running batch, or once it has drained."""
+        e, o = self.engine, requests[0].options
+        slots = len(requests) * o.num_beams
+        max_len = max(r.prompt.ids.shape[0] + r.budget for r in requests)
+        images = max(r.prompt.pixels.shape[0] for r in requests)
+
+        def run():
+            if e.max_len < max_len or e.max_images < images or e.free_slots(slots, consecutive=True) is None:
+                if e.active:
+                    raise Busy
+                e.reserve(max(slots, e.slots), max_len, images)
+            for _ in beam_search(e, requests, o):
+                pass
+
+        self.loop.call(run)
 
     # The guide's tasks. Each takes one image (-> one result) or a list of images (-> a list of results, run as
     # one batch); options override the task's defaults (tasks.DEFAULTS) and go to generate().
@@ -151,7 +189,8 @@ class Idefics:
         images, single = tasks.as_images(image)
         # Each image appears once per label: load it once.
         images = [self._load(x, "image" if single else f"image {i}") for i, x in enumerate(images)]
-        ranked = rank(self, [tasks.classify(im, labels) for im in images], labels)
+        prompts = [tasks.classify(im, labels) for im in images]
+        ranked = self.loop.call(lambda: rank(self, prompts, labels))
         return ranked[0] if single else ranked
 
     def chat(self, **options) -> Conversation:

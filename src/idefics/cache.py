@@ -1,7 +1,7 @@
 """Preallocated caches: self-attention keys/values per slot, and each slot's cross-attention keys/values.
 
-Active sequences always occupy the slots [0, n): a leaving sequence's slot is refilled by moving the last one
-down, so a decode step works on plain views and never gathers the cache."""
+A sequence keeps its slot from prefill to release; a decode step runs the slots [0, m) on plain views and never
+gathers the cache."""
 from __future__ import annotations
 
 import torch
@@ -39,10 +39,10 @@ class KVCache:
         self.k[:, dst] = self.k[:, src]
         self.v[:, dst] = self.v[:, src]
 
-    def reorder(self, rows: slice, order: torch.Tensor):
-        """Beam search: rows[i] takes the cache of rows[order[i]]."""
-        self.k[:, rows] = self.k[:, rows][:, order]
-        self.v[:, rows] = self.v[:, rows][:, order]
+    def reorder(self, slots: torch.Tensor, sources: torch.Tensor):
+        """Beam search: slots[i] takes the cache of sources[i] (both (n,) slot indices)."""
+        self.k[:, slots] = self.k[:, sources]
+        self.v[:, slots] = self.v[:, sources]
 
 
 class ImageKV:

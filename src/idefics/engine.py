@@ -1,20 +1,18 @@
-"""The inference engine: slots holding running sequences, image encoding once per image, prefill and decode.
+"""The inference engine, a runner: prefill prompts into slots, decode steps over slots, release slots.
 
 Each sequence (or each beam of one) owns a slot: a row of the self-attention cache and of the cross-attention
-keys/values. Active slots are always [0, n), so one decode step runs every active sequence with plain views.
-Sequences join (prefill) and leave (release) between steps: this is the continuous batching core."""
+keys/values. Sequences join (prefill) and leave (release) between steps, and a slot keeps its row for the
+sequence's whole life: a release moves no other sequence's cache. A step runs the slots [0, m) for the smallest
+captured bucket m above the highest slot it needs; free slots in between compute on whatever they hold and are
+ignored. New sequences take the lowest free slots, so holes fill first. Who runs is the scheduler's decision."""
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from idefics.cache import ImageKV, KVCache
+from idefics.encoder import ImageEncoder
 from idefics.graphs import Graphs, slot_bucket
 from idefics.layers import rope_cos_sin
 from idefics.model import IdeficsModel
@@ -39,65 +37,6 @@ def split_batch(batch: dict[str, torch.Tensor]) -> list[Prompt]:
         n = int(used.nonzero().max()) + 1 if used.any() else 0
         prompts.append(Prompt(ids[keep], pixels[:n], iam[keep][:, :n]))
     return prompts
-
-
-SMALL_IMAGE_BATCH = 8
-
-
-@functools.cache
-def _hash_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="idefics-image-hash")
-
-
-class ImageEncoder:
-    """Vision tower + perceiver, batched, with a bounded cache keyed by the image's pixel content."""
-
-    def __init__(self, model: IdeficsModel, capacity: int = 256, batch_size: int = 64, graphs: Graphs | None = None):
-        self.model = model
-        self.capacity = capacity
-        self.batch_size = batch_size
-        self.cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-        self.graphs = graphs
-        self.pixels: torch.Tensor | None = None  # static input of the captured encoders
-
-    @staticmethod
-    def key(pixels: torch.Tensor) -> bytes:
-        """pixels: one contiguous image on the CPU. hashlib reads the buffer in place and lets go of the GIL."""
-        return hashlib.blake2b(memoryview(pixels.numpy()).cast("B"), digest_size=16).digest()
-
-    @torch.inference_mode()
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (N, 3, H, W) -> features (N, T_img, D_img), encoding only images not seen recently."""
-        pixels = pixels.detach().cpu().contiguous()
-        keys = list(_hash_pool().map(self.key, pixels)) if len(pixels) > 1 else [self.key(p) for p in pixels]
-        todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
-        first = {k: keys.index(k) for k in todo}
-        w = self.model.embed.weight
-        for i in range(0, len(todo), self.batch_size):
-            chunk = todo[i : i + self.batch_size]
-            x = pixels[[first[k] for k in chunk]].to(device=w.device).to(w.dtype)
-            for k, f in zip(chunk, self._encode(x)):
-                self.cache[k] = f.clone()
-        out = [self.cache[k] for k in keys]
-        for k in keys:
-            self.cache.move_to_end(k)
-        while len(self.cache) > self.capacity:
-            self.cache.popitem(last=False)
-        if not out:
-            c = self.model.config
-            return torch.zeros(0, c.image_seq_len, c.image_dim, dtype=w.dtype, device=w.device)
-        return torch.stack(out)
-
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        """A few images (the latency case) through a captured graph; larger batches keep the GPU busy anyway."""
-        n = x.shape[0]
-        if self.graphs is None or n > SMALL_IMAGE_BATCH:
-            return self.model.encode_images(x)
-        if self.pixels is None:
-            self.pixels = torch.zeros(SMALL_IMAGE_BATCH, *x.shape[1:], dtype=x.dtype, device=x.device)
-        m = 1 << (n - 1).bit_length()  # power-of-two bucket
-        self.pixels[:n] = x
-        return self.graphs.run(("encode", m), lambda: self.model.encode_images(self.pixels[:m]))[:n]
 
 
 KV_BUCKET = 64  # decode attends to the cache in multiples of this many positions (fewer bytes than a fixed length)
@@ -141,30 +80,62 @@ class Engine:
             self.step_fn = torch.compile(model, fullgraph=True, dynamic=False)
         self.cache: KVCache | None = None
         self.images: ImageKV | None = None
-        self.active = 0
-        self.host_lengths: list[int] = []  # tokens in the cache per active slot, known without a device sync
+        self.host_lengths: dict[int, int] = {}  # tokens in the cache of each live slot, known without a device sync
+        self._index: dict[tuple[int, ...], torch.Tensor] = {}  # slot lists as device tensors, made once each
 
     @property
     def device(self) -> torch.device:
         return self.model.embed.weight.device
 
+    @property
+    def slots(self) -> int:
+        """Slots reserved."""
+        return 0 if self.cache is None else self.cache.k.shape[1]
+
+    @property
+    def active(self) -> int:
+        """Live slots."""
+        return len(self.host_lengths)
+
+    @property
+    def max_len(self) -> int:
+        return 0 if self.cache is None else self.cache.max_len
+
+    @property
+    def max_images(self) -> int:
+        return 0 if self.images is None else self.images.max_tokens // self.model.config.image_seq_len
+
+    def free_slots(self, count: int | None = None, consecutive: bool = False) -> list[int] | None:
+        """The lowest `count` free slots (a run of consecutive ones if asked), or None if there are not enough;
+        all free slots if no count is given."""
+        free = [s for s in range(self.slots) if s not in self.host_lengths]
+        if count is None:
+            return free
+        if not consecutive:
+            return free[:count] if len(free) >= count else None
+        for i in range(len(free) - count + 1):
+            if free[i + count - 1] - free[i] == count - 1:
+                return free[i : i + count]
+        return None
+
     def reserve(self, slots: int, max_len: int, max_images: int):
         """Make room for `slots` sequences of up to `max_len` tokens and `max_images` images each. Only grows;
-        must be called while no sequence is active."""
-        assert self.active == 0, "reserve() with sequences running"
+        must be called while no sequence is live (the buffers are reallocated, and the captured graphs with them)."""
+        assert not self.host_lengths, "reserve() with sequences running"
         c, w = self.model.config, self.model.embed.weight
         if self.graphs is not None:
             slots = slot_bucket(slots, 1 << 30)  # a captured step runs a whole bucket of slots
             max_len = _round_up(max_len, KV_BUCKET)
         tokens = max(max_images, 1) * c.image_seq_len
-        if self.cache is not None and self.cache.k.shape[1] >= slots and self.cache.max_len >= max_len \
+        if self.cache is not None and self.slots >= slots and self.cache.max_len >= max_len \
                 and self.images.max_tokens >= tokens:
             return
         if self.cache is not None:
-            slots = max(slots, self.cache.k.shape[1])
+            slots = max(slots, self.slots)
             max_len = max(max_len, self.cache.max_len)
             tokens = max(tokens, self.images.max_tokens)
         self.cache = self.images = None  # free the old buffers before allocating the new ones
+        self._index.clear()
         if self.graphs is not None:  # the captured graphs point at the old buffers: start a new pool
             self.graphs = self.encoder.graphs = Graphs()
         dev, dt = w.device, w.dtype
@@ -182,16 +153,41 @@ class Engine:
         cos, sin = rope_cos_sin(torch.arange(max_len, device=dev)[None], self.model.inv_freq, dt)
         self.cos, self.sin = cos[0, :, 0], sin[0, :, 0]  # (max_len, Dh): the fused step's RoPE table
 
+    def warmup(self):
+        """Capture the decode step for every slot bucket now, so that no request waits for a capture."""
+        if self.graphs is None or self.fused is None or self.cache is None:
+            return  # the plain step's graphs are keyed by attention length too: they are captured as they come
+        for m in sorted({slot_bucket(n, self.slots) for n in range(1, self.slots + 1)}):
+            self.graphs.run(("decode", m, 0), lambda m=m: self._decode_step(m, 0))
+
+    def index(self, slots: list[int]) -> torch.Tensor:
+        """A list of slots as a device tensor, copied once per distinct list (a running batch keeps its list for many
+        steps). The copy goes through pinned memory so that it does not wait for the device's queue."""
+        key = tuple(slots)
+        if key not in self._index:
+            if len(self._index) > 4096:
+                self._index.clear()
+            host = torch.tensor(key, dtype=torch.long)
+            self._index[key] = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
+                else host
+        return self._index[key]
+
     def prefill(self, prompt: Prompt, copies: int = 1) -> torch.Tensor:
         """One prompt -> its next-token logits (V,); see prefill_batch."""
         return self.prefill_batch([prompt], copies)[0]
 
     @torch.inference_mode()
-    def prefill_batch(self, prompts: list[Prompt], copies: int = 1) -> torch.Tensor:
-        """Run prompts into the next free slots, each copied to `copies` consecutive slots (beams), in one batch
-        -> each prompt's next-token logits (B, V)."""
-        b, first = len(prompts), self.active
-        assert first + b * copies <= self.cache.k.shape[1], "not enough slots reserved"
+    def prefill_batch(self, prompts: list[Prompt], copies: int = 1, slots: list[int] | None = None) -> torch.Tensor:
+        """Run prompts into slots, each copied to `copies` consecutive slots (beams), in one batch -> each prompt's
+        next-token logits (B, V). slots: the first slot of each prompt; default the lowest free ones."""
+        b = len(prompts)
+        if slots is None:
+            run = self.free_slots(b * copies, consecutive=copies > 1)
+            assert run is not None, "not enough slots reserved"
+            slots = run[::copies] if copies > 1 else run
+        assert len(slots) == b and all(s + copies <= self.slots for s in slots), "not enough slots reserved"
+        taken = [s + j for s in slots for j in range(copies)]
+        assert not any(s in self.host_lengths for s in taken), "prefill into a live slot"
         t_img = self.model.config.image_seq_len
         lens = [p.ids.shape[0] for p in prompts]
         n_images = [p.pixels.shape[0] for p in prompts]
@@ -207,28 +203,29 @@ class Engine:
         self.pf_ids[:b, :s] = ids.to(self.device)
         self.pf_image_mask[:b, :s, :t] = image_mask.to(self.device).repeat_interleave(t_img, -1)
         self.pf_last[:b] = torch.tensor(lens, device=self.device) - 1
+        self.pf_slots[:b] = self.index(slots)
+        taken_index = self.index(taken)
         feats = self.encoder(torch.cat([p.pixels for p in prompts]))  # (sum N, T, D)
         self.pf_feats[:b, :t] = 0
         offset = 0
         for i, n in enumerate(n_images):
             self.pf_feats[i, : n * t_img] = feats[offset : offset + n].flatten(0, 1)
             offset += n
-        slots = torch.arange(b, device=self.device) * copies + first
-        self.pf_slots[:b] = slots
         if self.graphs is not None and b == 1:
             logits, kv = self.graphs.run(("prefill", s, t), lambda: self._prefill_step(1, s, t))
         else:
             logits, kv = self._prefill_step(b, s, t)
         # Generated tokens attend to what the last prompt token attends to (its latest image).
         visible = self.pf_image_mask[torch.arange(b, device=self.device), self.pf_last[:b], :t]
-        self.images.set(slice(first, first + b * copies, copies), kv, visible)
-        for i in range(b):
+        self.images.set(self.pf_slots[:b], kv, visible)
+        for slot in slots:
             for extra in range(1, copies):
-                self.cache.copy_slot(first + i * copies, first + i * copies + extra)
-                self.images.copy_slot(first + i * copies, first + i * copies + extra)
-        self.lengths[first : first + b * copies] = (self.pf_last[:b] + 1).repeat_interleave(copies)
-        self.host_lengths += [n for n in lens for _ in range(copies)]
-        self.active += b * copies
+                self.cache.copy_slot(slot, slot + extra)
+                self.images.copy_slot(slot, slot + extra)
+        self.lengths[taken_index] = (self.pf_last[:b] + 1).repeat_interleave(copies)
+        for slot, n in zip(slots, lens):
+            for j in range(copies):
+                self.host_lengths[slot + j] = n
         return logits[:b].clone()
 
     def _prefill_step(self, b: int, s: int, t: int):
@@ -243,22 +240,36 @@ class Engine:
         return logits[:, 0], kv
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (n,) for the active slots [0, n) -> next-token logits (n, V). A captured step runs a bucket
-        of slots; the extra rows compute on idle slots and are ignored."""
-        n = self.active
-        self.tokens[:n] = tokens.to(self.device)
-        kv_len = max(self.host_lengths) + 1
+    def decode(self, tokens: torch.Tensor, slots: list[int] | None = None) -> torch.Tensor:
+        """tokens (n,) for the live slots `slots` (default: all live slots, lowest first) -> their next-token logits
+        (n, V), in that order. Other slots below the step's bucket compute on what they hold and are ignored: their
+        lengths stay, so what they write lands past their tokens and is overwritten by their next real step."""
+        if slots is None:
+            slots = sorted(self.host_lengths)
+        n = len(slots)
+        dense = slots == list(range(n))  # the usual case: plain views, no gather
+        idx = None if dense else self.index(slots)
+        if dense:
+            self.tokens[:n] = tokens.to(self.device)
+        else:
+            self.tokens[idx] = tokens.to(self.device)
+        top = slots[-1] + 1 if dense else max(slots) + 1
+        kv_len = max(self.host_lengths[s] for s in slots) + 1
         if self.graphs is None:
-            logits = self._decode_step(n, kv_len)
+            logits = self._decode_step(top, kv_len)
         else:
             # The fused step reads each sequence's own length on the device: one graph per slot bucket serves all.
             kv_len = 0 if self.fused is not None else min(_round_up(kv_len, KV_BUCKET), self.cache.max_len)
-            m = slot_bucket(n, self.cache.k.shape[1])
-            # A copy: the graph's output buffer is overwritten by the next replay.
-            logits = self.graphs.run(("decode", m, kv_len), lambda: self._decode_step(m, kv_len))[:n].clone()
-        self.lengths[:n] += 1
-        self.host_lengths = [x + 1 for x in self.host_lengths]
+            m = slot_bucket(top, self.slots)
+            logits = self.graphs.run(("decode", m, kv_len), lambda: self._decode_step(m, kv_len))
+        # A copy (the graph's output buffer is overwritten by the next replay), of the asked rows only.
+        logits = logits[:n].clone() if dense else logits[idx]
+        if dense:
+            self.lengths[:n] += 1
+        else:
+            self.lengths[idx] += 1
+        for s in slots:
+            self.host_lengths[s] += 1
         return logits
 
     def _decode_step(self, n: int, kv_len: int) -> torch.Tensor:
@@ -270,6 +281,7 @@ class Engine:
             return self.fused(self.tokens[:n], pos, self.images.view(slice(0, n)), self.images.visible[:n],
                               self.cache, self.cos, self.sin)
         pos = pos[:, None]
+        kv_len = min(kv_len, self.cache.max_len)
         self.cache.rows, self.cache.kv_len, self.cache.pos = slice(0, n), kv_len, pos
         hidden = torch.arange(kv_len, device=pos.device)[None] > pos  # (n, kv_len): not yet written
         # Additive, built once per step: a boolean mask would be converted again in every layer.
@@ -280,19 +292,16 @@ class Engine:
                               self.images.visible[:n, None], self.cache)
         return logits[:, -1]
 
-    def reorder(self, first: int, order: torch.Tensor):
-        """Beam search: slots first + i take the state of slots first + order[i]."""
-        rows = slice(first, first + order.shape[0])
-        order = order.to(self.device)
-        self.cache.reorder(rows, order)
-        self.lengths[rows] = self.lengths[rows][order]
+    def reorder(self, slots: list[int], sources: torch.Tensor):
+        """Beam search: slots[i] takes the state of slot sources[i] (a device tensor: no host sync)."""
+        dst = self.index(slots)
+        self.cache.reorder(dst, sources)
+        self.lengths[dst] = self.lengths[sources]
 
-    def release(self, first: int, count: int):
-        """Free slots [first, first + count): later slots move down so active slots stay [0, n)."""
-        for src in range(first + count, self.active):
-            dst = src - count
-            self.cache.copy_slot(src, dst)
-            self.images.copy_slot(src, dst)
-            self.lengths[dst] = self.lengths[src]
-        del self.host_lengths[first : first + count]
-        self.active -= count
+    def release(self, first: int, count: int = 1):
+        """Free slots [first, first + count). Nothing moves: the slots are simply free for the next prefill."""
+        for s in range(first, first + count):
+            self.host_lengths.pop(s, None)
+
+    def release_all(self):
+        self.host_lengths.clear()

@@ -154,6 +154,10 @@ class IncrementalDetokenizer:
         self.start, self.emitted = self.emitted, len(self.ids)
         return piece
 
+    def held(self) -> str:
+        """The text held back so far: the final text given out plus this is the decode of all ids."""
+        return self._pending()
+
     def _pending(self) -> str:
         done = self._text(self.ids[self.start:self.emitted])
         return self._text(self.ids[self.start:])[len(done):]

@@ -1,0 +1,72 @@
+"""The image encoder: vision tower + perceiver, batched, with a bounded cache keyed by each image's pixels, so an
+image seen again (a second label, a resumed chat, a repeated photo) is not encoded again."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from idefics.graphs import Graphs
+from idefics.model import IdeficsModel
+
+SMALL_IMAGE_BATCH = 8
+
+
+@functools.cache
+def _hash_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="idefics-image-hash")
+
+
+class ImageEncoder:
+    """Vision tower + perceiver, batched, with a bounded cache keyed by the image's pixel content."""
+
+    def __init__(self, model: IdeficsModel, capacity: int = 256, batch_size: int = 64, graphs: Graphs | None = None):
+        self.model = model
+        self.capacity = capacity
+        self.batch_size = batch_size
+        self.cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.graphs = graphs
+        self.pixels: torch.Tensor | None = None  # static input of the captured encoders
+
+    @staticmethod
+    def key(pixels: torch.Tensor) -> bytes:
+        """pixels: one contiguous image on the CPU. hashlib reads the buffer in place and lets go of the GIL."""
+        return hashlib.blake2b(memoryview(pixels.numpy()).cast("B"), digest_size=16).digest()
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (N, 3, H, W) -> features (N, T_img, D_img), encoding only images not seen recently."""
+        pixels = pixels.detach().cpu().contiguous()
+        keys = list(_hash_pool().map(self.key, pixels)) if len(pixels) > 1 else [self.key(p) for p in pixels]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        first = {k: keys.index(k) for k in todo}
+        w = self.model.embed.weight
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i : i + self.batch_size]
+            x = pixels[[first[k] for k in chunk]].to(device=w.device).to(w.dtype)
+            for k, f in zip(chunk, self._encode(x)):
+                self.cache[k] = f.clone()
+        out = [self.cache[k] for k in keys]
+        for k in keys:
+            self.cache.move_to_end(k)
+        while len(self.cache) > self.capacity:
+            self.cache.popitem(last=False)
+        if not out:
+            c = self.model.config
+            return torch.zeros(0, c.image_seq_len, c.image_dim, dtype=w.dtype, device=w.device)
+        return torch.stack(out)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """A few images (the latency case) through a captured graph; larger batches keep the GPU busy anyway."""
+        n = x.shape[0]
+        if self.graphs is None or n > SMALL_IMAGE_BATCH:
+            return self.model.encode_images(x)
+        if self.pixels is None:
+            self.pixels = torch.zeros(SMALL_IMAGE_BATCH, *x.shape[1:], dtype=x.dtype, device=x.device)
+        m = 1 << (n - 1).bit_length()  # power-of-two bucket
+        self.pixels[:n] = x
+        return self.graphs.run(("encode", m), lambda: self.model.encode_images(self.pixels[:m]))[:n]

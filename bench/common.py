@@ -8,9 +8,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from idefics.config import IdeficsConfig, to_dict
 from idefics.engine import Engine, Prompt
-from idefics.generate import Generator
 from idefics.model import IdeficsModel
 from idefics.sampling import GenerationOptions
+from idefics.scheduler import Request, Scheduler
 from idefics.weights import build_meta, checkpoint_tensors
 
 
@@ -87,12 +87,17 @@ def run_engine(engine: Engine, prompts: list[Prompt], new_tokens: int) -> tuple[
     engine.encoder.cache.clear()  # time the image encoding too
     sync()
     start = time.perf_counter()
-    rows, steps = Generator(engine, tokenizer=None).start(prompts, forced(new_tokens))
+    scheduler = Scheduler(engine, tokenizer=None, max_batch=len(prompts))
+    requests = [Request.make(p, forced(new_tokens), None, engine.model.config.max_position_embeddings)
+                for p in prompts]
+    for r in requests:
+        scheduler.add(r)
     first = None
-    for _ in steps:
+    while scheduler.busy:
+        scheduler.step()
         first = first or time.perf_counter()
     sync()
-    return [r.tokens for r in rows], first - start, time.perf_counter() - start
+    return [r.generated for r in requests], first - start, time.perf_counter() - start
 
 
 class FirstTokenClock(BaseStreamer):

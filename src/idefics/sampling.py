@@ -155,14 +155,9 @@ class StopStrings:
         hits = [i for i in (text.find(s, start) for s in self.strings) if i >= 0]
         return min(hits) if hits else None
 
-    def shown(self, text: str) -> int:
-        """How much of a growing text can be shown: none of a stop string, nor of a tail that may begin one."""
-        at = self.find(text)
-        if at is not None:
-            return at
-        held = max((n for s in self.strings for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-        return len(text) - held
-
+    def held(self, text: str) -> int:
+        """The length of the longest tail of text that begins a stop string."""
+        return max((n for s in self.strings for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
 
 
 class RowSampler:

@@ -88,10 +88,11 @@ class Request:
         r = cls(prompt, options, eos, banned, budget, next(_ids) if id is None else id, logprobs,
                 prompt_ids=prompt.ids.tolist())
         r.stops = StopStrings(options.stop)
-        r.detokenizer = tokenizer.detokenizer(skip_special_tokens=True)
+        # No tokenizer (benchmarks, token-level callers): tokens only, no text and no stop strings.
+        r.detokenizer = tokenizer.detokenizer(skip_special_tokens=True) if tokenizer is not None else None
         r.final = ""  # the detokenizer's final text so far
         r.sent = 0  # characters given out as pieces
-        r.text_of = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        r.text_of = lambda ids: tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
         return r
 
     def seed(self, device: torch.device):
@@ -103,18 +104,22 @@ class Request:
         """Record a token -> the text that can be shown now. Sets `finish` when the token ends the request. Stop
         strings are looked for in the new text only (and the tail that could begin one)."""
         self.generated.append(token)
+        if self.detokenizer is None:
+            self.finish = "stop" if token in self.eos else "length" if len(self.generated) >= self.budget else None
+            return ""
         before = len(self.final)
         self.final += self.detokenizer.push(token)
         text = self.final + self.detokenizer.held()
+        start = max(0, before - self.stops.longest + 1)
         if self.stops.strings:
-            self.stop_at = self.stops.find(text, max(0, before - self.stops.longest + 1))
+            self.stop_at = self.stops.find(text, start)
         if self.stop_at is not None or token in self.eos:
             self.finish = "stop"
         elif len(self.generated) >= self.budget:
             self.finish = "length"
         if self.finish:
             return ""  # the last piece comes from the completion's final text
-        shown = self.stops.shown(text) if self.stops.strings else len(self.final)
+        shown = len(text) - self.stops.held(text) if self.stops.strings else len(self.final)
         shown = min(shown, len(self.final))
         piece, self.sent = self.final[self.sent : shown], max(self.sent, shown)
         return piece
@@ -209,6 +214,9 @@ class Scheduler:
         """The request has ended: free its slot, and give its last piece and its completion."""
         self.engine.release(r.slot)
         r.slot = None
+        if self.tokenizer is None:
+            o.finish_reason = r.finish
+            return
         c = completion(self.tokenizer, r)
         o.finish_reason, o.completion = r.finish, c
         o.text = c.text[r.sent :]

@@ -1,0 +1,139 @@
+"""Continuous batching against static batches, on idefics-9b-shaped random bfloat16 weights (GPU).
+
+    PYTHONPATH=src python bench/mixed.py [--requests 512] [--batch 64]
+
+The workload: `--requests` requests, one image each, prompts of 20-200 text tokens and 10-200 new tokens (seeded
+draws), all submitted at once, greedy, no eos (each runs to its length). Static: groups of `--batch` in arrival
+order, each group prefilled together and decoded until its longest request ends before the next group starts (a
+fixed batch, as main ran them before the scheduler). Continuous: the scheduler admits a waiting request whenever
+a slot frees. Both run in the same process on the same engine and weights. Then the latency of a late arrival:
+63 requests decoding, one more added; its first token's delay is reported in decode steps of the running batch.
+Writes $OUT/mixed.json when OUT is set."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import random_model, sync, synthetic_prompts  # noqa: E402
+
+from idefics.config import idefics_9b  # noqa: E402
+from idefics.engine import Engine  # noqa: E402
+from idefics.sampling import GenerationOptions  # noqa: E402
+from idefics.scheduler import Request, Scheduler  # noqa: E402
+
+
+def workload(config, n: int, seed: int = 0):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        [p] = synthetic_prompts(config, 1, text_tokens=rng.randint(20, 200), seed=seed * 100_000 + i)
+        out.append((p, rng.randint(10, 200)))
+    return out
+
+
+def requests(config, work):
+    return [Request.make(p, GenerationOptions.make(max_new_tokens=k, eos_token_id=[], banned_token_ids=[]), None,
+                         config.max_position_embeddings) for p, k in work]
+
+
+def drive(scheduler: Scheduler, groups: list[list[Request]]) -> tuple[int, float]:
+    """Run the groups one after another (one group: continuous batching) -> (tokens generated, seconds)."""
+    sync()
+    start = time.perf_counter()
+    for group in groups:
+        for r in group:
+            scheduler.add(r)
+        while scheduler.busy:
+            scheduler.step()
+    sync()
+    return sum(len(r.generated) for g in groups for r in g), time.perf_counter() - start
+
+
+def late_arrival(engine: Engine, config, batch: int) -> dict:
+    """batch - 1 requests decode; one more is added -> its prefill time and its first token's delay in steps."""
+    scheduler = Scheduler(engine, None, max_batch=batch)
+    long = min(400, config.max_position_embeddings - 210)  # they outlast the measurement
+    running = requests(config, [(p, long) for p, _ in workload(config, batch - 1, seed=7)])
+    for r in running:
+        scheduler.add(r)
+    for _ in range(20):  # the batch is decoding
+        scheduler.step()
+    step_times = []
+    for _ in range(10):
+        sync()
+        t = time.perf_counter()
+        scheduler.step()
+        sync()
+        step_times.append(time.perf_counter() - t)
+    [late] = requests(config, workload(config, 1, seed=8))
+    late.options.max_new_tokens = late.budget = 40
+    sync()
+    t = time.perf_counter()
+    scheduler.add(late)
+    steps = 0
+    while not late.generated:
+        scheduler.step()
+        steps += 1
+    sync()
+    delay = time.perf_counter() - t
+    # Its prefill alone, measured on an idle engine of the same size.
+    for r in running:
+        scheduler.abort(r.id)
+    scheduler.step()
+    while scheduler.busy:
+        scheduler.step()
+    [alone] = requests(config, workload(config, 1, seed=8))
+    alone.options.max_new_tokens = alone.budget = 1
+    engine.encoder.cache.clear()
+    sync()
+    t = time.perf_counter()
+    scheduler.add(alone)
+    while scheduler.busy:
+        scheduler.step()
+    sync()
+    prefill = time.perf_counter() - t
+    step = sorted(step_times)[len(step_times) // 2]
+    return {"first_token_s": delay, "steps_until_first_token": steps, "decode_step_s": step, "prefill_alone_s": prefill,
+            "delay_in_steps_beyond_prefill": (delay - prefill) / step}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=64)
+    args = ap.parse_args()
+    config = idefics_9b()
+    model = random_model(config, "cuda", torch.bfloat16)
+    engine = Engine(model)
+    work = workload(config, args.requests)
+    # Warm-up: buffers sized for the longest request, graphs captured, kernels compiled.
+    drive(Scheduler(engine, None, max_batch=args.batch), [requests(config, [(p, 4) for p, _ in work[: args.batch]])])
+    engine.encoder.cache.clear()
+    reqs = requests(config, work)
+    static_tokens, static_s = drive(Scheduler(engine, None, max_batch=args.batch),
+                                    [reqs[i : i + args.batch] for i in range(0, len(reqs), args.batch)])
+    engine.encoder.cache.clear()
+    reqs = requests(config, work)
+    cont_tokens, cont_s = drive(Scheduler(engine, None, max_batch=args.batch), [reqs])
+    assert cont_tokens == static_tokens
+    result = {
+        "card": torch.cuda.get_device_name(), "requests": args.requests, "batch": args.batch, "tokens": cont_tokens,
+        "static_s": static_s, "static_tok_s": static_tokens / static_s,
+        "continuous_s": cont_s, "continuous_tok_s": cont_tokens / cont_s, "ratio": static_s / cont_s,
+        "late_arrival": late_arrival(engine, config, args.batch),
+    }
+    print(json.dumps(result, indent=1))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "mixed.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

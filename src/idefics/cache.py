@@ -8,32 +8,20 @@ import torch
 
 
 class KVCache:
-    """Self-attention cache, (layers, slots, heads, max_len, head_dim) for keys and for values.
-
-    Before a forward pass the caller points the cache at the slots it runs (`rows`: a slice, or a tensor of slot
-    indices for a prefill), the positions
-    the new tokens are written to (`pos`, (B, S)) and how many key positions attention reads (`kv_len`; None: a
-    prefill from position 0, which attends to the new keys alone)."""
+    """Self-attention cache, (layers, slots, heads, max_len, head_dim) for keys and for values. A forward pass gets
+    `at(...)`: the rows it runs, where its new tokens go and how much it reads, with the one method the model
+    calls."""
 
     def __init__(self, layers: int, slots: int, heads: int, max_len: int, head_dim: int, dtype, device):
         shape = (layers, slots, heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
-        self.rows: slice | torch.Tensor = slice(0, slots)
-        self.pos: torch.Tensor | None = None
-        self.kv_len: int | None = max_len
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v (B, H, S, Dh) written at self.pos -> the keys/values to attend to, (B, H, kv_len, Dh)."""
-        # Written through the whole buffer (not a view of it) so that a compiled step updates it in place.
-        rows = self.rows if isinstance(self.rows, torch.Tensor) else \
-            torch.arange(self.rows.start, self.rows.stop, device=k.device)
-        self.k[layer, rows[:, None], :, self.pos] = k.transpose(1, 2)  # (B, S, H, Dh) at [layer, row, :, pos]
-        self.v[layer, rows[:, None], :, self.pos] = v.transpose(1, 2)
-        if self.kv_len is None:
-            return k, v
-        return self.k[layer, self.rows, :, : self.kv_len], self.v[layer, self.rows, :, : self.kv_len]
+    def at(self, rows: slice | torch.Tensor, pos: torch.Tensor, kv_len: int | None) -> Rows:
+        """rows: a slice of slots, or (B,) slot indices; pos (B, S) where the new tokens are written; kv_len: how many
+        key positions attention reads (None: a prefill from position 0, which attends to the new keys alone)."""
+        return Rows(self, rows, pos, kv_len)
 
     def copy_slot(self, src: int, dst: int):
         self.k[:, dst] = self.k[:, src]
@@ -43,6 +31,25 @@ class KVCache:
         """Beam search: slots[i] takes the cache of sources[i] (both (n,) slot indices)."""
         self.k[:, slots] = self.k[:, sources]
         self.v[:, slots] = self.v[:, sources]
+
+
+class Rows:
+    """The cache as one forward pass sees it."""
+
+    def __init__(self, cache: KVCache, rows: slice | torch.Tensor, pos: torch.Tensor, kv_len: int | None):
+        self.cache, self.rows, self.pos, self.kv_len = cache, rows, pos, kv_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, H, S, Dh) written at pos -> the keys/values to attend to, (B, H, kv_len, Dh)."""
+        c = self.cache
+        # Written through the whole buffer (not a view of it) so that a compiled step updates it in place.
+        rows = self.rows if isinstance(self.rows, torch.Tensor) else \
+            torch.arange(self.rows.start, self.rows.stop, device=k.device)
+        c.k[layer, rows[:, None], :, self.pos] = k.transpose(1, 2)  # (B, S, H, Dh) at [layer, row, :, pos]
+        c.v[layer, rows[:, None], :, self.pos] = v.transpose(1, 2)
+        if self.kv_len is None:
+            return k, v
+        return c.k[layer, self.rows, :, : self.kv_len], c.v[layer, self.rows, :, : self.kv_len]
 
 
 class ImageKV:

@@ -234,9 +234,8 @@ class Engine:
         kv = model.image_kv(self.pf_feats[:b, :t])
         pos = torch.arange(s, device=dev)[None].expand(b, s)
         mask = torch.ones(s, s, dtype=torch.bool, device=dev).tril()[None, None]  # right padding needs no more
-        self.cache.rows, self.cache.pos, self.cache.kv_len = self.pf_slots[:b], pos, None
-        logits = model(self.pf_ids[:b, :s], pos, mask, kv, self.pf_image_mask[:b, :s, :t], self.cache,
-                       logits_at=self.pf_last[:b])
+        logits = model(self.pf_ids[:b, :s], pos, mask, kv, self.pf_image_mask[:b, :s, :t],
+                       self.cache.at(self.pf_slots[:b], pos, None), logits_at=self.pf_last[:b])
         return logits[:, 0], kv
 
     @torch.inference_mode()
@@ -282,14 +281,13 @@ class Engine:
                               self.cache, self.cos, self.sin)
         pos = pos[:, None]
         kv_len = min(kv_len, self.cache.max_len)
-        self.cache.rows, self.cache.kv_len, self.cache.pos = slice(0, n), kv_len, pos
         hidden = torch.arange(kv_len, device=pos.device)[None] > pos  # (n, kv_len): not yet written
         # Additive, built once per step: a boolean mask would be converted again in every layer.
         dtype = self.cache.k.dtype
         mask = torch.zeros(hidden.shape, dtype=dtype, device=pos.device).masked_fill(hidden, torch.finfo(dtype).min)
         mask = mask[:, None, None]  # (n, 1, 1, kv_len)
         logits = self.step_fn(self.tokens[:n, None], pos, mask, self.images.view(slice(0, n)),
-                              self.images.visible[:n, None], self.cache)
+                              self.images.visible[:n, None], self.cache.at(slice(0, n), pos, kv_len))
         return logits[:, -1]
 
     def reorder(self, slots: list[int], sources: torch.Tensor):

@@ -204,6 +204,11 @@ def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, qua
     files = weight_files(path)
     tokenizer = Tokenizer.from_dir(path)
     processor = Processor(tokenizer, ImageTransform.from_dir(path))
+    if processor.image_transform.image_size != config.vision.image_size:
+        # The vision tower's position embeddings fit one image size only.
+        raise IdeficsError(f"{path}: images are resized to {processor.image_transform.image_size} px "
+                           "(processor_config.json or preprocessor_config.json; 224 when neither says) "
+                           f"but config.json's vision_config.image_size is {config.vision.image_size}")
     net = build_meta(config)
     hook = while_loading(net, quantize, device, dtype) if quantize else None  # fails here if its package is missing
     net = load_weights(net, read_tensors(files), device, dtype, on_module_ready=hook)

@@ -150,3 +150,15 @@ def test_image_size_unlike_the_models_is_one_error_at_load(tmp_path):
     file.unlink()  # no image processor settings at all: the reference's default, 224
     with pytest.raises(IdeficsError, match="images are resized to 224 px .* vision_config.image_size is 42$"):
         idefics.load(path)
+
+
+def test_end_of_utterance_default_reaches_the_api(tmp_path):
+    """logits, generate and stream leave add_end_of_utterance_token to the processor: on for an instruct tokenizer."""
+    path, _ = make_checkpoint(tmp_path, instruct=True)
+    m = idefics.load(path)
+    prompt = ["User:", "Hi", image(1), "Describe it.\nAssistant:"]
+    on, off = (m.logits(prompt, add_end_of_utterance_token=flag) for flag in (True, False))
+    assert torch.equal(m.logits(prompt), on) and on.shape[1] == off.shape[1] + 1
+    [default] = m.generate([prompt], max_new_tokens=6)
+    assert default.token_ids == m.generate([prompt], max_new_tokens=6, add_end_of_utterance_token=True)[0].token_ids
+    assert "".join(m.stream(prompt, max_new_tokens=6)) == default.text

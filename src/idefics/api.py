@@ -85,16 +85,17 @@ class Idefics:
         """(B, S, V) float32 logits at every position of the processed prompts (padding positions included)."""
         return full_logits(self.model, self.process(prompts, **options)).float()
 
-    def generate(self, prompts, *, include_prompt: bool = False, add_end_of_utterance_token: bool = False,
+    def generate(self, prompts, *, include_prompt: bool = False, add_end_of_utterance_token: bool | None = None,
                  **options) -> list[Completion]:
         """Continue each prompt. Options: max_new_tokens, min_new_tokens, max_length, do_sample, temperature,
         top_k, top_p, repetition_penalty, num_beams, length_penalty, early_stopping, eos_token_id, stop, seed,
-        banned_token_ids. <image> and <fake_token_around_image> are never generated unless you say otherwise."""
+        banned_token_ids. <image> and <fake_token_around_image> are never generated unless you say otherwise.
+        add_end_of_utterance_token: as the processor's (None: true for instruct tokenizers, as transformers 4.37.2)."""
         o = GenerationOptions.make(**options)
         batch = self.process(prompts, add_end_of_utterance_token=add_end_of_utterance_token)
         return self.generator.completions(split_batch(batch), o, include_prompt)
 
-    def stream(self, prompt, *, add_end_of_utterance_token: bool = False, **options) -> Iterator[str]:
+    def stream(self, prompt, *, add_end_of_utterance_token: bool | None = None, **options) -> Iterator[str]:
         """Yield the continuation of one prompt as text pieces, as tokens are decoded (never a broken character).
         The pieces join to generate()'s text: text that may begin a stop string waits until it is known not to.
         With beam search the text comes at the end, once the best beam is known."""

@@ -241,6 +241,13 @@ def test_processor_config_without_image_processor_falls_back_to_preprocessor_con
     assert Processor.from_dir(path).image_transform.image_size == reference_processor(path).image_processor.image_size == 42
 
 
+def test_processor_config_wins_over_preprocessor_config(layouts, tmp_path):
+    path = shutil.copytree(layouts["saved"], tmp_path / "saved")
+    other = json.loads((layouts["hub"] / "preprocessor_config.json").read_text())
+    (path / "preprocessor_config.json").write_text(json.dumps(other | {"image_size": 30, "size": {"height": 30, "width": 30}}))
+    assert Processor.from_dir(path).image_transform.image_size == reference_processor(path).image_processor.image_size == 42
+
+
 BAD_SETTINGS = {  # name -> (changed settings, error after "<file>: <prefix>")
     "image_size 0": ({"image_size": 0}, "image_size must be a positive integer, got 0"),
     "negative image_size": ({"image_size": -224}, "image_size must be a positive integer, got -224"),

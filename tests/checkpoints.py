@@ -48,8 +48,9 @@ def reference_model(seed: int = 0, **overrides):
 
 
 def make_checkpoint(path, *, instruct: bool = False, seed: int = 0, weights: str = "safetensors",
-                    max_shard_size: str | None = "40KB", **overrides) -> tuple[Path, object]:
-    """Write a full checkpoint directory (config, weights, tokenizer, preprocessor config) -> (path, reference)."""
+                    max_shard_size: str | None = "40KB", layout: str = "saved", **overrides) -> tuple[Path, object]:
+    """Write a full checkpoint directory (config, weights, processor files) -> (path, reference). layout: that of
+    the processor files (helpers.make_processor_dir); "hub" has the hub's `"legacy": true` tokenizer config."""
     path = Path(path)
     if instruct:
         overrides.setdefault("additional_vocab_size", 3)
@@ -60,5 +61,6 @@ def make_checkpoint(path, *, instruct: bool = False, seed: int = 0, weights: str
         model.config.save_pretrained(str(path))
     else:
         model.save_pretrained(str(path), **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    make_processor_dir(path, instruct=instruct, image_size=model.config.vision_config.image_size)
+    make_processor_dir(path, instruct=instruct, image_size=model.config.vision_config.image_size, layout=layout,
+                       **({"legacy": True} if layout == "hub" else {}))
     return path, model

@@ -1,7 +1,9 @@
-"""Tiny checkpoint pieces written locally, in the layout of the hub's IDEFICS repos, and the reference processor."""
+"""Tiny checkpoint pieces, in the layout transformers' save_pretrained writes today or in that of the hub's IDEFICS
+repos, and the reference processor."""
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -75,17 +77,31 @@ def make_tokenizer_dir(path, *, instruct: bool = False, legacy: bool | None = No
 
 
 def make_image_processor_config(path, image_size: int = 30) -> Path:
-    """preprocessor_config.json as transformers' IdeficsImageProcessor saves it."""
+    """preprocessor_config.json as transformers' IdeficsImageProcessor saves it alone (the hub's layout)."""
     from transformers import IdeficsImageProcessorPil
 
     IdeficsImageProcessorPil(image_size=image_size).save_pretrained(str(path))
     return Path(path)
 
 
-def make_processor_dir(path, *, instruct: bool = False, image_size: int = 30, **tokenizer_options) -> Path:
-    """Tokenizer files and preprocessor_config.json in one directory."""
-    make_tokenizer_dir(path, instruct=instruct, **tokenizer_options)
-    return make_image_processor_config(path, image_size)
+def make_processor_dir(path, *, instruct: bool = False, image_size: int = 30, layout: str = "saved",
+                       **tokenizer_options) -> Path:
+    """A processor's files in one directory, over make_tokenizer_dir's tokenizer. layout "saved": what transformers'
+    save_pretrained of an IdeficsProcessor (an IdeficsImageProcessor and a LlamaTokenizerFast) writes:
+    processor_config.json with the image processor nested, tokenizer.json and tokenizer_config.json holding every
+    special token. "hub": the released checkpoints' layout, tokenizer files as make_tokenizer_dir writes them and
+    preprocessor_config.json."""
+    if layout == "hub":
+        make_tokenizer_dir(path, instruct=instruct, **tokenizer_options)
+        return make_image_processor_config(path, image_size)
+    assert layout == "saved", layout
+    # IdeficsImageProcessorPil: the IdeficsImageProcessor that needs no torchvision; both save the same file.
+    from transformers import IdeficsImageProcessorPil, IdeficsProcessor, LlamaTokenizerFast
+
+    with tempfile.TemporaryDirectory() as source:
+        tokenizer = LlamaTokenizerFast.from_pretrained(make_tokenizer_dir(source, instruct=instruct, **tokenizer_options))
+    IdeficsProcessor(IdeficsImageProcessorPil(image_size=image_size), tokenizer).save_pretrained(str(path))
+    return Path(path)
 
 
 def reference_tokenizer(path):
@@ -96,11 +112,16 @@ def reference_tokenizer(path):
 
 
 def reference_processor(path):
-    """transformers' IdeficsProcessor over the same files. Its image processor is pinned to the PIL backend: the
-    default one needs torchvision and falls back to PIL without it."""
+    """transformers' IdeficsProcessor over the same files, with the default of add_end_of_utterance_token that
+    transformers 4.37.2 has (true when the tokenizer lists <end_of_utterance> among its extra special tokens):
+    transformers 5 decides it as 4.37.2 but looks for the list under a name its tokenizers no longer use. The image
+    processor is pinned to the PIL backend: the default one needs torchvision and falls back to PIL without it."""
     from transformers import IdeficsImageProcessorPil, IdeficsProcessor
 
-    return IdeficsProcessor(IdeficsImageProcessorPil.from_pretrained(str(path)), reference_tokenizer(path))
+    processor = IdeficsProcessor(IdeficsImageProcessorPil.from_pretrained(str(path)), reference_tokenizer(path))
+    listed = processor.tokenizer.extra_special_tokens
+    processor.tokenizer_was_trained_with_end_of_utterance_token = END_OF_UTTERANCE in listed
+    return processor
 
 
 @contextmanager

@@ -1,5 +1,8 @@
-"""Logits equal to transformers' IdeficsForVisionText2Text on tiny random checkpoints, across every branch."""
+"""Logits equal to transformers' IdeficsForVisionText2Text on tiny random checkpoints, across every branch, in the
+layout transformers' save_pretrained writes today and in the hub's."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -8,6 +11,8 @@ from PIL import Image
 
 import idefics
 from checkpoints import make_checkpoint
+from helpers import reference_processor
+from idefics.errors import IdeficsError
 
 
 def image(seed: int, size=(40, 52)) -> Image.Image:
@@ -91,3 +96,69 @@ def test_bfloat16_logits_close_to_reference(tmp_path):
     real = batch["attention_mask"].bool()
     cos = torch.nn.functional.cosine_similarity(got[real], expected[real], dim=-1)
     assert cos.min() > 0.99
+
+
+def assert_reference_inputs_and_logits(m, ref, path, prompts):
+    """The reference processor's inputs for each prompt equal ours, and so do the logits on them."""
+    processor = reference_processor(path)
+    for prompt in prompts:
+        expected = processor(text=[prompt])
+        got = m.process([prompt])
+        for key, value in expected.items():
+            assert torch.equal(got[key], value), key
+        with torch.no_grad():
+            want = ref(**expected).logits
+        assert (m.logits([prompt]) - want).abs().max().item() <= 1e-4
+
+
+def test_processor_config_only_checkpoint_of_another_image_size(tmp_path):
+    """transformers 5's layout (processor_config.json, tokenizer files without special_tokens_map.json) with 42 px
+    images: logits and greedy generation as transformers'."""
+    path, ref = make_checkpoint(tmp_path, **CONFIGS["interval3-6heads-image42"])
+    assert (path / "processor_config.json").is_file()
+    assert not (path / "preprocessor_config.json").exists() and not (path / "special_tokens_map.json").exists()
+    m = idefics.load(path)
+    assert m.processor.image_transform.image_size == 42
+    assert_reference_inputs_and_logits(m, ref, path, PROMPTS)
+    processor = reference_processor(path)
+    for prompt in PROMPTS[1:3]:
+        inputs = processor(text=[prompt])
+        with torch.no_grad():  # <fake_token_around_image> and <image> are banned in ours by default
+            out = ref.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=2, bad_words_ids=[[600], [601]])
+        [completion] = m.generate([prompt], max_new_tokens=8)
+        assert completion.token_ids == out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("instruct", [False, True], ids=["base", "instruct"])
+def test_hub_layout_checkpoint_matches_reference(tmp_path, instruct):
+    """The released checkpoints' layout: preprocessor_config.json, special_tokens_map.json, "legacy": true."""
+    path, ref = make_checkpoint(tmp_path, instruct=instruct, layout="hub")
+    assert (path / "preprocessor_config.json").is_file() and (path / "special_tokens_map.json").is_file()
+    assert not (path / "processor_config.json").exists()
+    assert json.loads((path / "tokenizer_config.json").read_text())["legacy"] is True
+    assert_reference_inputs_and_logits(idefics.load(path), ref, path, PROMPTS)
+
+
+def test_image_size_unlike_the_models_is_one_error_at_load(tmp_path):
+    path, _ = make_checkpoint(tmp_path, **CONFIGS["interval3-6heads-image42"])
+    file = path / "processor_config.json"
+    config = json.loads(file.read_text())
+    config["image_processor"].update(image_size=30, size={"height": 30, "width": 30})
+    file.write_text(json.dumps(config))
+    with pytest.raises(IdeficsError, match="images are resized to 30 px .* vision_config.image_size is 42$"):
+        idefics.load(path)
+    file.unlink()  # no image processor settings at all: the reference's default, 224
+    with pytest.raises(IdeficsError, match="images are resized to 224 px .* vision_config.image_size is 42$"):
+        idefics.load(path)
+
+
+def test_end_of_utterance_default_reaches_the_api(tmp_path):
+    """logits, generate and stream leave add_end_of_utterance_token to the processor: on for an instruct tokenizer."""
+    path, _ = make_checkpoint(tmp_path, instruct=True)
+    m = idefics.load(path)
+    prompt = ["User:", "Hi", image(1), "Describe it.\nAssistant:"]
+    on, off = (m.logits(prompt, add_end_of_utterance_token=flag) for flag in (True, False))
+    assert torch.equal(m.logits(prompt), on) and on.shape[1] == off.shape[1] + 1
+    [default] = m.generate([prompt], max_new_tokens=6)
+    assert default.token_ids == m.generate([prompt], max_new_tokens=6, add_end_of_utterance_token=True)[0].token_ids
+    assert "".join(m.stream(prompt, max_new_tokens=6)) == default.text

@@ -46,10 +46,11 @@ def calls(setup, monkeypatch):
     return seen
 
 
-def assert_guide_prompt(setup, ours, guide):
+def assert_guide_prompt(setup, ours, guide, add_end_of_utterance_token=None):
     """Our processed prompts equal the reference processor's for the guide's literal prompt list."""
     m, ref = setup
-    got, want = m.process(ours), ref(text=guide)
+    got = m.process(ours, add_end_of_utterance_token=add_end_of_utterance_token)
+    want = ref(text=guide, add_end_of_utterance_token=add_end_of_utterance_token)
     for key in ("input_ids", "attention_mask", "image_attention_mask", "pixel_values"):
         assert torch.equal(got[key], want[key]), key
 
@@ -60,7 +61,7 @@ GUIDE = {  # task call -> (the guide's prompt, the guide's options)
                          {"max_new_tokens": 20}),
     "few-shot": (lambda m: m.few_shot([(A, EIFFEL)], B),
                  ["User:", A, f"Describe this image.\nAssistant: {EIFFEL}\n", "User:", B, "Describe this image.\nAssistant:"],
-                 {"max_new_tokens": 30}),
+                 {"max_new_tokens": 30, "add_end_of_utterance_token": False}),  # as on the guide's base model
     "ask": (lambda m: m.ask(A, QUESTION),
             ["Instruction: Provide an answer to the question. Use the image to answer.\n", A,
              f"Question: {QUESTION} Answer:"], {"max_new_tokens": 20}),
@@ -79,7 +80,7 @@ def test_task_builds_the_guides_prompt_with_its_settings(setup, calls, task):
     assert isinstance(result, str)
     [(prompts, given)] = calls
     assert given == options
-    assert_guide_prompt(setup, prompts, guide)
+    assert_guide_prompt(setup, prompts, guide, given.get("add_end_of_utterance_token"))
 
 
 def test_a_list_of_images_runs_as_one_batch_with_one_result_each(setup, calls):
@@ -218,7 +219,7 @@ def test_chat_follows_the_guides_format_and_stops_at_end_of_utterance(setup, end
     assert isinstance(first, str) and "<end_of_utterance>" not in first
     guide = ["User: What is in this image?", A, "<end_of_utterance>", f"\nAssistant: {first}<end_of_utterance>",
              "\nUser:", B, "And who is that?<end_of_utterance>", "\nAssistant:"]
-    assert_guide_prompt(setup, [chat.prompt("And who is that?", images=B)], [guide])
+    assert_guide_prompt(setup, [chat.prompt("And who is that?", images=B)], [guide], add_end_of_utterance_token=False)
     second = chat.send("And who is that?", images=B)
     assert chat.history == guide[:-1] + [f"\nAssistant: {second}<end_of_utterance>"]
 
@@ -229,7 +230,8 @@ def test_chat_stops_at_end_of_utterance_and_uses_the_guides_settings(setup, end_
     chat = m.chat()
     chat.send("Hi", images=A)
     [(_, options)] = calls
-    assert options == {"max_new_tokens": 100, "eos_token_id": m.tokenizer.end_of_utterance_id}
+    assert options == {"max_new_tokens": 100, "eos_token_id": m.tokenizer.end_of_utterance_id,
+                       "add_end_of_utterance_token": False}
     [completion] = m.generate([chat.history[:3] + ["\nAssistant:"]], **options)
     assert completion.finish_reason == "stop" and completion.token_ids[-1] == m.tokenizer.end_of_utterance_id
     assert len(completion.token_ids) == 3

@@ -1,8 +1,9 @@
-"""Tokenizer parity with transformers on tiny hub-layout tokenizers, and incremental detokenization."""
+"""Tokenizer parity with transformers on tiny tokenizers, as transformers 5's save_pretrained writes them and in the
+hub's layout (with "legacy" true, false or absent), and incremental detokenization."""
 import json
 
 import pytest
-from helpers import make_tokenizer_dir, reference_tokenizer
+from helpers import make_processor_dir, reference_tokenizer
 
 from idefics.errors import IdeficsError
 from idefics.tokenizer import Tokenizer
@@ -18,10 +19,30 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=[None, True, False], ids=["legacy-unset", "legacy", "not-legacy"])
+LAYOUTS = {  # name -> (layout, legacy)
+    "saved": ("saved", None),
+    "hub-legacy": ("hub", True),  # the released checkpoints' tokenizer_config.json
+    "hub-legacy-unset": ("hub", None),
+    "hub-not-legacy": ("hub", False),
+}
+
+
+def tokenizer_dir(path, name: str, **options):
+    layout, legacy = LAYOUTS[name]
+    return make_processor_dir(path, layout=layout, legacy=legacy, **options)
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
 def pair(request, tmp_path_factory):
-    path = make_tokenizer_dir(tmp_path_factory.mktemp("tok"), instruct=True, legacy=request.param)
+    path = tokenizer_dir(tmp_path_factory.mktemp("tok"), request.param, instruct=True)
     return Tokenizer.from_dir(path), reference_tokenizer(path)
+
+
+def test_saved_layout_is_transformers_5s(tmp_path):
+    path = tokenizer_dir(tmp_path, "saved", instruct=True)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    assert not (path / "special_tokens_map.json").exists() and "legacy" not in config
+    assert config["extra_special_tokens"] == ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -47,24 +68,33 @@ def test_special_tokens_and_padding_side_match_reference(pair):
     for token_id, token in [(ours.fake_image_id, "<fake_token_around_image>"), (ours.image_id, "<image>"),
                             (ours.end_of_utterance_id, "<end_of_utterance>")]:
         assert token_id == ref.convert_tokens_to_ids(token)
+    assert list(ours.additional_special_tokens) == ref.extra_special_tokens == [
+        "<fake_token_around_image>", "<image>", "<end_of_utterance>"]
 
 
-@pytest.mark.parametrize("legacy", [None, False, True])
-def test_space_marker_after_a_special_token_only_when_legacy(tmp_path, legacy):
+@pytest.mark.parametrize("layout, legacy, marker", [("hub", None, False), ("hub", False, False), ("hub", True, True),
+                                                   ("saved", True, False)])
+def test_space_marker_after_a_special_token_only_when_legacy(tmp_path, layout, legacy, marker):
     # transformers 5 rebuilds the Llama pipeline: unless `legacy` is true, text right after a special token (BOS,
-    # image tokens) gets no leading "▁", unlike the raw tokenizer.json.
-    tok = Tokenizer.from_dir(make_tokenizer_dir(tmp_path, legacy=legacy))
-    after_bos = tok.backend.id_to_token(tok.encode("<s>User:")[1])
-    assert after_bos.startswith("▁") == bool(legacy)
+    # image tokens) gets no leading "▁", unlike the raw tokenizer.json. Its save_pretrained does not write `legacy`,
+    # so a legacy tokenizer saved again loses the marker.
+    path = make_processor_dir(tmp_path, layout=layout, legacy=legacy)
+    tok = Tokenizer.from_dir(path)
+    ids = tok.encode("<s>User:")
+    assert tok.backend.id_to_token(ids[1]).startswith("▁") == marker
+    assert ids == reference_tokenizer(path)("<s>User:", add_special_tokens=False).input_ids
 
 
-def test_base_tokenizer_has_no_end_of_utterance(tmp_path):
-    tok = Tokenizer.from_dir(make_tokenizer_dir(tmp_path))
+@pytest.mark.parametrize("layout", ["saved", "hub"])
+def test_base_tokenizer_has_no_end_of_utterance(tmp_path, layout):
+    tok = Tokenizer.from_dir(make_processor_dir(tmp_path, layout=layout))
     assert tok.end_of_utterance_id is None and tok.image_id is not None
+    assert tok.additional_special_tokens == ("<fake_token_around_image>", "<image>")
 
 
-def test_padding_side_from_config(tmp_path):
-    path = make_tokenizer_dir(tmp_path, padding_side="right")
+@pytest.mark.parametrize("layout", ["saved", "hub"])
+def test_padding_side_from_config(tmp_path, layout):
+    path = make_processor_dir(tmp_path, layout=layout, padding_side="right")
     assert Tokenizer.from_dir(path).padding_side == reference_tokenizer(path).padding_side == "right"
 
 

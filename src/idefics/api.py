@@ -91,7 +91,7 @@ class Idefics:
         batch = self.process(prompts, **options)
         return self.loop.call(lambda: full_logits(self.model, batch).float())
 
-    def requests(self, prompts, *, add_end_of_utterance_token: bool = False, logprobs: int | None = None,
+    def requests(self, prompts, *, add_end_of_utterance_token: bool | None = None, logprobs: int | None = None,
                  **options) -> list[Request]:
         """Prompts -> checked requests for the scheduler (an error names the failing prompt; nothing is queued)."""
         o = GenerationOptions.make(**options)
@@ -100,11 +100,12 @@ class Idefics:
         return [Request.make(p, o, self.tokenizer, context, logprobs=logprobs, where=f"prompt {i}")
                 for i, p in enumerate(split_batch(batch))]
 
-    def generate(self, prompts, *, include_prompt: bool = False, add_end_of_utterance_token: bool = False,
+    def generate(self, prompts, *, include_prompt: bool = False, add_end_of_utterance_token: bool | None = None,
                  **options) -> list[Completion]:
         """Continue each prompt. Options: max_new_tokens, min_new_tokens, max_length, do_sample, temperature,
         top_k, top_p, repetition_penalty, num_beams, length_penalty, early_stopping, eos_token_id, stop, seed,
         banned_token_ids. <image> and <fake_token_around_image> are never generated unless you say otherwise.
+        add_end_of_utterance_token: as the processor's (None: true for instruct tokenizers, as transformers 4.37.2).
         Safe to call from several threads at once: concurrent calls share the running batch."""
         requests = self.requests(prompts, add_end_of_utterance_token=add_end_of_utterance_token, **options)
         if requests[0].options.num_beams > 1:
@@ -115,7 +116,7 @@ class Idefics:
                     pass
         return [completion(self.tokenizer, r, include_prompt) for r in requests]
 
-    def stream(self, prompt, *, add_end_of_utterance_token: bool = False, **options) -> Iterator[str]:
+    def stream(self, prompt, *, add_end_of_utterance_token: bool | None = None, **options) -> Iterator[str]:
         """Yield the continuation of one prompt as text pieces, as tokens are decoded (never a broken character).
         The pieces join to generate()'s text: text that may begin a stop string waits until it is known not to.
         With beam search the text comes at the end, once the best beam is known. Closing the iterator early ends
@@ -243,6 +244,11 @@ def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, qua
     files = weight_files(path)
     tokenizer = Tokenizer.from_dir(path)
     processor = Processor(tokenizer, ImageTransform.from_dir(path))
+    if processor.image_transform.image_size != config.vision.image_size:
+        # The vision tower's position embeddings fit one image size only.
+        raise IdeficsError(f"{path}: images are resized to {processor.image_transform.image_size} px "
+                           "(processor_config.json or preprocessor_config.json; 224 when neither says) "
+                           f"but config.json's vision_config.image_size is {config.vision.image_size}")
     net = build_meta(config)
     hook = while_loading(net, quantize, device, dtype) if quantize else None  # fails here if its package is missing
     net = load_weights(net, read_tensors(files), device, dtype, on_module_ready=hook)

@@ -166,24 +166,20 @@ class ImageTransform:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ImageTransform:
-        """From preprocessor_config.json; reference defaults for what it leaves out (or for a missing file)."""
-        file = Path(path) / "preprocessor_config.json"
-        try:
-            config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
-        except (OSError, ValueError) as e:
-            raise IdeficsError(f"cannot read {file}: {e}") from None
-        size = config.get("size") or {}
-        if size and size.get("height") != size.get("width"):
-            raise IdeficsError(f"{file}: only square image sizes are supported, got {size}")
-        fields = dict(
-            image_size=config.get("image_size") or size.get("height"),
-            image_mean=config.get("image_mean"),
-            image_std=config.get("image_std"),
-            image_num_channels=config.get("image_num_channels"),
-            rescale_factor=config.get("rescale_factor"),
-        )
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if v is not None}
-        return cls(**fields)
+        """The image processor's settings where transformers looks for them: the "image_processor" object of
+        processor_config.json (transformers 5's save_pretrained), else preprocessor_config.json (the hub's
+        checkpoints). Reference defaults for what they leave out, or when neither file is there."""
+        path = Path(path)
+        file = path / "processor_config.json"
+        config = _json_object(file)
+        if "image_processor" in config:
+            settings, where = config["image_processor"], f"{file}: image_processor."
+            if not isinstance(settings, dict):
+                raise IdeficsError(f"{file}: image_processor must be a JSON object")
+        else:
+            file = path / "preprocessor_config.json"
+            settings, where = _json_object(file), f"{file}: "
+        return cls(**_transform_fields(settings, where))
 
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
         """-> (N, 3, image_size, image_size) float32."""
@@ -196,3 +192,62 @@ class ImageTransform:
         mean = torch.tensor(self.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(self.image_std, dtype=torch.float32).view(1, -1, 1, 1)
         return (x - mean) / std
+
+
+def _json_object(file: Path) -> dict:
+    """A JSON object file's contents; {} when there is no such file."""
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise IdeficsError(f"cannot read {file}: {e}") from None
+    if not isinstance(config, dict):
+        raise IdeficsError(f"{file}: expected a JSON object")
+    return config
+
+
+def _transform_fields(config: dict, where: str) -> dict:
+    """ImageTransform's fields from an image processor config, checked. `where` prefixes each error: the file and
+    the path of the settings in it."""
+    fields = {}
+    size = config.get("image_size")  # as in the reference, image_size wins over size
+    if size is None and config.get("size") is not None:
+        square = config["size"]
+        if not isinstance(square, dict) or "height" not in square or square["height"] != square.get("width"):
+            raise IdeficsError(f"{where}size must be a square {{height, width}}, got {square!r}")
+        size = square["height"]
+    if size is not None:
+        fields["image_size"] = _positive(size, f"{where}image_size", integer=True)
+    if (channels := config.get("image_num_channels")) is not None:
+        if channels != 3 or isinstance(channels, bool):
+            raise IdeficsError(f"{where}image_num_channels must be 3 (images are RGB), got {channels!r}")
+    if (factor := config.get("rescale_factor")) is not None:
+        fields["rescale_factor"] = _positive(factor, f"{where}rescale_factor")
+    for name, positive in (("image_mean", False), ("image_std", True)):
+        if (value := config.get(name)) is not None:
+            fields[name] = _per_channel(value, f"{where}{name}", positive)
+    return fields
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and bool(np.isfinite(value)))
+
+
+def _positive(value, name: str, integer: bool = False):
+    if not _is_number(value) or value <= 0 or (integer and not isinstance(value, int)):
+        kind = "a positive integer" if integer else "a positive number"
+        raise IdeficsError(f"{name} must be {kind}, got {value!r}")
+    return value
+
+
+def _per_channel(value, name: str, positive: bool) -> tuple[float, ...]:
+    """One number for all three channels, or a list of three (the reference accepts both)."""
+    values = [value] * 3 if _is_number(value) else value
+    kind = "positive numbers" if positive else "numbers"
+    if (not isinstance(values, list) or len(values) != 3 or not all(_is_number(v) for v in values)
+            or (positive and min(values) <= 0)):
+        raise IdeficsError(f"{name} must be a number or a list of 3 {kind}, got {value!r}")
+    return tuple(float(v) for v in values)

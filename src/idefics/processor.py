@@ -47,12 +47,18 @@ class Processor:
         self.image_transform = image_transform
         self.limits = limits
 
-    def __call__(self, prompts, add_end_of_utterance_token: bool = False) -> dict[str, torch.Tensor]:
+    def __call__(self, prompts, add_end_of_utterance_token: bool | None = None) -> dict[str, torch.Tensor]:
         """-> input_ids (B, S) and attention_mask (B, S) int64, pixel_values (B, N, 3, H, W) float32 zero-padded to
         the batch's largest image count N >= 1, image_attention_mask (B, S, N) int64 (when no prompt has an image:
         (B, S, 1) bool zeros, as the reference). With add_end_of_utterance_token, <end_of_utterance> goes between
-        two consecutive text items. Its default is False: transformers 5 never finds the token among the
-        tokenizer's additional special tokens, which is how it picks its default."""
+        two consecutive text items. None (the default) means true when the tokenizer lists <end_of_utterance>
+        among its additional special tokens (the instruct checkpoints do), as transformers 4.37.2 decides it;
+        transformers 5 never finds it there and always takes false."""
+        if add_end_of_utterance_token is None:
+            add_end_of_utterance_token = END_OF_UTTERANCE_TOKEN in self.tokenizer.additional_special_tokens
+        elif not isinstance(add_end_of_utterance_token, bool):
+            raise IdeficsError(f"add_end_of_utterance_token must be true, false or None, "
+                               f"got {add_end_of_utterance_token!r}")
         batch = as_batch(prompts)
         texts, images = [], []
         for b, prompt in enumerate(batch):

@@ -20,15 +20,16 @@ FEW_SHOT_USER = "User:"
 FEW_SHOT_QUESTION = "Describe this image.\nAssistant:"
 END_OF_UTTERANCE = "<end_of_utterance>"
 
-# The guide's generation settings per task.
+# The guide's generation settings per task. The prompts with consecutive texts keep the guide's processing on
+# instruct checkpoints too: its chat passes add_end_of_utterance_token=False, its few-shot runs on a base model.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "caption": {"max_new_tokens": 10},
     "prompted_caption": {"max_new_tokens": 20},
-    "few_shot": {"max_new_tokens": 30},
+    "few_shot": {"max_new_tokens": 30, "add_end_of_utterance_token": False},
     "ask": {"max_new_tokens": 20},
     "classify": {"max_new_tokens": 6},
     "story": {"num_beams": 2, "max_new_tokens": 200},
-    "chat": {"max_new_tokens": 100},
+    "chat": {"max_new_tokens": 100, "add_end_of_utterance_token": False},
 }
 
 

@@ -34,6 +34,18 @@ def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+def _additional_tokens(settings: dict) -> tuple[str, ...]:
+    """The extra special tokens listed beside the named ones: "additional_special_tokens" in the hub's files,
+    "extra_special_tokens" in transformers 5's (there a dict names model-specific tokens instead, which the list
+    does not hold)."""
+    listed = settings.get("extra_special_tokens")
+    if not isinstance(listed, list) or not listed:
+        listed = settings.get("additional_special_tokens")
+    if not isinstance(listed, list):
+        return ()
+    return tuple(t for t in map(_token_text, listed) if isinstance(t, str))
+
+
 def _llama_pipeline(backend: Backend, settings: dict) -> None:
     """What transformers' LlamaTokenizer does with tokenizer.json: keep the vocab, merges and added tokens, replace
     normalizer, pre-tokenizer and decoder. With `legacy` false (its default) no "▁" is prepended after a special
@@ -54,10 +66,12 @@ def _llama_pipeline(backend: Backend, settings: dict) -> None:
 
 class Tokenizer:
     def __init__(self, backend: Backend, *, bos_token: str | None, eos_token: str | None,
-                 unk_token: str | None, pad_token: str | None, padding_side: str):
+                 unk_token: str | None, pad_token: str | None, padding_side: str,
+                 additional_special_tokens: tuple[str, ...] = ()):
         self.backend = backend
         self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad_token
         self.padding_side = padding_side
+        self.additional_special_tokens = additional_special_tokens
         self.bos_id = self.token_to_id(bos_token)
         self.eos_id = self.token_to_id(eos_token)
         self.unk_id = self.token_to_id(unk_token)
@@ -68,7 +82,8 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Reads tokenizer.json, tokenizer_config.json and special_tokens_map.json as transformers does."""
+        """Reads tokenizer.json, tokenizer_config.json and special_tokens_map.json as transformers does: the hub's
+        layout (special tokens in special_tokens_map.json) and transformers 5's (all in tokenizer_config.json)."""
         path = Path(path)
         file = path / "tokenizer.json"
         if not file.is_file():
@@ -93,7 +108,8 @@ class Tokenizer:
             _llama_pipeline(backend, settings)
         backend.no_padding()
         backend.no_truncation()
-        return cls(backend, padding_side=padding_side, **tokens)
+        return cls(backend, padding_side=padding_side, additional_special_tokens=_additional_tokens(settings),
+                   **tokens)
 
     @property
     def vocab_size(self) -> int:

@@ -103,9 +103,8 @@ def test_an_output_that_is_no_regular_file_is_refused(tmp_path, capsys):
 
 
 def test_a_repeated_id_fails_the_later_line_even_after_a_resume(model, tmp_path):
-    lines = [{"task": "caption", "image": "stars.png", "id": "a"}, {"task": "caption", "image": "triangle.png", "id": 7},
-             {"task": "caption", "image": "triangle.png", "id": "a"}, {"task": "caption", "image": "stars.png"},
-             {"task": "caption", "image": "stars.png", "id": "7"}, {"task": "caption", "image": "stars.png", "id": 7}]
+    ids = ["a", 7, "a", None, "7", 7]  # the string "7" is not the integer 7
+    lines = [{"task": "caption", "image": "stars.png"} | ({"id": i} if i is not None else {}) for i in ids]
     tasks, out = write_lines(tmp_path / "tasks.jsonl", lines), tmp_path / "out.jsonl"
     assert batch(model, tasks, out) == 0
     first = records(out)

@@ -196,7 +196,8 @@ def read_lines(data: bytes) -> list[Line]:
             line.error = str(e)
         if line.id in first:
             shown = json.dumps(line.id, ensure_ascii=False)
-            line.id, line.error = None, f"id {shown} is already the id of line {first[line.id]}; ids must be unique"
+            line.error = f"id {shown} is already the id of line {first[line.id]}; ids must be unique"
+            line.id = None
         elif line.id is not None:
             first[line.id] = n
         lines.append(line)
@@ -213,6 +214,7 @@ def _id_of(text: str) -> str | int | None:
 
 
 def check_id(value) -> str | int | None:
+    """An id as given; IdeficsError unless it is a string (in valid Unicode) or an integer."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):

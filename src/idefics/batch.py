@@ -5,10 +5,15 @@ Input line: {"task": "caption" | "ask" | "classify" | "story" | "few_shot" | "ge
   story: image, instruction?       few_shot: examples [[image, text], ...], image
   generate: prompt, a list of items: text strings, {"image": ...} objects (URL strings are images too)
   options: generation options for this line, over the job's.
-Output record: {"line": n, "id"?, "task", "result"} or {"line": n, "id"?, "error"}; n counts from 1."""
+Output record: {"line": n, "id"?, "task", "result"} or {"line": n, "id"?, "error"}; n counts from 1.
+An id is a string or an integer, unique in the file; a record carries it only when the line's id is valid and
+not used by an earlier line. The output is only ever appended to, so a killed run loses at most the record
+it was writing."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +48,24 @@ class Job:
         return json.dumps([self.task, self.fields, self.options], sort_keys=True, default=str)
 
 
-def parse(line: int, text: str, image_root: Path, defaults: dict) -> Job:
+@dataclass
+class Line:
+    """One non-blank input line. A line is done when the output holds a record of its key."""
+    number: int
+    text: str
+    id: str | int | None = None  # the line's id when valid and not used by an earlier line
+    error: str = ""  # what makes the line fail before its task is read: bad UTF-8, a bad or repeated id
+
+    @property
+    def key(self) -> tuple:
+        return ("line", self.number) if self.id is None else ("id", self.id)
+
+
+def parse(line: Line, image_root: Path, defaults: dict) -> Job:
     """One input line -> a Job; IdeficsError says what is wrong with it."""
-    try:
-        spec = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise IdeficsError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if line.error:
+        raise IdeficsError(line.error)
+    spec = _json(line.text)
     if not isinstance(spec, dict):
         raise IdeficsError(f"expected a JSON object, got {type(spec).__name__}")
     task = spec.get("task")
@@ -60,7 +77,7 @@ def parse(line: int, text: str, image_root: Path, defaults: dict) -> Job:
     options = spec.get("options") or {}
     if not isinstance(options, dict):
         raise IdeficsError("options must be a JSON object")
-    job = Job(line, spec.get("id"), task, options=defaults | options,
+    job = Job(line.number, line.id, task, options=defaults | options,
               fields={k: v for k, v in spec.items() if k in _FIELDS[task]})
     if task == "generate":
         job.fields["prompt"] = _prompt(job.fields.get("prompt"), image_root)
@@ -72,6 +89,17 @@ def parse(line: int, text: str, image_root: Path, defaults: dict) -> Job:
             raise IdeficsError("examples must be a list of [image, text] pairs")
         job.fields["examples"] = [[_image(im, image_root, f"example {i}"), t] for i, (im, t) in enumerate(examples)]
     return job
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise IdeficsError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise IdeficsError("invalid JSON (a number too long)") from None
+    except RecursionError:
+        raise IdeficsError("invalid JSON (nested too deeply)") from None
 
 
 def _image(value, root: Path, where: str):
@@ -132,10 +160,9 @@ def run(m, jobs: list[Job]) -> Iterator[tuple[Job, dict]]:
     for group in groups.values():
         try:
             results = run_group(m, group)
-        except Exception as e:  # values of the wrong type reach the library as TypeErrors; they fail their line
+        except Exception as e:  # a bad value can reach the library unchecked; it fails its own line
             if len(group) == 1:
-                message = str(e) if isinstance(e, IdeficsError) else f"{type(e).__name__}: {e}"
-                yield group[0], group[0].record(error=message.splitlines()[0] if message else type(e).__name__)
+                yield group[0], group[0].record(error=describe(e))
                 continue
             for job in group:
                 yield from run(m, [job])
@@ -144,115 +171,199 @@ def run(m, jobs: list[Job]) -> Iterator[tuple[Job, dict]]:
             yield job, job.record(result=as_json(result))
 
 
-def done_lines(output: Path) -> tuple[set[int], set[str]]:
-    """The line numbers and ids already recorded in a partial output file. A last line cut short by an
-    interruption is removed, so that appending starts on a fresh line."""
-    if not output.exists():
-        return set(), set()
-    data = output.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        output.write_bytes(data)
-    lines, ids = set(), set()
-    for raw in data.decode("utf-8", errors="replace").splitlines():
+def describe(e: Exception) -> str:
+    """A line's error in one sentence: a user error's own message. Any other exception is a fault of ours,
+    named by its type alone, as its text may quote the line's data as Python shows it."""
+    message = str(e).strip() if isinstance(e, IdeficsError) else ""
+    return message.splitlines()[0] if message else f"internal error ({type(e).__name__})"
+
+
+def read_lines(data: bytes) -> list[Line]:
+    """The input's non-blank lines, numbered from 1, each with its id or what is wrong with it. Only \\n, \\r\\n
+    and \\r end a line: other Unicode line breaks may stand in a JSON string."""
+    lines, first = [], {}  # first: id -> the number of the line that has it
+    for n, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
+            continue
         try:
-            record = json.loads(raw)
-        except json.JSONDecodeError:
+            line = Line(n, raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            lines.append(Line(n, "", error=f"not UTF-8 text (byte {e.start + 1} of the line)"))
             continue
-        if isinstance(record, dict) and isinstance(record.get("line"), int):
-            lines.add(record["line"])
-            if record.get("id") is not None:
-                ids.add(json.dumps(record["id"]))
-    return lines, ids
+        try:
+            line.id = _id_of(line.text)
+        except IdeficsError as e:
+            line.error = str(e)
+        if line.id in first:
+            shown = json.dumps(line.id, ensure_ascii=False)
+            line.error = f"id {shown} is already the id of line {first[line.id]}; ids must be unique"
+            line.id = None
+        elif line.id is not None:
+            first[line.id] = n
+        lines.append(line)
+    return lines
 
 
-def pending(texts: list[str], done: tuple[set[int], set[str]]) -> list[tuple[int, str]]:
-    """(line number, text) of the non-blank input lines not yet done: by id where the line has one, else by
-    line number."""
-    lines, ids = done
-    out = []
-    for n, text in enumerate(texts, start=1):
-        if not text.strip():
-            continue
-        key = _id_of(text)
-        if (key in ids) if key is not None else (n in lines):
-            continue
-        out.append((n, text))
-    return out
-
-
-def _id_of(text: str) -> str | None:
+def _id_of(text: str) -> str | int | None:
+    """A line's id; None where it has none or is no JSON object (parse says why)."""
     try:
-        spec = json.loads(text)
-    except json.JSONDecodeError:
+        spec = _json(text)
+    except IdeficsError:
         return None
-    return json.dumps(spec["id"]) if isinstance(spec, dict) and spec.get("id") is not None else None
+    return check_id(spec.get("id")) if isinstance(spec, dict) else None
 
 
-def process(m, todo: list[tuple[int, str]], image_root: Path, defaults: dict, batch_size: int,
+def check_id(value) -> str | int | None:
+    """An id as given; IdeficsError unless it is a string (in valid Unicode) or an integer."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise IdeficsError(f"id must be a string or an integer, got {type(value).__name__}")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise IdeficsError("id is not valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
+RECORD_START = b'{"line": '  # how every output record begins (json.dumps of Job.record)
+
+
+def recorded(path: Path) -> set[tuple]:
+    """The keys of the lines that an output file holds records of. A last record cut short by a kill is cut
+    off: the one edit ever made to an output, and a safe one, as it never touches a whole record. A file that
+    is not our output is refused, untouched."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise IdeficsError(f"{path}: not a regular file (results are appended to the output and resumed from it)")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as e:
+        raise IdeficsError(f"{path}: cannot read ({_reason(e)})") from None
+    end = data.rfind(b"\n") + 1
+    keys = [_record_key(raw) for raw in data[:end].split(b"\n")[:-1]]
+    tail = data[end:]
+    if None in keys or tail[: len(RECORD_START)] != RECORD_START[: len(tail)]:
+        n = keys.index(None) + 1 if None in keys else len(keys) + 1
+        raise IdeficsError(f"{path}: line {n} is not a result of idefics batch; give another --output")
+    if end < len(data):
+        try:
+            os.truncate(path, end)
+        except OSError as e:
+            raise IdeficsError(f"{path}: cannot cut its last, unfinished record ({_reason(e)})") from None
+    return set(keys)
+
+
+def _record_key(raw: bytes) -> tuple | None:
+    """The key of the line an output record is for; None where it is not a record."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or not ("result" in record or "error" in record):
+        return None
+    line = record.get("line")
+    if isinstance(line, bool) or not isinstance(line, int):
+        return None
+    try:
+        key = check_id(record.get("id"))
+    except IdeficsError:
+        return None
+    return ("line", line) if key is None else ("id", key)
+
+
+def process(m, todo: list[Line], image_root: Path, defaults: dict, batch_size: int,
             write: Callable[[dict], None], report: Callable[[str], None]) -> int:
     """Run the pending lines batch_size at a time; write each record; report each failure. -> failures."""
     failures = 0
     for start in range(0, len(todo), batch_size):
         chunk, jobs, records = todo[start : start + batch_size], [], {}
-        for n, text in chunk:
+        for line in chunk:
             try:
-                jobs.append(parse(n, text, image_root, defaults))
-            except IdeficsError as e:
-                records[n] = Job(n, _id_or_none(text)).record(error=f"line {n}: {e}")
+                jobs.append(parse(line, image_root, defaults))
+            except Exception as e:  # the line's fault or ours: either way it fails alone
+                records[line.number] = Job(line.number, line.id).record(error=describe(e))
         for job, record in run(m, jobs):
-            if "error" in record:
-                record["error"] = f"line {job.line}: {record['error']}"
             records[job.line] = record
-        for n, _ in chunk:
-            record = records[n]
+        for line in chunk:
+            record = records[line.number]
             if "error" in record:
+                record["error"] = f"line {line.number}: {record['error']}"
                 failures += 1
                 report(record["error"])
             write(record)
     return failures
 
 
-def _id_or_none(text: str):
-    key = _id_of(text)
-    return None if key is None else json.loads(key)
+def encode(record: dict) -> bytes:
+    """One output line in UTF-8. A lone surrogate (an error may quote one from the line) has no UTF-8 form:
+    such a record is written with JSON's \\u escapes instead."""
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(record) + "\n").encode("ascii")
+
+
+def read_input(source: str) -> bytes:
+    try:
+        return sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except (OSError, ValueError) as e:
+        raise IdeficsError(f"{source}: cannot read ({_reason(e)})") from None
+
+
+def refuse_same_file(source: str, output: Path) -> None:
+    """Results appended to the tasks would corrupt them: refuse an output that is the input under any name
+    (a symbolic or hard link, or standard input redirected from it)."""
+    try:
+        given = os.fstat(sys.stdin.fileno()) if source == "-" else os.stat(source)
+        out = os.stat(output)
+    except (OSError, ValueError):  # no output yet, or an input that reading it will report
+        return
+    if (given.st_dev, given.st_ino) == (out.st_dev, out.st_ino):
+        name = "standard input" if source == "-" else source
+        raise IdeficsError(f"--output {output} is the input file ({name}); write the results to another file")
+
+
+def _reason(e: Exception) -> str:
+    return getattr(e, "strerror", None) or ("not a valid file name" if isinstance(e, ValueError) else str(e))
 
 
 def run_file(source: str, output: Path, image_root: Path, defaults: dict, batch_size: int, load) -> int:
     """The `idefics batch` command: input file (or - for stdin) -> output file, resumed when it exists, with a
-    progress bar on stderr. load() gives the model, called only when lines are left to run. -> exit status."""
+    progress bar on stderr. The output is only appended to. load() gives the model, called only when lines are
+    left to run. -> exit status."""
     from tqdm import tqdm
 
-    try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise IdeficsError(f"{source}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    texts = text.splitlines()
-    total = sum(1 for t in texts if t.strip())
-    try:
-        todo = pending(texts, done_lines(output))
-    except OSError as e:
-        raise IdeficsError(f"{output}: cannot read ({e.strerror or e})") from None
+    refuse_same_file(source, output)
+    lines = read_lines(read_input(source))
+    done = recorded(output)
+    todo = [line for line in lines if line.key not in done]
     if not todo:
-        print(f"idefics: batch: all {total} lines already done in {output}", file=sys.stderr)
+        print(f"idefics: batch: all {len(lines)} lines already done in {output}", file=sys.stderr)
         return 0
-    m = load()
-    bar = tqdm(total=total, initial=total - len(todo), unit="task", file=sys.stderr, dynamic_ncols=True,
-               desc="batch")
     try:
-        with output.open("a", encoding="utf-8") as out:
+        out = output.open("ab")
+    except (OSError, ValueError) as e:
+        raise IdeficsError(f"{output}: cannot write ({_reason(e)})") from None
+    with out:
+        m = load()
+        bar = tqdm(total=len(lines), initial=len(lines) - len(todo), unit="task", file=sys.stderr,
+                   dynamic_ncols=True, desc="batch")
+        try:
             def write(record: dict) -> None:
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.write(encode(record))
                 out.flush()  # a killed run loses no finished line
                 bar.update(1)
 
-            def report(message: str) -> None:
-                bar.write(f"idefics: {message}", file=sys.stderr)
+            def report(message: str) -> None:  # a lone surrogate quoted from a line is shown as its escape
+                bar.write(f"idefics: {message}".encode("utf-8", "backslashreplace").decode(), file=sys.stderr)
 
             failures = process(m, todo, image_root, defaults, batch_size, write, report)
-    except OSError as e:
-        raise IdeficsError(f"{output}: cannot write ({e.strerror or e})") from None
-    finally:
-        bar.close()
+        except OSError as e:
+            raise IdeficsError(f"{output}: cannot write ({_reason(e)})") from None
+        finally:
+            bar.close()
     print(f"idefics: batch: {len(todo) - failures} done, {failures} failed, results in {output}", file=sys.stderr)
     return 0

@@ -104,7 +104,8 @@ def parser() -> Parser:
     p.add_argument("--image", action="append", default=[], metavar="IMAGE", help="attach to the first message")
     p = command("batch", cmd_batch, "run a JSONL file of tasks (one per line) into a JSONL file of results")
     p.add_argument("input", help="JSONL tasks, or - for stdin")
-    p.add_argument("-o", "--output", required=True, help="JSONL results; an existing file is resumed")
+    p.add_argument("-o", "--output", required=True,
+                   help="JSONL results, never the input; an existing file is resumed (only appended to)")
     p.add_argument("--batch-size", type=int, default=8, help="lines run together (default 8)")
     p.add_argument("--image-root", default=".", help="directory that relative image paths start from")
     command("info", cmd_info, "summarize a model: configuration, parameters, device, dtype", parents=[model])

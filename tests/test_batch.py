@@ -1,0 +1,200 @@
+"""`idefics batch` keeps every line: a killed run resumes with each line done exactly once, the output is only
+appended to and stays valid UTF-8 JSONL, ids are unique, the input is never the output, and a bad line fails
+alone with one sentence. On the embedded demo model."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import idefics
+from idefics.batch import run_file
+from idefics.cli import main
+
+IMAGES = Path(idefics.__file__).parent / "demo" / "images"
+NAMES = sorted(p.name for p in IMAGES.iterdir())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return idefics.load(None, device="cpu")
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    """Lines given as objects are written as JSON (in ASCII), strings as UTF-8 text, bytes as they are."""
+    def raw(line):
+        return line if isinstance(line, bytes) else (line if isinstance(line, str) else json.dumps(line)).encode()
+    path.write_bytes(b"".join(raw(line) + b"\n" for line in lines))
+    return path
+
+
+def captions(n: int) -> list[dict]:
+    """n caption lines over the demo images; odd lines have ids, even ones are known by their number."""
+    return [{"task": "caption", "image": NAMES[i % len(NAMES)]} | ({"id": f"t{i}"} if i % 2 == 0 else {})
+            for i in range(n)]
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_bytes().decode("utf-8").splitlines()]
+
+
+def batch(m, tasks: Path, out: Path, batch_size: int = 4) -> int:
+    return run_file(str(tasks), out, IMAGES, {"max_new_tokens": 2}, batch_size, lambda: m)
+
+
+def test_a_killed_run_resumes_with_every_line_done_exactly_once(model, tmp_path):
+    tasks, out = write_lines(tmp_path / "tasks.jsonl", captions(12)), tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "idefics", "batch", str(tasks), "-o", str(out), "--device", "cpu",
+               "--batch-size", "1", "--max-new-tokens", "2", "--image-root", str(IMAGES)]
+    env = {k: v for k, v in os.environ.items() if k != "IDEFICS_MODEL"}  # the demo model
+    run = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 120
+    while not out.exists() or out.read_bytes().count(b"\n") < 3:
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    run.kill()
+    run.wait()
+    killed = out.read_bytes()
+    whole = killed[: killed.rfind(b"\n") + 1]
+    assert 3 <= whole.count(b"\n") < 12  # killed mid-run
+
+    assert batch(model, tasks, out, batch_size=1) == 0  # the same job, resumed in this process
+    assert out.read_bytes().startswith(whole)  # appended to, never rewritten
+    done = records(out)
+    assert sorted(r["line"] for r in done) == list(range(1, 13)) and all("result" in r for r in done)
+    assert [r.get("id") for r in sorted(done, key=lambda r: r["line"])] == [t.get("id") for t in captions(12)]
+
+
+def test_a_record_cut_short_is_cut_off_and_the_whole_ones_kept(model, tmp_path, capsys):
+    tasks, out = write_lines(tmp_path / "tasks.jsonl", captions(6)), tmp_path / "out.jsonl"
+    assert batch(model, tasks, out) == 0
+    full = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(full[:3]) + full[3][:20])  # killed while writing the fourth record
+    assert batch(model, tasks, out) == 0
+    assert out.read_bytes().startswith(b"".join(full[:3]))
+    assert sorted(r["line"] for r in records(out)) == [1, 2, 3, 4, 5, 6]
+    out.write_bytes(b"".join(full) + b'{"li')  # nothing left to run: the torn record still goes
+    assert batch(model, tasks, out) == 0
+    assert out.read_bytes() == b"".join(full) and "all 6 lines already done" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [
+    b'{"task": "caption", "image": "stars.png"}\n',  # a task file
+    b'{"line": 1, "result": "x"}\nnot JSON\n{"line": 3, "result": "y"}\n',
+    b'{"line": 1, "result": "x"}\nnotes with no newline',  # a last line that is no record cut short
+])
+def test_an_output_that_is_not_ours_is_refused_untouched(tmp_path, capsys, content):
+    tasks, out = write_lines(tmp_path / "tasks.jsonl", captions(2)), tmp_path / "out.jsonl"
+    out.write_bytes(content)
+    assert main(["batch", str(tasks), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "is not a result of idefics batch" in err
+    assert out.read_bytes() == content
+
+
+def test_an_output_that_is_no_regular_file_is_refused(tmp_path, capsys):
+    tasks = write_lines(tmp_path / "tasks.jsonl", captions(1))
+    assert main(["batch", str(tasks), "-o", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "not a regular file" in err
+
+
+def test_a_repeated_id_fails_the_later_line_even_after_a_resume(model, tmp_path):
+    ids = ["a", 7, "a", None, "7", 7]  # the string "7" is not the integer 7
+    lines = [{"task": "caption", "image": "stars.png"} | ({"id": i} if i is not None else {}) for i in ids]
+    tasks, out = write_lines(tmp_path / "tasks.jsonl", lines), tmp_path / "out.jsonl"
+    assert batch(model, tasks, out) == 0
+    first = records(out)
+    errors = {r["line"]: r["error"] for r in first if "error" in r}
+    assert errors == {3: 'line 3: id "a" is already the id of line 1; ids must be unique',
+                      6: "line 6: id 7 is already the id of line 2; ids must be unique"}
+    assert [r.get("id") for r in first] == ["a", 7, None, None, "7", None]  # each id in one record only
+    out.write_bytes(out.read_bytes().splitlines(keepends=True)[0])  # killed after the first record
+    assert batch(model, tasks, out) == 0
+    assert sorted(r["line"] for r in records(out)) == [1, 2, 3, 4, 5, 6]
+    assert {r["line"]: r["error"] for r in records(out) if "error" in r} == errors
+
+
+@pytest.mark.parametrize("how", ["same name", "symbolic link", "hard link", "standard input"])
+def test_an_output_that_is_the_input_is_refused(tmp_path, capsys, monkeypatch, how):
+    tasks = write_lines(tmp_path / "tasks.jsonl", captions(2))
+    before = tasks.read_bytes()
+    source, out = str(tasks), tmp_path / "out.jsonl"
+    if how == "same name":
+        out = tasks
+    elif how == "symbolic link":
+        out.symlink_to(tasks)
+    elif how == "hard link":
+        out.hardlink_to(tasks)
+    else:
+        source, out = "-", tasks
+        monkeypatch.setattr(sys, "stdin", tasks.open())
+    assert main(["batch", source, "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "is the input file" in err
+    assert tasks.read_bytes() == before
+
+
+class Faulty:
+    """The demo model with a bug when it captions triangle.png: an exception no line can be blamed for."""
+
+    def __init__(self, m):
+        self.m = m
+
+    def __getattr__(self, name):
+        return getattr(self.m, name)
+
+    def caption(self, images, *args, **options):
+        if "triangle" in str(images):
+            raise KeyError({"secret": "data"})
+        return self.m.caption(images, *args, **options)
+
+
+def test_each_line_error_is_one_sentence_and_an_internal_one_fails_only_its_line(model, tmp_path, capsys):
+    lines = [{"task": "caption", "image": "stars.png"},
+             {"task": "caption", "image": "triangle.png"},
+             {"task": "ask", "image": "stars.png", "question": 7},
+             "not JSON",
+             '{"task": "caption", "image": "stars.png", "id": 1' + "0" * 5000 + "}",
+             "[" * 100_000 + "]" * 100_000,
+             {"task": "caption", "image": "stars.png", "id": 1.5},
+             {"task": "paint", "image": "stars.png"},
+             {"task": "caption", "image": "missing.png"},
+             {"task": "caption", "image": "circle_and_square.png"}]
+    tasks, out = write_lines(tmp_path / "tasks.jsonl", lines), tmp_path / "out.jsonl"
+    assert batch(Faulty(model), tasks, out) == 0
+    errors = {r["line"]: r["error"] for r in records(out) if "error" in r}
+    assert errors == {
+        2: "line 2: internal error (KeyError)",
+        3: "line 3: question: expected a non-empty string, got 7",
+        4: "line 4: invalid JSON (Expecting value at column 1)",
+        5: "line 5: invalid JSON (a number too long)",
+        6: "line 6: invalid JSON (nested too deeply)",
+        7: "line 7: id must be a string or an integer, got float",
+        8: "line 8: unknown task 'paint' (valid: caption, ask, classify, story, few_shot, generate)",
+        9: errors[9],
+    }
+    assert errors[9].startswith("line 9: ") and "missing.png" in errors[9] and "Error" not in errors[9]
+    assert [r["line"] for r in records(out) if "result" in r] == [1, 10]
+    err = capsys.readouterr().err
+    assert "secret" not in out.read_text() + err and all(message in err for message in errors.values())
+
+
+def test_a_lone_surrogate_fails_its_line_only_and_the_output_stays_utf8(model, tmp_path, capsys):
+    lines = [{"task": "caption", "image": "stars.png", "id": "\ud800"},
+             r'{"task": "caption", "image": "\udc80.png", "id": "b"}',  # an error that quotes the surrogate
+             b'{"task": "caption", "image": "stars.png", "id": "\xff"}',
+             '{"task": "caption", "image": "stars.png", "id": "\U0001F600 d\u00e9j\u00e0"}',
+             '{"task": "caption", "image": "triangle.png", "prompt": "An\u2028image of "}']  # not a line break
+    tasks, out = write_lines(tmp_path / "tasks.jsonl", lines), tmp_path / "out.jsonl"
+    assert batch(model, tasks, out) == 0
+    done = {r["line"]: r for r in records(out)}  # decodes as strict UTF-8
+    assert sorted(done) == [1, 2, 3, 4, 5]
+    assert done[1] == {"line": 1, "error": "line 1: id is not valid Unicode (it holds a lone surrogate)"}
+    assert done[2]["id"] == "b" and "\udc80.png" in done[2]["error"]
+    assert done[3] == {"line": 3, "error": "line 3: not UTF-8 text (byte 50 of the line)"}
+    assert done[4]["id"] == "\U0001F600 d\u00e9j\u00e0" and "result" in done[4] and "result" in done[5]
+    assert batch(model, tasks, out) == 0 and "all 5 lines already done" in capsys.readouterr().err

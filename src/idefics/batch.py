@@ -23,11 +23,9 @@ from idefics import tasks
 from idefics.errors import IdeficsError
 from idefics.scoring import LabelScore
 
-TASKS = ("caption", "ask", "classify", "story", "few_shot", "generate")
-_FIELDS = {  # the fields each task reads besides task, id, image and options
-    "caption": {"prompt"}, "ask": {"question"}, "classify": {"labels", "mode"}, "story": {"instruction"},
-    "few_shot": {"examples"}, "generate": {"prompt"},
-}
+TASKS = (*tasks.TASKS, "generate")
+# the fields each task reads besides task, id, image and options
+_FIELDS = {name: set(t.fields) for name, t in tasks.TASKS.items()} | {"generate": {"prompt"}}
 
 
 @dataclass
@@ -133,17 +131,7 @@ def run_group(m, jobs: list[Job]) -> list:
 
 
 def _call(m, job: Job, images):
-    f, o = job.fields, job.options
-    if job.task == "caption":
-        return m.caption(images, f.get("prompt"), **o)
-    if job.task == "ask":
-        return m.ask(images, f.get("question"), **o)
-    if job.task == "story":
-        return m.story(images, f.get("instruction"), **o)
-    if job.task == "few_shot":
-        return m.few_shot(f["examples"], images, **o)
-    mode = f.get("mode", "rank")
-    return m.classify(images, f.get("labels"), mode, **(o if mode != "rank" else {}))
+    return tasks.TASKS[job.task].run(m, images, job.fields, job.options)
 
 
 def as_json(result):

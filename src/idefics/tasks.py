@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 from idefics.errors import IdeficsError
 from idefics.images import is_image_reference, is_image_source
@@ -147,3 +148,26 @@ def assistant_turn(reply: str | None = None) -> list:
 
 def is_text(item) -> bool:
     return isinstance(item, str) and not is_image_reference(item)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task as the command line and batch files name it: the fields it reads besides its images and options,
+    and its call on a model (one image -> one result, a list -> a list)."""
+
+    fields: tuple[str, ...]
+    run: Callable  # (model, images, fields: dict, options: dict) -> result(s)
+
+
+def _classify(m, images, f: dict, o: dict):
+    mode = f.get("mode") or "rank"
+    return m.classify(images, f.get("labels"), mode, **(o if mode != "rank" else {}))  # rank takes no options
+
+
+TASKS: dict[str, Task] = {
+    "caption": Task(("prompt",), lambda m, images, f, o: m.caption(images, f.get("prompt"), **o)),
+    "ask": Task(("question",), lambda m, images, f, o: m.ask(images, f.get("question"), **o)),
+    "classify": Task(("labels", "mode"), _classify),
+    "story": Task(("instruction",), lambda m, images, f, o: m.story(images, f.get("instruction"), **o)),
+    "few_shot": Task(("examples",), lambda m, images, f, o: m.few_shot(f.get("examples"), images, **o)),
+}

@@ -9,6 +9,7 @@ import torch
 
 from idefics import tasks
 from idefics.chat import Conversation
+from idefics.checks import show
 from idefics.config import IdeficsConfig
 from idefics.engine import Engine, split_batch
 from idefics.generate import Completion, Generator, TextStream
@@ -50,6 +51,18 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
     raise IdeficsError(f"unknown dtype {dtype!r} (valid: {', '.join(DTYPES)})")
 
 
+PROCESS_OPTIONS = ("add_end_of_utterance_token",)
+
+
+def _switches(call: str, options: dict, known: tuple[str, ...]):
+    """Keyword options that are switches: each one known, and True, False or None (the default)."""
+    for name, value in options.items():
+        if name not in known:
+            raise IdeficsError(f"{call}(): unknown option {show(name)} (known: {', '.join(known)})")
+        if value is not None and not isinstance(value, bool):
+            raise IdeficsError(f"{call}(): {name} must be True or False, got {show(value)}")
+
+
 class Idefics:
     """An IDEFICS checkpoint ready for inference. Build it with `idefics.load()`."""
 
@@ -78,18 +91,33 @@ class Idefics:
 
     def process(self, prompts, **options) -> dict[str, torch.Tensor]:
         """Prompts (a list of text and image items, or a list of such lists) -> input_ids, attention_mask,
-        pixel_values (B, N, 3, H, W) and image_attention_mask (B, S, N), as the reference processor."""
-        return self.processor(prompts, **options)
+        pixel_values (B, N, 3, H, W) and image_attention_mask (B, S, N), as the reference processor. Options:
+        add_end_of_utterance_token."""
+        _switches("process", options, known=PROCESS_OPTIONS)
+        batch = as_batch(prompts)
+        for b, prompt in enumerate(batch):
+            for i, item in enumerate(prompt):
+                if isinstance(item, str):  # text, or a URL: neither can hold a lone surrogate
+                    tasks.valid_text(item, f"prompt {b}, item {i}" if len(batch) > 1 else f"item {i}")
+        return self.processor(batch, **options)
 
     def logits(self, prompts, **options) -> torch.Tensor:
-        """(B, S, V) float32 logits at every position of the processed prompts (padding positions included)."""
-        return full_logits(self.model, self.process(prompts, **options)).float()
+        """(B, S, V) float32 logits at every position of the processed prompts (padding positions included).
+        Options: as process()."""
+        batch = self.process(prompts, **options)
+        context = self.config.max_position_embeddings
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        for b, n in enumerate(lengths):
+            if n > context:
+                raise IdeficsError(f"prompt {b} has {n} tokens; the model's context is {context}")
+        return full_logits(self.model, batch).float()
 
     def generate(self, prompts, *, include_prompt: bool = False, add_end_of_utterance_token: bool = False,
                  **options) -> list[Completion]:
         """Continue each prompt. Options: max_new_tokens, min_new_tokens, max_length, do_sample, temperature,
         top_k, top_p, repetition_penalty, num_beams, length_penalty, early_stopping, eos_token_id, stop, seed,
         banned_token_ids. <image> and <fake_token_around_image> are never generated unless you say otherwise."""
+        _switches("generate", dict(include_prompt=include_prompt), known=("include_prompt",))
         o = GenerationOptions.make(**options)
         batch = self.process(prompts, add_end_of_utterance_token=add_end_of_utterance_token)
         return self.generator.completions(split_batch(batch), o, include_prompt)

@@ -76,7 +76,9 @@ class Generator:
         self.tokenizer = tokenizer
 
     def _rows(self, prompts: list[Prompt], o: GenerationOptions) -> list[_Row]:
-        context = self.engine.model.config.max_position_embeddings
+        config = self.engine.model.config
+        o.within_vocabulary(config.total_vocab_size)
+        context = config.max_position_embeddings
         rows = []
         for i, p in enumerate(prompts):
             n = p.ids.shape[0]
@@ -90,7 +92,26 @@ class Generator:
                     f"prompt {i} has {n} tokens; with {budget} new tokens it exceeds the model's context of {context}"
                 )
             rows.append(_Row(p, p.ids.tolist(), budget, []))
+        self._check_memory(rows, o.num_beams)
         return rows
+
+    def _check_memory(self, rows: list[_Row], beams: int):
+        """Refuse a call whose sequences' cache cannot be allocated, before the engine tries (and fails
+        midway)."""
+        engine, slots = self.engine, len(rows) * beams
+        max_len = max(r.prompt.ids.shape[0] + r.budget for r in rows)
+        tokens = max(1, max(r.prompt.pixels.shape[0] for r in rows)) * engine.model.config.image_seq_len
+        held = 0
+        if engine.cache is not None:  # reserve() frees what it holds before it grows
+            slots, max_len = max(slots, engine.cache.k.shape[1]), max(max_len, engine.cache.max_len)
+            tokens = max(tokens, engine.images.max_tokens)
+            held = cache_bytes(engine.model, engine.cache.k.shape[1], engine.cache.max_len, engine.images.max_tokens)
+        needed, free = cache_bytes(engine.model, slots, max_len, tokens), free_memory(engine.device)
+        if free is not None and needed > free + held:
+            raise IdeficsError(
+                f"{len(rows)} prompts x {beams} beams of up to {max_len} tokens need about {needed / 2**30:.1f} GiB "
+                f"of cache, and {engine.device} has {(free + held) / 2**30:.1f} GiB free: use fewer prompts, beams or "
+                "new tokens")
 
     def _rules(self, o: GenerationOptions) -> _Rules:
         eos = o.eos_token_id if o.eos_token_id is not None else default_eos(self.tokenizer)
@@ -216,6 +237,31 @@ class Generator:
         if include_prompt:
             text = self._text(r.prompt_ids + r.tokens)
         return Completion(text[: len(text) - cut], list(r.tokens), r.finish or "length")
+
+
+def cache_bytes(model, slots: int, max_len: int, image_tokens: int) -> int:
+    """Bytes of Engine.reserve's buffers for these slots (their leading terms): self-attention K/V, image K/V,
+    the prefill's image features and mask, and float32 logits (scores are a copy)."""
+    c, size = model.config, model.embed.weight.dtype.itemsize
+    per_slot = (2 * c.num_hidden_layers * c.num_attention_heads * max_len * c.head_dim * size
+                + 2 * c.num_cross_layers * c.num_attention_heads * image_tokens * c.head_dim * size
+                + image_tokens * c.image_dim * size + max_len * image_tokens + 2 * 4 * c.total_vocab_size)
+    return slots * per_slot
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still allocate, None where unknown: on CUDA what is free plus what torch's allocator
+    holds unused; on the CPU the kernel's estimate of available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            return None
+    return None
 
 
 def _host_copy(t: torch.Tensor):

@@ -96,20 +96,22 @@ class Generator:
         return rows
 
     def _check_memory(self, rows: list[_Row], beams: int):
-        """Refuse a call whose sequences' cache cannot be allocated, before the engine tries (and fails
-        midway)."""
-        engine, slots = self.engine, len(rows) * beams
-        max_len = max(r.prompt.ids.shape[0] + r.budget for r in rows)
-        tokens = max(1, max(r.prompt.pixels.shape[0] for r in rows)) * engine.model.config.image_seq_len
-        held = 0
-        if engine.cache is not None:  # reserve() frees what it holds before it grows
-            slots, max_len = max(slots, engine.cache.k.shape[1]), max(max_len, engine.cache.max_len)
-            tokens = max(tokens, engine.images.max_tokens)
-            held = cache_bytes(engine.model, engine.cache.k.shape[1], engine.cache.max_len, engine.images.max_tokens)
-        needed, free = cache_bytes(engine.model, slots, max_len, tokens), free_memory(engine.device)
+        """Refuse a call whose cache cannot be allocated, before the engine tries."""
+        engine = self.engine
+        # (slots, tokens per slot, image tokens per slot), as Engine.reserve takes them
+        want = (len(rows) * beams, max(r.prompt.ids.shape[0] + r.budget for r in rows),
+                max(1, max(r.prompt.pixels.shape[0] for r in rows)) * engine.model.config.image_seq_len)
+        have = (0, 0, 0)
+        if engine.cache is not None:
+            have = (engine.cache.k.shape[1], engine.cache.max_len, engine.images.max_tokens)
+        if all(w <= h for w, h in zip(want, have)):
+            return
+        # reserve() frees what it holds, then allocates room for both.
+        held, needed = cache_bytes(engine.model, *have), cache_bytes(engine.model, *map(max, want, have))
+        free = free_memory(engine.device)
         if free is not None and needed > free + held:
             raise IdeficsError(
-                f"{len(rows)} prompts x {beams} beams of up to {max_len} tokens need about {needed / 2**30:.1f} GiB "
+                f"{len(rows)} prompts x {beams} beams of up to {want[1]} tokens need about {needed / 2**30:.1f} GiB "
                 f"of cache, and {engine.device} has {(free + held) / 2**30:.1f} GiB free: use fewer prompts, beams or "
                 "new tokens")
 

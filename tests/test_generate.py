@@ -1,5 +1,6 @@
 """Generation against transformers' generate(): greedy, beam search, eos, lengths, processors, sampling; stop
 strings, streaming, include_prompt and bad options."""
+import os
 from collections import Counter
 
 import numpy as np
@@ -10,7 +11,10 @@ from helpers import reference_processor
 from PIL import Image
 
 import idefics
+from idefics.engine import split_batch
 from idefics.errors import IdeficsError
+from idefics.scheduler import Request
+from idefics.sampling import GenerationOptions
 
 BANNED = [[600], [601]]  # <fake_token_around_image>, <image>: banned by default in ours, as in the guide's calls
 
@@ -251,17 +255,112 @@ def test_include_prompt_as_reference_decode(pair):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=0), "max_new_tokens: must be at least 1, got 0"),
     (dict(max_new_tokens=-3), "max_new_tokens"),
+    (dict(max_new_tokens=True), "max_new_tokens: must be an integer or None, got True"),
     (dict(max_new_token=5), "unknown generation option 'max_new_token'"),
     (dict(num_beams=0), "num_beams"),
-    (dict(early_stopping="sometimes"), "early_stopping"),
+    (dict(num_beams=65), "num_beams: must be from 1 to 64, got 65"),
+    (dict(num_beams=10**6), "num_beams: must be from 1 to 64"),
+    (dict(early_stopping="sometimes"), "early_stopping: must be True or False or 'never'"),
+    (dict(early_stopping=1), "early_stopping"),
+    (dict(do_sample="no"), "do_sample: must be True or False, got 'no'"),
+    (dict(temperature="0.5", do_sample=True), "temperature: must be a finite number, got '0.5'"),
+    (dict(temperature=float("inf"), do_sample=True), "temperature: must be a finite number, got inf"),
+    (dict(temperature=float("nan")), "temperature: must be a finite number, got nan"),
+    (dict(temperature=-1.0), "temperature: must be at least 0"),
+    (dict(temperature=0, do_sample=True), "temperature: must be at least 1e-06 when sampling"),
+    (dict(temperature=1e-38, do_sample=True), "temperature: must be at least 1e-06 when sampling"),
+    (dict(top_p="x"), "top_p: must be a finite number, got 'x'"),
+    (dict(top_p=0.0), "top_p: must be above 0 and at most 1"),
+    (dict(top_k=2.5), "top_k: must be an integer"),
+    (dict(repetition_penalty=1e-300, do_sample=True), "repetition_penalty: must be at least 1e-06"),
+    (dict(length_penalty=1e300, num_beams=2), "length_penalty: must be from -10 to 10"),
+    (dict(seed="abc", do_sample=True), "seed: must be an integer or None, got 'abc'"),
+    (dict(seed=2**70, do_sample=True), "seed: must be from 0 to 18446744073709551615, got 1180591620717411303424"),
+    (dict(seed=-1, do_sample=True), "seed: must be from 0 to"),
+    (dict(stop=5), "stop: must be a string, a list of strings or None, got 5"),
+    (dict(stop=["ok", 5]), "stop: must be a string, a list of strings or None"),
+    (dict(stop=["ok", ""]), "stop strings must be non-empty"),
+    (dict(stop=["x" * 257]), "stop: must be at most 256 characters long"),
+    (dict(stop=[f"s{i}" for i in range(65)]), "stop: takes at most 64 items, got 65"),
+    (dict(eos_token_id=1.5), "eos_token_id: must be an integer, a list of integers or None, got 1.5"),
+    (dict(eos_token_id="x"), "eos_token_id: must be an integer, a list of integers or None, got 'x'"),
+    (dict(eos_token_id=[2, -1]), "eos_token_id: must be at least 0, got -1"),
+    (dict(eos_token_id=602), r"eos_token_id: 602 is past the vocabulary \(ids 0 to 601\)"),
+    (dict(banned_token_ids=7), "banned_token_ids: must be a list of integers or None, got 7"),
+    (dict(banned_token_ids=["a"]), r"banned_token_ids: must be a list of integers or None, got \['a'\]"),
+    (dict(banned_token_ids=[600, 10**6]), "banned_token_ids: 1000000 is past the vocabulary"),
+    (dict(include_prompt="yes"), "generate\\(\\): include_prompt must be True or False, got 'yes'"),
+    (dict(add_end_of_utterance_token=1), "process\\(\\): add_end_of_utterance_token must be True or False"),
     (dict(max_new_tokens=250), "context of 256"),
 ])
 def test_bad_options_raise_one_line(pair, options, message):
     with pytest.raises(IdeficsError, match=message) as info:
         pair[0].generate(PROMPTS, **options)
     assert "\n" not in str(info.value)
+
+
+def test_options_of_other_python_number_types_are_taken():
+    """numpy integers and floats, tuples for lists, an int temperature: accepted as the values they are."""
+    o = GenerationOptions.make(seed=np.uint64(2**64 - 1), eos_token_id=(np.int64(2), 5), temperature=1,
+                               top_p=np.float32(0.5), banned_token_ids=(600,), stop="x")
+    got = (o.seed, o.eos_token_id, o.temperature, o.top_p, o.banned_token_ids, o.stop)
+    assert got == (2**64 - 1, [2, 5], 1.0, 0.5, [600], ["x"])
+    assert type(o.seed) is int and type(o.eos_token_id[0]) is int and type(o.temperature) is float
+
+
+def test_extreme_but_valid_options_generate(pair):
+    m = pair[0]
+    greedy = ours(pair, PROMPTS[:1], max_new_tokens=3)
+    assert ours(pair, PROMPTS[:1], max_new_tokens=3, temperature=0) == greedy  # greedy ignores the temperature
+    top_seed = ours(pair, PROMPTS[:1], max_new_tokens=4, do_sample=True, seed=2**64 - 1)
+    assert top_seed == ours(pair, PROMPTS[:1], max_new_tokens=4, do_sample=True, seed=2**64 - 1)
+    cold = ours(pair, PROMPTS[:1], max_new_tokens=4, do_sample=True, seed=1, temperature=1e-6, top_k=10**30)
+    assert cold == ours(pair, PROMPTS[:1], max_new_tokens=4)  # so cold it draws the argmax
+    assert len(m.generate(PROMPTS[:1], max_new_tokens=3, eos_token_id=[])[0].token_ids) == 3
+    assert len(m.generate(PROMPTS[:1], max_new_tokens=3, num_beams=64)[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.process(PROMPTS[0], padding=True),
+     r"process\(\): unknown option 'padding' \(known: add_end_of_utterance_token\)"),
+    (lambda m: m.logits(PROMPTS[0], return_tensors="pt"), r"process\(\): unknown option 'return_tensors'"),
+    (lambda m: m.logits(PROMPTS[0], add_end_of_utterance_token="no"), "add_end_of_utterance_token must be True or"),
+    (lambda m: m.process(["Hello \ud800 there"]), r"item 0: text is not valid Unicode \('\\ud800' at character 6\)"),
+    (lambda m: m.logits([PROMPTS[0], [A, "caf\udce9"]]), "prompt 1, item 1: text is not valid Unicode"),
+    (lambda m: m.generate([[A, "\udfff"]]), "item 1: text is not valid Unicode"),
+    (lambda m: list(m.stream(["\ud83d"])), "item 0: text is not valid Unicode"),
+    (lambda m: m.logits(["a red door, a pumpkin, a ghost. " * 40]), "prompt 0 has 281 tokens; the model's context is"),
+])
+def test_bad_process_and_logits_calls_raise_one_line(pair, call, message):
+    with pytest.raises(IdeficsError, match=message) as info:
+        call(pair[0])
+    assert "\n" not in str(info.value)
+
+
+def test_logits_take_a_prompt_that_fills_the_context_and_no_more(pair):
+    m = pair[0]
+    ids = m.process(["a red door, a pumpkin, a ghost. " * 40])["input_ids"][0]
+    full, over = (m.tokenizer.decode(ids[1:n].tolist()) for n in (256, 257))  # BOS + 255 or 256 tokens
+    assert m.logits([full]).shape == (1, 256, 602)
+    with pytest.raises(IdeficsError, match="prompt 1 has 257 tokens; the model's context is 256"):
+        m.logits([[full], [over]])
+
+
+def test_a_call_whose_cache_cannot_fit_in_memory_is_refused(pair):
+    """Enough beams of enough prompts to need more cache than the machine has memory (each slot holds at least
+    2 x 4 layers x 4 heads x 8 dims x 4 bytes per token) is one clear error, before anything is allocated."""
+    m = pair[0]
+    prompt = split_batch(m.process(PROMPTS[1]))[0]
+    max_len = prompt.ids.shape[0] + 200
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    count = physical // (64 * max_len * 1024) + 1
+    with pytest.raises(IdeficsError, match=f"{count} prompts x 64 beams of up to {max_len} tokens need about") as info:
+        o = GenerationOptions.make(num_beams=64, max_new_tokens=200)
+        m._beams([Request.make(prompt, o, m.tokenizer, m.config.max_position_embeddings)] * count)
+    assert "\n" not in str(info.value) and "GiB of cache" in str(info.value)
+    assert m.generate(PROMPTS[:1], max_new_tokens=4)[0].token_ids  # the engine is still usable
 
 
 def test_prompt_longer_than_the_context_raises(pair):

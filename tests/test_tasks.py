@@ -172,8 +172,10 @@ def test_a_token_merging_across_the_boundary_counts_as_the_continuations(setup):
 @pytest.mark.parametrize("call, message", [
     (lambda m: m.classify(A, []), "no labels"),
     (lambda m: m.classify(A, "animals"), "list of strings"),
-    (lambda m: m.classify(A, ["cars", "cars"]), "duplicate"),
+    (lambda m: m.classify(A, ["cars", "office", "cars"]), "duplicate label 'cars'"),
     (lambda m: m.classify(A, ["cars", " "]), "label 1"),
+    (lambda m: m.classify(A, ["cars", "bus\udc80"]), r"label 1: text is not valid Unicode \('\\udc80' at character 3"),
+    (lambda m: m.classify(A, ["cars", "bus\ud800"], mode="generate"), "label 1: text is not valid Unicode"),
     (lambda m: m.classify(A, CATEGORIES, mode="vote"), "unknown classification mode"),
     (lambda m: m.classify(A, CATEGORIES, max_new_tokens=3), "no generation options"),
     (lambda m: m.caption(None), "missing image"),
@@ -181,13 +183,20 @@ def test_a_token_merging_across_the_boundary_counts_as_the_continuations(setup):
     (lambda m: m.caption([A, None]), "image 1: missing image"),
     (lambda m: m.caption(3), "unsupported image"),
     (lambda m: m.ask(A, ""), "question"),
+    (lambda m: m.ask(A, "Who is \ud83d?"), "question: text is not valid Unicode"),
+    (lambda m: m.caption(A, "This is \udfff"), "prompt: text is not valid Unicode"),
+    (lambda m: m.story(A, "Write \ud800"), "instruction: text is not valid Unicode"),
+    (lambda m: m.few_shot([(A, "A \udc00 tower")], B), "example 0 text: text is not valid Unicode"),
+    (lambda m: m.chat().send("Hi \ud800", images=A), "item 2: text is not valid Unicode"),
+    (lambda m: m.chat().send(["Hi", A, "and \ud800"]), "item 2: text is not valid Unicode"),
     (lambda m: m.few_shot([], A), "few-shot examples"),
     (lambda m: m.few_shot([(A,)], A), "example 0"),
     (lambda m: m.caption(A, max_new_tokens=0), "max_new_tokens"),
 ])
 def test_user_errors_raise_idefics_error(setup, call, message):
-    with pytest.raises(IdeficsError, match=message):
+    with pytest.raises(IdeficsError, match=message) as info:
         call(setup[0])
+    assert "\n" not in str(info.value)
 
 
 # Chat

@@ -9,9 +9,10 @@ import torch
 
 from idefics import tasks
 from idefics.chat import Conversation
+from idefics.checks import show
 from idefics.config import IdeficsConfig
 from idefics.beam import beam_search
-from idefics.engine import Engine, split_batch
+from idefics.engine import Engine, check_room, split_batch
 from idefics.generate import Completion, completion
 from idefics.errors import IdeficsError
 from idefics.hub import resolve
@@ -53,6 +54,18 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
     raise IdeficsError(f"unknown dtype {dtype!r} (valid: {', '.join(DTYPES)})")
 
 
+PROCESS_OPTIONS = ("add_end_of_utterance_token",)
+
+
+def _switches(call: str, options: dict, known: tuple[str, ...]):
+    """Keyword options that are switches: each one known, and True, False or None (the default)."""
+    for name, value in options.items():
+        if name not in known:
+            raise IdeficsError(f"{call}(): unknown option {show(name)} (known: {', '.join(known)})")
+        if value is not None and not isinstance(value, bool):
+            raise IdeficsError(f"{call}(): {name} must be True or False, got {show(value)}")
+
+
 class Idefics:
     """An IDEFICS checkpoint ready for inference. Build it with `idefics.load()`."""
 
@@ -83,18 +96,32 @@ class Idefics:
 
     def process(self, prompts, **options) -> dict[str, torch.Tensor]:
         """Prompts (a list of text and image items, or a list of such lists) -> input_ids, attention_mask,
-        pixel_values (B, N, 3, H, W) and image_attention_mask (B, S, N), as the reference processor."""
-        return self.processor(prompts, **options)
+        pixel_values (B, N, 3, H, W) and image_attention_mask (B, S, N), as the reference processor. Options:
+        add_end_of_utterance_token."""
+        _switches("process", options, known=PROCESS_OPTIONS)
+        batch = as_batch(prompts)
+        for b, prompt in enumerate(batch):
+            for i, item in enumerate(prompt):
+                if isinstance(item, str):  # text, or a URL: neither can hold a lone surrogate
+                    tasks.valid_text(item, f"prompt {b}, item {i}" if len(batch) > 1 else f"item {i}")
+        return self.processor(batch, **options)
 
     def logits(self, prompts, **options) -> torch.Tensor:
-        """(B, S, V) float32 logits at every position of the processed prompts (padding positions included)."""
+        """(B, S, V) float32 logits at every position of the processed prompts (padding positions included).
+        Options: as process()."""
         batch = self.process(prompts, **options)
+        context = self.config.max_position_embeddings
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        for b, n in enumerate(lengths):
+            if n > context:
+                raise IdeficsError(f"prompt {b} has {n} tokens; the model's context is {context}")
         return self.loop.call(lambda: full_logits(self.model, batch).float())
 
     def requests(self, prompts, *, add_end_of_utterance_token: bool | None = None, logprobs: int | None = None,
                  **options) -> list[Request]:
         """Prompts -> checked requests for the scheduler (an error names the failing prompt; nothing is queued)."""
         o = GenerationOptions.make(**options)
+        o.within_vocabulary(self.config.total_vocab_size)
         batch = self.process(prompts, add_end_of_utterance_token=add_end_of_utterance_token)
         context = self.config.max_position_embeddings
         return [Request.make(p, o, self.tokenizer, context, logprobs=logprobs, where=f"prompt {i}")
@@ -107,6 +134,7 @@ class Idefics:
         banned_token_ids. <image> and <fake_token_around_image> are never generated unless you say otherwise.
         add_end_of_utterance_token: as the processor's (None: true for instruct tokenizers, as transformers 4.37.2).
         Safe to call from several threads at once: concurrent calls share the running batch."""
+        _switches("generate", dict(include_prompt=include_prompt), known=("include_prompt",))
         requests = self.requests(prompts, add_end_of_utterance_token=add_end_of_utterance_token, **options)
         if requests[0].options.num_beams > 1:
             self._beams(requests)
@@ -143,7 +171,9 @@ class Idefics:
             if e.max_len < max_len or e.max_images < images or e.free_slots(slots, consecutive=True) is None:
                 if e.active:
                     raise Busy
-                e.reserve(max(slots, e.slots), max_len, images)
+                want = (max(slots, e.slots), max(max_len, e.max_len), max(images, e.max_images))
+                check_room(e, *want, what=f"{len(requests)} prompts x {o.num_beams} beams of up to {max_len} tokens")
+                e.reserve(*want)
             for _ in beam_search(e, requests, o):
                 pass
 

@@ -5,44 +5,71 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from idefics.checks import FieldError, check, limited, show
 from idefics.errors import IdeficsError
+from idefics.layers import ACTIVATIONS
 
 
 class ConfigError(IdeficsError):
     pass
 
 
+# Sane upper bounds: the released models are far below them, and a config past them is a mistake that would take
+# minutes (or all memory) to build before its weights were found not to match.
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_WIDTH = 1 << 17  # hidden and MLP widths, head dims, latents
+MAX_VOCAB = 1 << 21
+MAX_CONTEXT = 1 << 20
+MAX_IMAGE_SIZE = 4096
+MAX_FILE_BYTES = 1 << 20  # the hub's config.json files are a few KB
+
+_LAYERS = dict(low=1, high=MAX_LAYERS)
+_HEADS = dict(low=1, high=MAX_HEADS)
+_WIDTH = dict(low=1, high=MAX_WIDTH)
+_EPS = dict(above=0, high=1)
+
+
 def _take(cls, d: dict, source: str, section: str, required: tuple[str, ...], rename: dict | None = None):
     """Build dataclass `cls` from the keys of `d` it knows; unknown keys are ignored (the hub configs carry
-    training-only fields). Fields in `required` must be present; the others take the reference's defaults."""
+    training-only fields). Fields in `required` must be present; the others take the reference's defaults. A value
+    that breaks its field's definition is named by its key in the file."""
     rename = rename or {}
+
+    def where(name: str) -> str:
+        key = rename.get(name, name)
+        return f"{section}.{key}" if section else key
+
     for name in required:
         if rename.get(name, name) not in d:
-            where = f"{section}.{name}" if section else name
-            raise ConfigError(f"{source}: missing field '{where}'")
+            raise ConfigError(f"{source}: missing field '{where(name)}'")
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for name in names:
         key = rename.get(name, name)
         if key in d and d[key] is not None:
             kwargs[name] = d[key]
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except FieldError as e:
+        raise ConfigError(f"{source}: field '{where(e.name)}' {e.problem}") from None
 
 
 @dataclass
 class VisionConfig:
     """CLIP-style ViT tower (idefics: ViT-H/14)."""
 
-    embed_dim: int = 768
-    image_size: int = 224
-    patch_size: int = 14
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 16
-    intermediate_size: int = 5120
-    num_channels: int = 3
-    hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-5
+    embed_dim: int = limited(768, **_WIDTH)
+    image_size: int = limited(224, low=1, high=MAX_IMAGE_SIZE)
+    patch_size: int = limited(14, low=1, high=MAX_IMAGE_SIZE)
+    num_hidden_layers: int = limited(32, **_LAYERS)
+    num_attention_heads: int = limited(16, **_HEADS)
+    intermediate_size: int = limited(5120, **_WIDTH)
+    num_channels: int = limited(3, low=1, high=4)
+    hidden_act: str = limited("gelu", choices=tuple(ACTIVATIONS))
+    layer_norm_eps: float = limited(1e-5, **_EPS)
 
     head_dim: int = field(init=False)
     num_patches: int = field(init=False)
@@ -50,6 +77,10 @@ class VisionConfig:
     def __post_init__(self):
         self.image_size = _square(self.image_size, "image_size")
         self.patch_size = _square(self.patch_size, "patch_size")
+        check(self)
+        _multiple("embed_dim", self.embed_dim, "num_attention_heads", self.num_attention_heads)
+        if self.patch_size > self.image_size:
+            raise FieldError("patch_size", f"must be at most image_size ({self.image_size}), got {self.patch_size}")
         self.head_dim = self.embed_dim // self.num_attention_heads
         self.num_patches = (self.image_size // self.patch_size) ** 2  # plus one class token in the sequence
 
@@ -58,31 +89,34 @@ class VisionConfig:
 class PerceiverConfig:
     """Perceiver resampler: compresses the vision tokens of one image into n_latents vectors."""
 
-    n_latents: int = 64
-    depth: int = 6
-    n_heads: int = 16
-    head_dim: int = 96
+    n_latents: int = limited(64, **_WIDTH)
+    depth: int = limited(6, **_LAYERS)
+    n_heads: int = limited(16, **_HEADS)
+    head_dim: int = limited(96, **_WIDTH)
     qk_layer_norms: bool = False
+
+    def __post_init__(self):
+        check(self)
 
 
 @dataclass
 class IdeficsConfig:
     """LLaMA decoder with gated cross-attention to image latents, plus the vision tower and perceiver."""
 
-    vocab_size: int = 32000
-    additional_vocab_size: int = 0
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 2048
-    cross_layer_interval: int = 1
+    vocab_size: int = limited(32000, low=1, high=MAX_VOCAB)
+    additional_vocab_size: int = limited(0, low=0, high=MAX_VOCAB)
+    hidden_size: int = limited(4096, **_WIDTH)
+    intermediate_size: int = limited(11008, **_WIDTH)
+    num_hidden_layers: int = limited(32, **_LAYERS)
+    num_attention_heads: int = limited(32, **_HEADS)
+    hidden_act: str = limited("silu", choices=tuple(ACTIVATIONS))
+    rms_norm_eps: float = limited(1e-6, **_EPS)
+    rope_theta: float = limited(10000.0, above=0)
+    max_position_embeddings: int = limited(2048, low=1, high=MAX_CONTEXT)
+    cross_layer_interval: int = limited(1, **_LAYERS)
     qk_layer_norms: bool = False
     use_resampler: bool = False
-    alpha_type: str = "float"  # "float": one gate per block; "vector": one per hidden unit
+    alpha_type: Literal["float", "vector"] = "float"  # "float": one gate per block; "vector": one per hidden unit
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -94,14 +128,11 @@ class IdeficsConfig:
     total_vocab_size: int = field(init=False)  # base vocabulary + additional tokens (<image>, ...)
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
-        if self.alpha_type not in ("float", "vector"):
-            raise ConfigError(f"unknown alpha_type '{self.alpha_type}' (expected 'float' or 'vector')")
-        if self.cross_layer_interval < 1 or self.num_hidden_layers % self.cross_layer_interval:
-            # The reference indexes past its cross blocks otherwise.
-            raise ConfigError(f"num_hidden_layers {self.num_hidden_layers} is not a multiple of "
-                              f"cross_layer_interval {self.cross_layer_interval}")
+        check(self)
+        # RoPE rotates pairs of each head's dims.
+        _multiple("hidden_size", self.hidden_size, "2 x num_attention_heads", 2 * self.num_attention_heads)
+        # The reference indexes past its cross blocks otherwise.
+        _multiple("num_hidden_layers", self.num_hidden_layers, "cross_layer_interval", self.cross_layer_interval)
         self.head_dim = self.hidden_size // self.num_attention_heads
         self.num_cross_layers = self.num_hidden_layers // self.cross_layer_interval
         self.total_vocab_size = self.vocab_size + self.additional_vocab_size
@@ -119,8 +150,11 @@ class IdeficsConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "IdeficsConfig":
         if d.get("model_type") != "idefics":
-            raise ConfigError(f"{source}: model_type is {d.get('model_type')!r}, expected 'idefics' (IDEFICS v1)")
-        if not isinstance(d.get("vision_config"), dict):
+            raise ConfigError(f"{source}: model_type is {show(d.get('model_type'))}, expected 'idefics' (IDEFICS v1)")
+        for key in ("vision_config", "perceiver_config", "rope_parameters", "rope_scaling"):
+            if key in d and not isinstance(d[key], (dict, type(None))):
+                raise ConfigError(f"{source}: field '{key}' must be an object, got {show(d[key])}")
+        if d.get("vision_config") is None:
             raise ConfigError(f"{source}: missing field 'vision_config'")
         vision = _take(
             VisionConfig, d["vision_config"], source, "vision_config",
@@ -133,7 +167,7 @@ class IdeficsConfig:
         )
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ConfigError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
+            raise ConfigError(f"{source}: rope type {show(rope.get('rope_type', rope.get('type')))} is not supported")
         top = dict(d)
         if "rope_theta" in rope:
             top.setdefault("rope_theta", rope["rope_theta"])
@@ -147,23 +181,35 @@ class IdeficsConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "IdeficsConfig":
         path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: not found")
+        if not path.is_file():  # a FIFO or device would block or never end
+            raise ConfigError(f"{path}: not a regular file")
         try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            with path.open("rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+            if len(data) > MAX_FILE_BYTES:
+                raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES} bytes, not a model config")
+            d = json.loads(data)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ConfigError(f"{path}: not a readable JSON file ({e})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(d, source=str(path))
 
 
-def _square(value, name: str) -> int:
+def _square(value, name: str):
+    """An image_size or patch_size given as [n, n] -> n."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise ConfigError(f"vision_config.{name} {value} must be square")
-        value = value[0]
-    return int(value)
+            raise FieldError(name, f"must be square, got {show(value)}")
+        return value[0]
+    return value
+
+
+def _multiple(name: str, value: int, of: str, step: int):
+    if value % step:
+        raise FieldError(name, f"must be a multiple of {of} ({step}), got {value}")
 
 
 # Shapes of the released checkpoints (hub config.json), for building on the meta device and for benchmarks.

@@ -13,6 +13,7 @@ import torch
 
 from idefics.cache import ImageKV, KVCache
 from idefics.encoder import ImageEncoder
+from idefics.errors import IdeficsError
 from idefics.graphs import Graphs, slot_bucket
 from idefics.layers import rope_cos_sin
 from idefics.model import IdeficsModel
@@ -53,6 +54,42 @@ def _triton_ready() -> bool:
     except ImportError:
         return False
     return True
+
+
+def cache_bytes(model: IdeficsModel, slots: int, max_len: int, images: int) -> int:
+    """Bytes of Engine.reserve's buffers for these slots (their leading terms): self-attention K/V, image K/V, the
+    prefill's image features and mask, and float32 logits (scores are a copy)."""
+    c, size = model.config, model.embed.weight.dtype.itemsize
+    t = max(images, 1) * c.image_seq_len
+    per_slot = (2 * c.num_hidden_layers * c.num_attention_heads * max_len * c.head_dim * size
+                + 2 * c.num_cross_layers * c.num_attention_heads * t * c.head_dim * size
+                + t * c.image_dim * size + max_len * t + 2 * 4 * c.total_vocab_size)
+    return slots * per_slot
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still allocate, None where unknown: on CUDA what is free plus what torch's allocator
+    holds unused; on the CPU the kernel's estimate of available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            return None
+    return None
+
+
+def check_room(engine: "Engine", slots: int, max_len: int, images: int, what: str):
+    """Refuse, before reserve() tries, buffers that cannot be allocated (reserve frees the old ones first)."""
+    m = engine.model
+    held = cache_bytes(m, engine.slots, engine.max_len, engine.max_images) if engine.cache is not None else 0
+    needed, free = cache_bytes(m, slots, max_len, images), free_memory(engine.device)
+    if free is not None and needed > free + held:
+        raise IdeficsError(f"{what} need about {needed / 2**30:.1f} GiB of cache, and {engine.device} has "
+                           f"{(free + held) / 2**30:.1f} GiB free: use fewer prompts, beams or new tokens")
 
 
 class Engine:

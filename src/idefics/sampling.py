@@ -3,71 +3,76 @@ search, and stop strings."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
+from idefics.checks import FieldError, check, limited, show
 from idefics.errors import IdeficsError
+
+
+MAX_BEAMS = 64  # the reference takes any number, but beams past a few dozen gain nothing and each holds a cache row
+MAX_EOS = 64  # each eos id widens beam search's candidates by num_beams
+MAX_STOP = 64  # each stop string is searched for in the text at every token
+MAX_STOP_CHARS = 256
+MIN_DIVISOR = 1e-6  # temperature and repetition penalty divide the scores: much smaller ones overflow to inf
 
 
 @dataclass
 class GenerationOptions:
-    max_new_tokens: int | None = None  # default 20 when max_length is not given either
-    min_new_tokens: int = 0
-    max_length: int | None = None  # prompt + new tokens, per prompt
+    """Each field's type and limits are checked on make() (bools are not numbers, numbers are finite); token ids
+    are held to the vocabulary once it is known (within_vocabulary)."""
+
+    max_new_tokens: int | None = limited(None, low=1)  # default 20 when max_length is not given either
+    min_new_tokens: int = limited(0, low=0)
+    max_length: int | None = limited(None, low=1)  # prompt + new tokens, per prompt
     do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50  # sampling only, as the reference's defaults
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: bool | str = False
-    eos_token_id: int | list[int] | None = None  # default: the tokenizer's eos and <end_of_utterance> if present
-    stop: list[str] | str | None = None  # stop strings; the text is cut before them
-    seed: int | None = None
-    banned_token_ids: list[int] | None = None  # default: <image> and <fake_token_around_image>
+    temperature: float = limited(1.0, low=0)  # at least MIN_DIVISOR when sampling
+    top_k: int = limited(50, low=0)  # sampling only, as the reference's defaults
+    top_p: float = limited(1.0, above=0, high=1)
+    repetition_penalty: float = limited(1.0, low=MIN_DIVISOR)
+    num_beams: int = limited(1, low=1, high=MAX_BEAMS)
+    length_penalty: float = limited(1.0, low=-10, high=10)  # an exponent of the length
+    early_stopping: bool | Literal["never"] = False
+    # default: the tokenizer's eos and <end_of_utterance> if present
+    eos_token_id: int | list[int] | None = limited(None, low=0, items=MAX_EOS)
+    stop: str | list[str] | None = limited(None, items=MAX_STOP, chars=MAX_STOP_CHARS)  # the text is cut before them
+    seed: int | None = limited(None, low=0, high=2**64 - 1)  # what torch.Generator.manual_seed takes
+    banned_token_ids: list[int] | None = limited(None, low=0)  # default: <image> and <fake_token_around_image>
 
     @classmethod
     def make(cls, **options) -> "GenerationOptions":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise IdeficsError(f"unknown generation option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+            raise IdeficsError(f"unknown generation option {show(unknown[0])} (known: {', '.join(sorted(known))})")
         o = cls(**options)
         o.validate()
         return o
 
     def validate(self):
-        def bad(msg):
-            raise IdeficsError(f"invalid generation options: {msg}")
-
-        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0):
-            bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length <= 0):
-            bad(f"max_length must be a positive integer, got {self.max_length!r}")
-        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
-            bad(f"min_new_tokens must be >= 0, got {self.min_new_tokens!r}")
-        if self.do_sample and not self.temperature > 0:
-            bad(f"temperature must be > 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            bad(f"top_k must be >= 0, got {self.top_k!r}")
-        if not self.repetition_penalty > 0:
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if not isinstance(self.num_beams, int) or self.num_beams < 1:
-            bad(f"num_beams must be >= 1, got {self.num_beams!r}")
-        if self.num_beams > 1 and self.do_sample:
-            bad("beam search with sampling is not supported; use num_beams=1 or do_sample=False")
-        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, (int, float)):
-            bad(f"length_penalty must be a number, got {self.length_penalty!r}")
-        if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
-            bad(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        try:
+            check(self)
+        except FieldError as e:
+            raise IdeficsError(f"invalid generation option {e.name}: {e.problem}") from None
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.stop and not all(isinstance(s, str) and s for s in self.stop):
-            bad("stop strings must be non-empty strings")
+        if self.stop and not all(self.stop):
+            raise IdeficsError("invalid generation option stop: stop strings must be non-empty")
+        if self.do_sample and self.temperature < MIN_DIVISOR:
+            raise IdeficsError(f"invalid generation option temperature: must be at least {MIN_DIVISOR} when sampling, "
+                               f"got {self.temperature}")
+        if self.num_beams > 1 and self.do_sample:
+            raise IdeficsError("beam search with sampling is not supported; use num_beams=1 or do_sample=False")
+
+    def within_vocabulary(self, size: int):
+        """Token ids must name tokens of a vocabulary of this size."""
+        for name in ("eos_token_id", "banned_token_ids"):
+            ids = getattr(self, name)
+            for i in [ids] if isinstance(ids, int) else ids or []:
+                if i >= size:
+                    raise IdeficsError(f"invalid generation option {name}: {i} is past the vocabulary "
+                                       f"(ids 0 to {size - 1})")
 
     def new_tokens(self, prompt_len: int) -> int:
         """How many tokens a prompt of this length may generate (max_new_tokens wins over max_length)."""

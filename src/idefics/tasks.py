@@ -7,6 +7,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from idefics.checks import show
 from idefics.errors import IdeficsError
 from idefics.images import is_image_reference, is_image_source
 
@@ -75,17 +76,27 @@ def as_labels(labels) -> list[str]:
     if not labels:
         raise IdeficsError("no labels given: classification needs at least one label")
     for i, label in enumerate(labels):
-        if not isinstance(label, str) or not label.strip():
-            raise IdeficsError(f"label {i}: expected a non-empty string, got {label!r}")
+        as_text(label, f"label {i}")
     if len(set(labels)) != len(labels):
-        raise IdeficsError(f"duplicate labels in {labels}")
+        raise IdeficsError(f"duplicate label {show(next(x for x in labels if labels.count(x) > 1))}")
     return labels
 
 
 def as_text(value, name: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise IdeficsError(f"{name}: expected a non-empty string, got {value!r}")
-    return value
+        raise IdeficsError(f"{name}: expected a non-empty string, got {show(value)}")
+    return valid_text(value, name)
+
+
+def valid_text(text: str, where: str) -> str:
+    """Text the tokenizer can read: a lone surrogate (half of a UTF-16 pair, as a bad decode leaves behind) has
+    no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise IdeficsError(f"{where}: text is not valid Unicode ({show(text[e.start])} at character {e.start})") \
+            from None
+    return text
 
 
 def as_examples(examples) -> list[tuple[Any, str]]:

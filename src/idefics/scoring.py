@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from idefics.errors import IdeficsError
+from idefics.images import is_image_reference
 from idefics.inputs import image_token_mask
 from idefics.processor import image_attention_mask
 
@@ -69,9 +70,10 @@ def continuation_log_likelihoods(m, prompts: list[list], continuations: list[str
     merge crosses the boundary, the merged token (with the prompt characters it absorbs) counts as the
     continuation's, so every continuation is scored on exactly the tokens that follow the prompt in its sequence.
     Everything is tokenized and checked against the model's context before any image or token is computed."""
-    plans = [_continuations(m, b, prompt, continuations) for b, prompt in enumerate(prompts)]
+    if not continuations:
+        raise IdeficsError("no continuations to score")
+    plans, counts = _plans(m, prompts, continuations)
     batches = [m.process([prompt]) for prompt in prompts]
-    counts = [plan[0].image_mask.shape[1] for plan in plans]
     pixels = torch.cat([batch["pixel_values"][0, :n] for batch, n in zip(batches, counts)])
     features = m.engine.encoder(pixels).split(counts)  # each distinct image encoded once, (N_b, T_img, D_img)
     scores = torch.zeros(len(prompts), len(continuations), dtype=torch.float64)
@@ -81,19 +83,34 @@ def continuation_log_likelihoods(m, prompts: list[list], continuations: list[str
     return scores
 
 
-def _continuations(m, b: int, prompt: list, continuations: list[str]) -> list[Continuation]:
-    """Tokenizes prompt b with each continuation, checking each against the model's context; no image is loaded."""
-    if not prompt or not isinstance(prompt[-1], str):
-        raise IdeficsError(f"prompt {b}: a scored prompt must end with text")
+def _plans(m, prompts: list[list], continuations: list[str]) -> tuple[list[list[Continuation]], list[int]]:
+    """Each prompt's continuations and its number of images, without loading any image. Prompts whose text is
+    the same (a batch of images to classify) share their continuations' tokens: tokenized once."""
+    plans, counts, done = [], [], {}
+    for b, prompt in enumerate(prompts):
+        if not prompt or not isinstance(prompt[-1], str) or is_image_reference(prompt[-1].strip(" ")):
+            raise IdeficsError(f"prompt {b}: a scored prompt must end with text")
+        text, n_images = _layout(m, prompt, b)
+        key = (text, prompt[-1])  # the joined texts follow from these
+        if key not in done:
+            done[key] = _continuations(m, b, prompt, m.tokenizer.encode(text), n_images, continuations)
+        plans.append(done[key])
+        counts.append(n_images)
+    return plans, counts
+
+
+def _continuations(m, b: int, prompt: list, own: list[int], n_images: int,
+                   continuations: list[str]) -> list[Continuation]:
+    """Prompt b (own: its ids) tokenized with each continuation, each checked against the model's context."""
     context = m.config.max_position_embeddings
-    own, n_images = _token_ids(m, prompt, b)
     if len(own) >= context:
         raise IdeficsError(f"prompt {b} has {len(own)} tokens; the model's context is {context}")
     plan = []
     for text in continuations:
-        ids, n = _token_ids(m, prompt[:-1] + [prompt[-1] + text], b)
+        joined, n = _layout(m, prompt[:-1] + [prompt[-1] + text], b)
         if n != n_images:
             raise IdeficsError(f"{text!r} turns the end of prompt {b} into an image reference")
+        ids = m.tokenizer.encode(joined)
         if len(ids) > context:
             raise IdeficsError(f"prompt {b} with {text!r} has {len(ids)} tokens; the model's context is {context}")
         k = _common_prefix(own, ids)
@@ -106,10 +123,11 @@ def _continuations(m, b: int, prompt: list, continuations: list[str]) -> list[Co
     return plan
 
 
-def _token_ids(m, prompt: list, b: int) -> tuple[list[int], int]:
-    """A prompt's ids as the processor makes them, and its number of images, without loading the images."""
+def _layout(m, prompt: list, b: int) -> tuple[str, int]:
+    """A prompt's text as the processor tokenizes it (image tokens in place) and its number of images, without
+    loading the images."""
     text, images = m.processor._layout(prompt, False, f"prompt {b}, ")
-    return m.tokenizer.encode(text), len(images)
+    return text, len(images)
 
 
 def _score(model, ids: torch.Tensor, image_mask: torch.Tensor, features: torch.Tensor, plan: list[Continuation],

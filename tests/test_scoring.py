@@ -2,6 +2,8 @@
 label, while each image is encoded once, the prompt runs through the decoder once, and the work a label list can
 cause is bounded before any of it is done."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -70,8 +72,14 @@ def encoded(setup, monkeypatch):
 def decoded(setup):
     """(tokens in, logits out) of every decoder pass."""
     m, passes = setup[0], []
-    handles = [m.model.register_forward_pre_hook(lambda mod, args: passes.append([args[0].numel(), None])),
-               m.model.lm_head.register_forward_hook(lambda mod, args, out: passes[-1].__setitem__(1, out.shape[:-1].numel()))]
+
+    def tokens_in(module, args):
+        passes.append([args[0].numel(), None])
+
+    def logits_out(module, args, out):
+        passes[-1][1] = out.shape[:-1].numel()
+
+    handles = [m.model.register_forward_pre_hook(tokens_in), m.model.lm_head.register_forward_hook(logits_out)]
     yield passes
     for h in handles:
         h.remove()
@@ -130,16 +138,33 @@ def test_the_prompt_runs_through_the_decoder_once(setup, decoded):
     assert decoded == [[own - 1, 1], [label_tokens, label_tokens]]
 
 
+def test_the_models_work_runs_on_the_engine_thread(setup):
+    m, threads = setup[0], set()
+
+    def record(module, args):
+        threads.add(threading.current_thread())
+
+    handles = [m.model.register_forward_pre_hook(record), m.model.vision.register_forward_pre_hook(record)]
+    try:
+        m.classify(noise(21), CATEGORIES)
+    finally:
+        for h in handles:
+            h.remove()
+    assert threads == {m.loop.thread}
+
+
 def test_logits_per_pass_are_bounded_by_the_token_budget(setup, decoded):
     m = setup[0]
     labels = [f" label number {i}" for i in range(12)]
-    scores = continuation_log_likelihoods(m, PROMPTS[:1], labels, tokens_per_pass=30)
+    scores = continuation_log_likelihoods(m, PROMPTS[:1], labels, tokens_per_pass=30)[0]
     assert len(decoded) > 3 and all(logits <= 30 for _, logits in decoded)
-    assert scores[0].tolist() == pytest.approx(continuation_log_likelihoods(m, PROMPTS[:1], labels)[0].tolist(), abs=1e-5)
+    in_one_pass = continuation_log_likelihoods(m, PROMPTS[:1], labels)[0]
+    assert scores.tolist() == pytest.approx(in_one_pass.tolist(), abs=1e-5)
 
 
 @pytest.mark.parametrize("labels, message", [
-    ([f"label {i}" for i in range(MAX_LABELS + 1)], f"{MAX_LABELS + 1} labels; classification takes at most {MAX_LABELS}"),
+    ([f"label {i}" for i in range(MAX_LABELS + 1)],
+     f"{MAX_LABELS + 1} labels; classification takes at most {MAX_LABELS}"),
     (["cars", "x" * 10_000_000], f"label 1 has 10000000 characters; a label may have at most {MAX_LABEL_CHARS}"),
 ])
 @pytest.mark.parametrize("mode", ["rank", "generate"])

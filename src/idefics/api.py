@@ -192,7 +192,7 @@ class Idefics:
         # Each image appears once per label: load it once.
         images = [self._load(x, "image" if single else f"image {i}") for i, x in enumerate(images)]
         prompts = [tasks.classify(im, labels) for im in images]
-        ranked = self.loop.call(lambda: rank(self, prompts, labels))
+        ranked = rank(self, prompts, labels)  # tokenizes here; only the model's work goes to the engine thread
         return ranked[0] if single else ranked
 
     def chat(self, **options) -> Conversation:

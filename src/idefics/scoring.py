@@ -60,7 +60,6 @@ def rank(m, prompts: list[list], labels: list[str]) -> list[list[LabelScore]]:
     return ranked
 
 
-@torch.inference_mode()
 def continuation_log_likelihoods(m, prompts: list[list], continuations: list[str],
                                  tokens_per_pass: int = TOKENS_PER_PASS) -> torch.Tensor:
     """-> (B, L) summed log-likelihood of each continuation (appended to the last text item of each prompt).
@@ -69,17 +68,21 @@ def continuation_log_likelihoods(m, prompts: list[list], continuations: list[str
     and the continuation's tokens are those past the longest common prefix with the prompt's own tokens. Where a
     merge crosses the boundary, the merged token (with the prompt characters it absorbs) counts as the
     continuation's, so every continuation is scored on exactly the tokens that follow the prompt in its sequence.
-    Everything is tokenized and checked against the model's context before any image or token is computed."""
+    Everything is tokenized and checked against the model's context before any image or token is computed, on
+    the calling thread; the model's work runs on the engine thread, a prompt at a time, so that a running batch
+    steps in between."""
     if not continuations:
         raise IdeficsError("no continuations to score")
     plans, counts = _plans(m, prompts, continuations)
     batches = [m.process([prompt]) for prompt in prompts]
     pixels = torch.cat([batch["pixel_values"][0, :n] for batch, n in zip(batches, counts)])
-    features = m.engine.encoder(pixels).split(counts)  # each distinct image encoded once, (N_b, T_img, D_img)
+    # Each distinct image encoded once: (N_b, T_img, D_img) per prompt.
+    features = m.loop.call(lambda: m.engine.encoder(pixels)).split(counts)
     scores = torch.zeros(len(prompts), len(continuations), dtype=torch.float64)
     for b, (batch, plan) in enumerate(zip(batches, plans)):
         image_mask = batch["image_attention_mask"][0, :, : counts[b]]
-        scores[b] = _score(m.model, batch["input_ids"][0], image_mask, features[b], plan, tokens_per_pass)
+        scores[b] = m.loop.call(lambda: _score(m.model, batch["input_ids"][0], image_mask, features[b], plan,
+                                               tokens_per_pass))
     return scores
 
 
@@ -130,6 +133,7 @@ def _layout(m, prompt: list, b: int) -> tuple[str, int]:
     return text, len(images)
 
 
+@torch.inference_mode()
 def _score(model, ids: torch.Tensor, image_mask: torch.Tensor, features: torch.Tensor, plan: list[Continuation],
            tokens_per_pass: int) -> torch.Tensor:
     """One prompt: ids (S,), image_mask (S, N), features (N, T_img, D_img) -> each continuation's log-likelihood.

@@ -29,8 +29,9 @@ PROMPTS = [
     [A, "This is an ima"],  # "ge" merges with "ima": that continuation starts before the prompt's end
     ["User:", A, "Describe this image.\nAssistant: a photo.\n", "User:", B, C, "Describe these.\nAssistant:"],
     ["Category: no image at all."],
+    ["Ca"],  # "tegory" merges with the first token after BOS: nothing of the prompt runs on its own
 ]
-CONTINUATIONS = ["ge", " animals", "ge of a city landscape", " 東京 is a city", " café au lait"]
+CONTINUATIONS = ["ge", " animals", "ge of a city landscape", " 東京 is a city", " café au lait", "tegory"]
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +86,16 @@ def decoded(setup):
         h.remove()
 
 
-def test_a_merge_across_the_boundary_starts_that_continuation_earlier(setup):
+def test_some_continuations_start_before_the_prompts_last_token(setup):
+    """So that the parity test below covers a merge across the boundary, and one with only BOS before it."""
     m = setup[0]
-    own = m.process(PROMPTS[1])["input_ids"][0].tolist()
-    full = m.process([A, "This is an image"])["input_ids"][0].tolist()
-    assert full[: len(own) - 1] == own[:-1] and full[len(own) - 1] != own[-1]  # so the parity test below covers it
+
+    def divergence(prompt, joined) -> int:
+        own, full = (m.process(p)["input_ids"][0].tolist() for p in (prompt, joined))
+        return next(i for i, (x, y) in enumerate(zip(own, full)) if x != y)
+
+    assert divergence(PROMPTS[1], [A, "This is an image"]) == len(m.process(PROMPTS[1])["input_ids"][0]) - 1
+    assert divergence(PROMPTS[4], ["Category"]) == 1
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +193,16 @@ def test_a_continuation_past_the_context_fails_before_any_work(setup, encoded, d
     with pytest.raises(IdeficsError, match="prompt 0 with ' ÿÿÿ.*' has [0-9]+ tokens; the model's context is 256"):
         continuation_log_likelihoods(setup[0], PROMPTS[:1], [" cars", long])
     assert encoded == [] and decoded == []
+
+
+@pytest.mark.parametrize("prompts, continuations, message", [
+    (PROMPTS[:1], [], "no continuations"),
+    ([[A]], [" cars"], "prompt 0: a scored prompt must end with text"),
+    ([PROMPTS[0], [A, "https://example.com/a.png"]], [" cars"], "prompt 1: a scored prompt must end with text"),
+    ([[A, ""]], ["https://example.com/a.png"], "turns the end of prompt 0 into an image reference"),
+    (PROMPTS[:1], [" cars", " "], "' ' adds no tokens to the prompt"),
+])
+def test_unscorable_continuations_raise_idefics_error(setup, encoded, prompts, continuations, message):
+    with pytest.raises(IdeficsError, match=message):
+        continuation_log_likelihoods(setup[0], prompts, continuations)
+    assert encoded == []

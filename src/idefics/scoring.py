@@ -6,6 +6,7 @@ them: the labels' tokens are packed into one sequence, each attending to the pro
 earlier tokens, and logits are computed at the labels' positions only."""
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -81,8 +82,8 @@ def continuation_log_likelihoods(m, prompts: list[list], continuations: list[str
     scores = torch.zeros(len(prompts), len(continuations), dtype=torch.float64)
     for b, (batch, plan) in enumerate(zip(batches, plans)):
         image_mask = batch["image_attention_mask"][0, :, : counts[b]]
-        scores[b] = m.loop.call(lambda: _score(m.model, batch["input_ids"][0], image_mask, features[b], plan,
-                                               tokens_per_pass))
+        scores[b] = m.loop.call(partial(_score, m.model, batch["input_ids"][0], image_mask, features[b], plan,
+                                        tokens_per_pass))
     return scores
 
 
@@ -108,19 +109,18 @@ def _continuations(m, b: int, prompt: list, own: list[int], n_images: int,
     context = m.config.max_position_embeddings
     if len(own) >= context:
         raise IdeficsError(f"prompt {b} has {len(own)} tokens; the model's context is {context}")
-    plan = []
+    tok, plan = m.tokenizer, []
     for text in continuations:
         joined, n = _layout(m, prompt[:-1] + [prompt[-1] + text], b)
         if n != n_images:
             raise IdeficsError(f"{text!r} turns the end of prompt {b} into an image reference")
-        ids = m.tokenizer.encode(joined)
+        ids = tok.encode(joined)
         if len(ids) > context:
             raise IdeficsError(f"prompt {b} with {text!r} has {len(ids)} tokens; the model's context is {context}")
         k = _common_prefix(own, ids)
         if k == len(ids):
             raise IdeficsError(f"{text!r} adds no tokens to the prompt")
         ids = torch.tensor(ids)
-        tok = m.tokenizer
         seen = image_attention_mask(ids[None], tok.image_id, tok.eos_id, max(n_images, 1))[0, :, :n_images]
         plan.append(Continuation(ids, k, seen[k - 1 : -1].bool()))
     return plan

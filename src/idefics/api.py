@@ -24,7 +24,7 @@ from idefics.quantize import METHODS, while_loading
 from idefics.loop import Busy, EngineLoop
 from idefics.sampling import GenerationOptions
 from idefics.scheduler import Request, Scheduler
-from idefics.scoring import rank
+from idefics.scoring import check_labels, rank
 from idefics.tokenizer import Tokenizer
 from idefics.weights import build_meta, load_weights, read_tensors, weight_files
 
@@ -209,8 +209,10 @@ class Idefics:
     def classify(self, image, labels, mode: str = "rank", **options):
         """Zero-shot classification with the guide's prompt. mode "rank": every label with its probability
         (softmax of the labels' summed log-likelihoods after "Category:"), best first, as LabelScore tuples;
-        mode "generate": the category the model writes."""
-        labels = tasks.as_labels(labels)
+        mode "generate": the category the model writes. At most MAX_LABELS labels (256) of at most MAX_LABEL_CHARS
+        characters (200) each (see idefics.scoring); the prompt, which lists them all, and the prompt with each label
+        must fit the model's context."""
+        labels = check_labels(tasks.as_labels(labels))
         if mode == "generate":
             return self._run("classify", image, lambda im: tasks.classify(im, labels), options)
         if mode != "rank":
@@ -221,7 +223,7 @@ class Idefics:
         # Each image appears once per label: load it once.
         images = [self._load(x, "image" if single else f"image {i}") for i, x in enumerate(images)]
         prompts = [tasks.classify(im, labels) for im in images]
-        ranked = self.loop.call(lambda: rank(self, prompts, labels))
+        ranked = rank(self, prompts, labels)  # tokenizes here; only the model's work goes to the engine thread
         return ranked[0] if single else ranked
 
     def chat(self, **options) -> Conversation:

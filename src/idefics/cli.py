@@ -10,11 +10,28 @@ from idefics import tasks
 from idefics.errors import IdeficsError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
-# Generation flags (option name -> type); a flag not given keeps the task's default.
-GENERATION = {
-    "max_new_tokens": int, "min_new_tokens": int, "max_length": int, "num_beams": int, "length_penalty": float,
-    "temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float, "seed": int,
-}
+
+
+def generation_flags() -> dict[str, tuple[str, object]]:
+    """The generation flags, read from GenerationOptions: option name -> ("value", int | float) for a number,
+    ("switch", None) for a bool, ("repeat", str) for a list of strings. Options of other kinds (token id lists) have
+    no flag. A flag not given keeps the task's default."""
+    import typing
+    from dataclasses import fields
+
+    from idefics.sampling import GenerationOptions
+
+    hints = typing.get_type_hints(GenerationOptions)
+    flags = {}
+    for f in fields(GenerationOptions):
+        kinds = set(typing.get_args(hints[f.name]) or (hints[f.name],)) - {type(None)}
+        if kinds in ({int}, {float}):
+            flags[f.name] = ("value", kinds.pop())
+        elif bool in kinds:
+            flags[f.name] = ("switch", None)
+        elif str in kinds:
+            flags[f.name] = ("repeat", str)
+    return flags
 
 
 class Parser(argparse.ArgumentParser):
@@ -63,11 +80,16 @@ def parser() -> Parser:
 
     gen = Parser(add_help=False)
     g = gen.add_argument_group("generation (defaults: the guide's, per task)")
-    for name, kind in GENERATION.items():
-        g.add_argument("--" + name.replace("_", "-"), type=kind, metavar=kind.__name__.upper())
-    g.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
-    g.add_argument("--early-stopping", action="store_true", default=None, help="beam search: stop at num_beams finished")
-    g.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable); the text is cut before it")
+    helps = {"do_sample": "sample instead of greedy decoding", "early_stopping": "beam search: stop at num_beams finished",
+             "stop": "stop string (repeatable); the text is cut before it"}
+    for name, (how, kind) in generation_flags().items():
+        flag = "--" + name.replace("_", "-")
+        if how == "value":
+            g.add_argument(flag, type=kind, metavar=kind.__name__.upper())
+        elif how == "switch":
+            g.add_argument(flag, action="store_true", default=None, help=helps.get(name))
+        else:
+            g.add_argument(flag, action="append", metavar="TEXT", help=helps.get(name))
 
     top = Parser(prog="idefics", description="Fast, faithful inference for the IDEFICS vision-language models.")
     sub = top.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -130,8 +152,7 @@ def generation_options(args) -> dict:
     """The generation flags given (others keep the task's defaults), checked before any model loads."""
     from idefics.sampling import GenerationOptions
 
-    names = list(GENERATION) + ["do_sample", "early_stopping", "stop"]
-    options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    options = {n: getattr(args, n) for n in generation_flags() if getattr(args, n, None) is not None}
     GenerationOptions.make(**options)
     return options
 
@@ -175,42 +196,38 @@ def emit(args, results: list, render) -> None:
 
 # Commands
 
-def cmd_caption(args):
+def run_task(args, task: str, **fields):
+    """A task of tasks.TASKS on the command line's images, with its generation flags."""
     options, images = generation_options(args), read_images(args)
-    emit(args, load_model(args).caption(images, args.prompt, **options), str)
+    return tasks.TASKS[task].run(load_model(args), images, fields, options)
+
+
+def cmd_caption(args):
+    emit(args, run_task(args, "caption", prompt=args.prompt), str)
 
 
 def cmd_ask(args):
-    options, images = generation_options(args), read_images(args)
-    question = tasks.as_text(args.question, "question")
-    emit(args, load_model(args).ask(images, question, **options), str)
+    emit(args, run_task(args, "ask", question=tasks.as_text(args.question, "question")), str)
 
 
 def cmd_classify(args):
-    options, images = generation_options(args), read_images(args)
-    labels = tasks.as_labels(args.labels)
-    m = load_model(args)
-    if args.mode == "generate":
-        emit(args, m.classify(images, labels, mode="generate", **options), str)
-        return
-    if options:
+    if args.mode == "rank" and generation_options(args):
         raise IdeficsError("--mode rank takes no generation options (use --mode generate)")
 
     def render(ranked):
         return "  ".join(f"{s.label} {s.probability:.4f}" for s in ranked)
 
-    emit(args, m.classify(images, labels), render)
+    labels = tasks.as_labels(args.labels)
+    emit(args, run_task(args, "classify", labels=labels, mode=args.mode), str if args.mode == "generate" else render)
 
 
 def cmd_story(args):
-    options, images = generation_options(args), read_images(args)
-    emit(args, load_model(args).story(images, args.instruction, **options), str)
+    emit(args, run_task(args, "story", instruction=args.instruction), str)
 
 
 def cmd_few_shot(args):
-    options, images = generation_options(args), read_images(args)
     examples = [(read_image(image), text) for image, text in args.example]
-    emit(args, load_model(args).few_shot(examples, images, **options), str)
+    emit(args, run_task(args, "few_shot", examples=examples), str)
 
 
 def cmd_generate(args):

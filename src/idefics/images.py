@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
 import urllib.error
@@ -57,9 +58,11 @@ def describe(source) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def load_image(source: ImageSource, limits: ImageLimits = ImageLimits()) -> Image.Image:
+def load_image(source: ImageSource, limits: ImageLimits = ImageLimits(), prepare=None) -> Image.Image:
     """A PIL image is returned as given. Anything decoded here is loaded as the reference loads a URL
-    (transformers' `load_image`): EXIF orientation applied, then converted to RGB (alpha dropped)."""
+    (transformers' `load_image`): EXIF orientation applied, then converted to RGB (alpha dropped). prepare(image),
+    when given, sees the opened image (size and mode read from its header) before its pixels are decoded: to set a
+    draft mode or to reserve memory for it."""
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, (bytes, bytearray)):
@@ -72,7 +75,7 @@ def load_image(source: ImageSource, limits: ImageLimits = ImageLimits()) -> Imag
         data = _read_file(Path(source), limits)
     else:
         raise IdeficsError(f"unsupported image source of type {type(source).__name__}")
-    return _decode(data, describe(source), limits)
+    return _decode(data, describe(source), limits, prepare)
 
 
 def _read_file(path: Path, limits: ImageLimits) -> bytes:
@@ -121,7 +124,7 @@ def _fetch(url: str, limits: ImageLimits) -> bytes:
     return data
 
 
-def _decode(data: bytes, name: str, limits: ImageLimits) -> Image.Image:
+def _decode(data: bytes, name: str, limits: ImageLimits, prepare=None) -> Image.Image:
     if len(data) > limits.max_bytes:
         raise IdeficsError(f"{name}: image data is {len(data)} bytes, over the limit of {limits.max_bytes}")
     try:
@@ -133,6 +136,8 @@ def _decode(data: bytes, name: str, limits: ImageLimits) -> Image.Image:
             if width * height > limits.max_pixels:
                 raise IdeficsError(
                     f"{name}: image is {width}x{height} pixels, over the limit of {limits.max_pixels}")
+            if prepare is not None:
+                prepare(image)
             image.load()
     except IdeficsError:
         raise
@@ -142,7 +147,9 @@ def _decode(data: bytes, name: str, limits: ImageLimits) -> Image.Image:
         raise IdeficsError(f"{name}: not an image (unrecognized format)") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise IdeficsError(f"{name}: cannot decode image ({e})") from None
-    return ImageOps.exif_transpose(image).convert("RGB")
+    # In place, and no conversion of what is RGB already: one decoded copy of a large photo at a time, not three.
+    ImageOps.exif_transpose(image, in_place=True)
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -183,15 +190,29 @@ class ImageTransform:
 
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
         """-> (N, 3, image_size, image_size) float32."""
-        size = (self.image_size, self.image_size)
+        return torch.stack([self.pixels(im) for im in images])
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """One image -> (3, image_size, image_size) float32."""
+        if image.mode != "RGB" or image.info.get("transparency") is not None:
+            image = to_rgb(image)  # (converting what is RGB already would only copy it)
         # PIL's bicubic resize on uint8 RGB, as transformers' resize() does.
-        arrays = [np.asarray(to_rgb(im).resize(size, resample=Image.Resampling.BICUBIC)) for im in images]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
-        # Rescale in float64 then round to float32, normalize in float32: the reference's exact arithmetic.
-        x = (x.double() * self.rescale_factor).float()
-        mean = torch.tensor(self.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(self.image_std, dtype=torch.float32).view(1, -1, 1, 1)
-        return (x - mean) / std
+        x = torch.from_numpy(np.array(image.resize((self.image_size,) * 2, resample=Image.Resampling.BICUBIC)))
+        x = x.permute(2, 0, 1).long() + self._channel_offsets  # (3, H, W): index into the flat table
+        return torch.take(self._table, x)
+
+    @functools.cached_property
+    def _table(self) -> torch.Tensor:
+        """(3, 256) float32: every normalized value a uint8 pixel can give, per channel, computed as the reference
+        computes each pixel (rescale in float64 then round to float32, normalize in float32), so a look-up is exact."""
+        x = (torch.arange(256, dtype=torch.float64) * self.rescale_factor).float()
+        mean = torch.tensor(self.image_mean, dtype=torch.float32).view(-1, 1)
+        std = torch.tensor(self.image_std, dtype=torch.float32).view(-1, 1)
+        return ((x - mean) / std).contiguous()
+
+    @functools.cached_property
+    def _channel_offsets(self) -> torch.Tensor:
+        return torch.tensor([0, 256, 512]).view(3, 1, 1)
 
 
 def _json_object(file: Path) -> dict:

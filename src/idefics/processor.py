@@ -1,13 +1,17 @@
 """Prompts (interleaved text and images) -> the tensors transformers' IdeficsProcessor returns."""
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Callable
 
 import torch
-from PIL import Image
 
+from idefics.engine import Prompt
 from idefics.errors import IdeficsError
-from idefics.images import ImageLimits, ImageTransform, is_image_reference, is_image_source, load_image
+from idefics.images import ImageLimits, ImageTransform, is_image_reference, is_image_source
+from idefics.pipeline import ImagePipeline
 from idefics.tokenizer import END_OF_UTTERANCE_TOKEN, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Tokenizer
 
 
@@ -37,8 +41,67 @@ def image_attention_mask(input_ids: torch.Tensor, image_id: int, eos_id: int | N
     return mask.masked_fill(blind[..., None], 0)
 
 
+class Pending:
+    """One prompt on its way: its token ids at once, its images as the pipeline's workers finish them."""
+
+    def __init__(self, processor: Processor, ids: list[int], images: list[tuple[str, Future]]):
+        self.processor = processor
+        self.ids = ids
+        self.images = images  # (where, future of (3, H, W) pixels)
+        self.left = len(images)
+        self.callbacks: list[Callable[[], None]] = []
+        self.lock = threading.Lock()
+        for _, future in images:
+            future.add_done_callback(self._done)
+
+    def _done(self, future: Future):
+        with self.lock:
+            self.left -= 1
+            callbacks = self.callbacks if self.left == 0 else []
+        for fn in callbacks:
+            fn()
+
+    def when_ready(self, fn: Callable[[], None]):
+        """Call fn() once every image is done (now if they are), in whichever thread finishes the last."""
+        with self.lock:
+            if self.left:
+                self.callbacks.append(fn)
+                return
+        fn()
+
+    def pixels(self) -> list[torch.Tensor]:
+        """Each image's (3, H, W) pixels, waiting for them; the first failure as IdeficsError naming its item."""
+        out = []
+        for where, future in self.images:
+            try:
+                out.append(future.result())
+            except IdeficsError as e:
+                self.cancel()
+                raise IdeficsError(f"{where}: {e}") from None
+        return out
+
+    def prompt(self) -> Prompt:
+        """-> the engine's Prompt: what the reference processor gives this prompt alone, padding removed and image
+        slots cut to the images its tokens see (as engine.split_batch cuts a batch's rows)."""
+        pixels = self.pixels()
+        p = self.processor
+        ids = torch.tensor(self.ids, dtype=torch.long)
+        used = pixels[: int((ids == p.tokenizer.image_id).sum())]
+        mask = image_attention_mask(ids[None], p.tokenizer.image_id, p.tokenizer.eos_id, max(1, len(used)))[0]
+        seen = mask.bool().any(dim=0)
+        n = int(seen.nonzero().max()) + 1 if seen.any() else 0
+        t = p.image_transform
+        images = torch.stack(used[:n]) if n else torch.zeros(0, 3, t.image_size, t.image_size)
+        return Prompt(ids, images, mask[:, :n])
+
+    def cancel(self):
+        for _, future in self.images:
+            future.cancel()
+
+
 class Processor:
-    def __init__(self, tokenizer: Tokenizer, image_transform: ImageTransform, limits: ImageLimits = ImageLimits()):
+    def __init__(self, tokenizer: Tokenizer, image_transform: ImageTransform, limits: ImageLimits = ImageLimits(),
+                 workers: int | None = None, image_decode: str = "exact"):
         if tokenizer.image_id is None or tokenizer.fake_image_id is None:
             raise IdeficsError(f"the tokenizer lacks the {IMAGE_TOKEN} or {FAKE_IMAGE_TOKEN} token")
         if tokenizer.bos_token is None:
@@ -46,6 +109,8 @@ class Processor:
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.limits = limits
+        # Decodes, resizes and normalizes every image, in parallel threads (see idefics.pipeline).
+        self.images = ImagePipeline(image_transform, limits, workers, image_decode)
 
     def __call__(self, prompts, add_end_of_utterance_token: bool | None = None) -> dict[str, torch.Tensor]:
         """-> input_ids (B, S) and attention_mask (B, S) int64, pixel_values (B, N, 3, H, W) float32 zero-padded to
@@ -54,20 +119,27 @@ class Processor:
         two consecutive text items. None (the default) means true when the tokenizer lists <end_of_utterance>
         among its additional special tokens (the instruct checkpoints do), as transformers 4.37.2 decides it;
         transformers 5 never finds it there and always takes false."""
-        if add_end_of_utterance_token is None:
-            add_end_of_utterance_token = END_OF_UTTERANCE_TOKEN in self.tokenizer.additional_special_tokens
-        elif not isinstance(add_end_of_utterance_token, bool):
-            raise IdeficsError(f"add_end_of_utterance_token must be true, false or None, "
-                               f"got {add_end_of_utterance_token!r}")
+        add_end_of_utterance_token = self.end_of_utterance(add_end_of_utterance_token)
         batch = as_batch(prompts)
-        texts, images = [], []
-        for b, prompt in enumerate(batch):
-            where = f"prompt {b}, " if len(batch) > 1 else ""
-            text, sources = self._layout(prompt, add_end_of_utterance_token, where)
-            texts.append(text)
-            images.append([self._load(src, f"{where}item {i}") for i, src in sources])
+        started: list[Pending | IdeficsError] = []
+        for b, prompt in enumerate(batch):  # every prompt's images start decoding before any is waited for
+            try:
+                started.append(self.start(prompt, add_end_of_utterance_token, self.where(b, len(batch))))
+            except IdeficsError as e:
+                started.append(e)
+        images = []
+        try:
+            for p in started:  # the first error in the prompts' order, as a one-by-one processor meets it
+                if isinstance(p, IdeficsError):
+                    raise p
+                images.append(p.pixels())
+        except IdeficsError:
+            for p in started:
+                if isinstance(p, Pending):
+                    p.cancel()
+            raise
 
-        input_ids, attention_mask = self._pad([self.tokenizer.encode(t) for t in texts])
+        input_ids, attention_mask = self._pad([p.ids for p in started])
 
         num_images = max(1, max(len(x) for x in images))
         t = self.image_transform
@@ -76,7 +148,7 @@ class Processor:
             # As the reference: as many images as the text has <image> tokens.
             used = prompt_images[:int((input_ids[b] == self.tokenizer.image_id).sum())]
             if used:
-                pixel_values[b, :len(used)] = t(used)
+                pixel_values[b, :len(used)] = torch.stack(used)
 
         if any(images):
             mask = image_attention_mask(input_ids, self.tokenizer.image_id, self.tokenizer.eos_id, num_images)
@@ -84,6 +156,26 @@ class Processor:
             mask = torch.zeros(*input_ids.shape, 1, dtype=torch.bool)
         return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                     image_attention_mask=mask)
+
+    def end_of_utterance(self, add_end_of_utterance_token: bool | None) -> bool:
+        if add_end_of_utterance_token is None:
+            return END_OF_UTTERANCE_TOKEN in self.tokenizer.additional_special_tokens
+        if not isinstance(add_end_of_utterance_token, bool):
+            raise IdeficsError(f"add_end_of_utterance_token must be true, false or None, "
+                               f"got {add_end_of_utterance_token!r}")
+        return add_end_of_utterance_token
+
+    @staticmethod
+    def where(b: int, prompts: int) -> str:
+        """How errors name prompt b of a batch: not at all when it is alone."""
+        return f"prompt {b}, " if prompts > 1 else ""
+
+    def start(self, prompt: list, add_end_of_utterance_token: bool, where: str = "") -> Pending:
+        """Lay out and tokenize one prompt now, and hand its images to the pipeline -> a Pending. An error of the
+        prompt's text or items is raised here; an image's, by the Pending."""
+        text, sources = self._layout(prompt, add_end_of_utterance_token, where)
+        return Pending(self, self.tokenizer.encode(text),
+                       [(f"{where}item {i}", self.images.submit(src)) for i, src in sources])
 
     def _layout(self, prompt: list, add_end_of_utterance_token: bool, where: str) -> tuple[str, list]:
         """One prompt -> its text with image tokens, and the (item index, source) of each image."""
@@ -109,12 +201,6 @@ class Processor:
                                    "expected text or an image (PIL image, path, URL, data URI, bytes)")
         return text, sources
 
-    def _load(self, source, where: str) -> Image.Image:
-        try:
-            return load_image(source, self.limits)
-        except IdeficsError as e:
-            raise IdeficsError(f"{where}: {e}") from None
-
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> ids (B, S) padded on the tokenizer's padding side, and the attention mask (B, S)."""
         longest = max(len(r) for r in rows)
@@ -132,5 +218,6 @@ class Processor:
         return ids, mask
 
     @classmethod
-    def from_dir(cls, path: str | Path, limits: ImageLimits = ImageLimits()) -> Processor:
-        return cls(Tokenizer.from_dir(path), ImageTransform.from_dir(path), limits)
+    def from_dir(cls, path: str | Path, limits: ImageLimits = ImageLimits(), workers: int | None = None,
+                 image_decode: str = "exact") -> Processor:
+        return cls(Tokenizer.from_dir(path), ImageTransform.from_dir(path), limits, workers, image_decode)

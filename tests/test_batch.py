@@ -41,14 +41,14 @@ def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_bytes().decode("utf-8").splitlines()]
 
 
-def batch(m, tasks: Path, out: Path, batch_size: int = 4) -> int:
-    return run_file(str(tasks), out, IMAGES, {"max_new_tokens": 2}, batch_size, lambda: m)
+def batch(m, tasks: Path, out: Path, window: int = 4) -> int:
+    return run_file(str(tasks), out, IMAGES, {"max_new_tokens": 2}, window, lambda: m)
 
 
 def test_a_killed_run_resumes_with_every_line_done_exactly_once(model, tmp_path):
     tasks, out = write_lines(tmp_path / "tasks.jsonl", captions(12)), tmp_path / "out.jsonl"
     command = [sys.executable, "-m", "idefics", "batch", str(tasks), "-o", str(out), "--device", "cpu",
-               "--batch-size", "1", "--max-new-tokens", "2", "--image-root", str(IMAGES)]
+               "--window", "1", "--max-new-tokens", "2", "--image-root", str(IMAGES)]
     env = {k: v for k, v in os.environ.items() if k != "IDEFICS_MODEL"}  # the demo model
     run = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 120
@@ -61,7 +61,7 @@ def test_a_killed_run_resumes_with_every_line_done_exactly_once(model, tmp_path)
     whole = killed[: killed.rfind(b"\n") + 1]
     assert 3 <= whole.count(b"\n") < 12  # killed mid-run
 
-    assert batch(model, tasks, out, batch_size=1) == 0  # the same job, resumed in this process
+    assert batch(model, tasks, out, window=1) == 0  # the same job, resumed in this process
     assert out.read_bytes().startswith(whole)  # appended to, never rewritten
     done = records(out)
     assert sorted(r["line"] for r in done) == list(range(1, 13)) and all("result" in r for r in done)
@@ -111,7 +111,8 @@ def test_a_repeated_id_fails_the_later_line_even_after_a_resume(model, tmp_path)
     errors = {r["line"]: r["error"] for r in first if "error" in r}
     assert errors == {3: 'line 3: id "a" is already the id of line 1; ids must be unique',
                       6: "line 6: id 7 is already the id of line 2; ids must be unique"}
-    assert [r.get("id") for r in first] == ["a", 7, None, None, "7", None]  # each id in one record only
+    by_line = sorted(first, key=lambda r: r["line"])  # records come in the order lines end
+    assert [r.get("id") for r in by_line] == ["a", 7, None, None, "7", None]  # each id in one record only
     out.write_bytes(out.read_bytes().splitlines(keepends=True)[0])  # killed after the first record
     assert batch(model, tasks, out) == 0
     assert sorted(r["line"] for r in records(out)) == [1, 2, 3, 4, 5, 6]
@@ -178,7 +179,7 @@ def test_each_line_error_is_one_sentence_and_an_internal_one_fails_only_its_line
         9: errors[9],
     }
     assert errors[9].startswith("line 9: ") and "missing.png" in errors[9] and "Error" not in errors[9]
-    assert [r["line"] for r in records(out) if "result" in r] == [1, 10]
+    assert sorted(r["line"] for r in records(out) if "result" in r) == [1, 10]  # in the order lines end
     err = capsys.readouterr().err
     assert "secret" not in out.read_text() + err and all(message in err for message in errors.values())
 

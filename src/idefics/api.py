@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import queue
 from typing import Iterator
 from pathlib import Path
 
@@ -14,16 +15,17 @@ from idefics.config import IdeficsConfig
 from idefics.beam import beam_search
 from idefics.engine import Engine, check_room, split_batch
 from idefics.generate import Completion, completion
-from idefics.errors import IdeficsError
+from idefics.errors import IdeficsError, ItemErrors
 from idefics.hub import resolve
 from idefics.images import ImageTransform, load_image
 from idefics.inputs import full_logits
 from idefics.model import IdeficsModel
+from idefics.pipeline import check_decode, check_workers
 from idefics.processor import Processor, as_batch
 from idefics.quantize import METHODS, while_loading
 from idefics.loop import Busy, EngineLoop
 from idefics.sampling import GenerationOptions
-from idefics.scheduler import Request, Scheduler
+from idefics.scheduler import Output, Request, Scheduler
 from idefics.scoring import check_labels, rank
 from idefics.tokenizer import Tokenizer
 from idefics.weights import build_meta, load_weights, read_tensors, weight_files
@@ -55,6 +57,7 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 PROCESS_OPTIONS = ("add_end_of_utterance_token",)
+WINDOW = 256  # prompts of one generate() call between the image workers and the end of their generation at once
 
 
 def _switches(call: str, options: dict, known: tuple[str, ...]):
@@ -101,9 +104,7 @@ class Idefics:
         _switches("process", options, known=PROCESS_OPTIONS)
         batch = as_batch(prompts)
         for b, prompt in enumerate(batch):
-            for i, item in enumerate(prompt):
-                if isinstance(item, str):  # text, or a URL: neither can hold a lone surrogate
-                    tasks.valid_text(item, f"prompt {b}, item {i}" if len(batch) > 1 else f"item {i}")
+            _valid_texts(prompt, self.processor.where(b, len(batch)))
         return self.processor(batch, **options)
 
     def logits(self, prompts, **options) -> torch.Tensor:
@@ -119,13 +120,17 @@ class Idefics:
 
     def requests(self, prompts, *, add_end_of_utterance_token: bool | None = None, logprobs: int | None = None,
                  **options) -> list[Request]:
-        """Prompts -> checked requests for the scheduler (an error names the failing prompt; nothing is queued)."""
+        """Prompts -> checked requests for the scheduler (an error names the failing prompt; nothing is queued).
+        Their images are decoded in parallel by the processor's pipeline."""
         o = GenerationOptions.make(**options)
         o.within_vocabulary(self.config.total_vocab_size)
-        batch = self.process(prompts, add_end_of_utterance_token=add_end_of_utterance_token)
+        _switches("process", dict(add_end_of_utterance_token=add_end_of_utterance_token), known=PROCESS_OPTIONS)
+        batch = as_batch(prompts)
+        for b, prompt in enumerate(batch):
+            _valid_texts(prompt, self.processor.where(b, len(batch)))
         context = self.config.max_position_embeddings
         return [Request.make(p, o, self.tokenizer, context, logprobs=logprobs, where=f"prompt {i}")
-                for i, p in enumerate(split_batch(batch))]
+                for i, p in enumerate(self.processor.prompts(batch, add_end_of_utterance_token))]
 
     def generate(self, prompts, *, include_prompt: bool = False, add_end_of_utterance_token: bool | None = None,
                  **options) -> list[Completion]:
@@ -133,16 +138,76 @@ class Idefics:
         top_k, top_p, repetition_penalty, num_beams, length_penalty, early_stopping, eos_token_id, stop, seed,
         banned_token_ids. <image> and <fake_token_around_image> are never generated unless you say otherwise.
         add_end_of_utterance_token: as the processor's (None: true for instruct tokenizers, as transformers 4.37.2).
-        Safe to call from several threads at once: concurrent calls share the running batch."""
+        Each prompt's images are decoded by the processor's worker threads and the prompt joins the running batch
+        as soon as they are ready. A prompt that fails (a bad image, too long for the context) fails alone: with
+        several prompts the others still run, and the call raises ItemErrors, whose `results` hold every prompt's
+        Completion (None where it failed) and `errors` each failure's message. Safe to call from several threads
+        at once: concurrent calls share the running batch."""
         _switches("generate", dict(include_prompt=include_prompt), known=("include_prompt",))
-        requests = self.requests(prompts, add_end_of_utterance_token=add_end_of_utterance_token, **options)
-        if requests[0].options.num_beams > 1:
-            self._beams(requests)
-        else:
-            for r, sink in zip(requests, self.loop.submit(requests)):
-                for _ in self.loop.outputs(sink, r.id):
-                    pass
-        return [completion(self.tokenizer, r, include_prompt) for r in requests]
+        o = GenerationOptions.make(**options)
+        o.within_vocabulary(self.config.total_vocab_size)
+        _switches("process", dict(add_end_of_utterance_token=add_end_of_utterance_token), known=PROCESS_OPTIONS)
+        eou = self.processor.end_of_utterance(add_end_of_utterance_token)
+        batch = as_batch(prompts)
+        results = self._run_prompts(batch, o, eou)
+        good = [r for r in results if isinstance(r, Request)]
+        if o.num_beams > 1 and good:
+            self._beams(good)
+        results = [r if isinstance(r, IdeficsError) else completion(self.tokenizer, r, include_prompt) for r in results]
+        errors = {b: str(e) for b, e in enumerate(results) if isinstance(e, IdeficsError)}
+        if errors and len(batch) == 1:
+            raise results[0]
+        if errors:
+            raise ItemErrors([None if b in errors else c for b, c in enumerate(results)], errors)
+        return results
+
+    def _run_prompts(self, batch: list[list], o: GenerationOptions, eou: bool) -> list[Request | IdeficsError]:
+        """Each prompt through the image pipeline and, as soon as its images are ready, into the running batch
+        (beam search: only made ready, run by the caller), at most WINDOW prompts at a time -> each prompt's
+        finished Request or its error."""
+        events: queue.SimpleQueue = queue.SimpleQueue()  # ("ready", b, Pending) from the workers; Outputs
+        results: list = [None] * len(batch)
+        running: dict = {}  # request id -> prompt index
+        started, finished = 0, 0
+        window = WINDOW if o.num_beams == 1 else len(batch)
+        context = self.config.max_position_embeddings
+        try:
+            while True:
+                while started < len(batch) and started - finished < window:
+                    b, started = started, started + 1
+                    try:
+                        where = self.processor.where(b, len(batch))
+                        _valid_texts(batch[b], where)
+                        pending = self.processor.start(batch[b], eou, where)
+                    except IdeficsError as e:
+                        results[b], finished = e, finished + 1
+                        continue
+                    pending.when_ready(lambda b=b, pending=pending: events.put(("ready", b, pending)))
+                if finished == len(batch):
+                    break
+                event = events.get()
+                if isinstance(event, Output):
+                    if event.finish_reason is not None:
+                        b = running.pop(event.id)
+                        if event.error is not None:
+                            results[b] = IdeficsError(event.error)
+                        finished += 1
+                    continue
+                _, b, pending = event
+                try:
+                    results[b] = r = Request.make(pending.prompt(), o, self.tokenizer, context, where=f"prompt {b}")
+                except IdeficsError as e:
+                    results[b], finished = e, finished + 1
+                    continue
+                if o.num_beams > 1:
+                    finished += 1
+                else:
+                    running[r.id] = b
+                    self.loop.submit([r], sink=events)
+        finally:  # an interrupted call leaves nothing behind
+            for id in running:
+                self.loop.abort(id)
+        return results
 
     def stream(self, prompt, *, add_end_of_utterance_token: bool | None = None, **options) -> Iterator[str]:
         """Yield the continuation of one prompt as text pieces, as tokens are decoded (never a broken character).
@@ -246,8 +311,12 @@ class Idefics:
         }
 
     def _run(self, task: str, image, build, options: dict):
+        """A list of images fails item by item (ItemErrors, as generate's)."""
         images, single = tasks.as_images(image)
-        completions = self.generate([build(im) for im in images], **tasks.options(task, options))
+        try:
+            completions = self.generate([build(im) for im in images], **tasks.options(task, options))
+        except ItemErrors as e:
+            raise e.map(lambda c: c.text.strip()) from None
         texts = [c.text.strip() for c in completions]
         return texts[0] if single else texts
 
@@ -263,19 +332,30 @@ class Idefics:
                 f"{len(self.model.cross_layers)} cross-attention blocks, {self.dtype}, {self.device})")
 
 
-def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, quantize: str | None = None) -> Idefics:
+def _valid_texts(prompt: list, where: str):
+    for i, item in enumerate(prompt):
+        if isinstance(item, str):  # text, or a URL: neither can hold a lone surrogate
+            tasks.valid_text(item, f"{where}item {i}")
+
+
+def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, quantize: str | None = None,
+         workers: int | None = None, image_decode: str = "exact") -> Idefics:
     """Load an IDEFICS checkpoint: a hub id ("HuggingFaceM4/idefics-9b"), a local directory, or None for the
     embedded demo model. dtype defaults to bfloat16 on CUDA and float32 on the CPU. quantize: one of QUANTIZE
-    (see idefics.quantize), applied layer by layer while loading."""
+    (see idefics.quantize), applied layer by layer while loading. workers: threads that decode images (default:
+    one per core, at most 16). image_decode: "exact" (the reference's pixels) or "fast" (JPEGs decoded at a
+    reduced scale first; see idefics.pipeline)."""
     if quantize is not None and quantize not in QUANTIZE:
         raise IdeficsError(f"unknown quantize {quantize!r} (valid: {', '.join(QUANTIZE)})")
+    check_workers(workers)
+    check_decode(image_decode)
     device = _device(device)
     dtype = _dtype(dtype, device)
     path = resolve(model)
     config = IdeficsConfig.from_file(path / "config.json")
     files = weight_files(path)
     tokenizer = Tokenizer.from_dir(path)
-    processor = Processor(tokenizer, ImageTransform.from_dir(path))
+    processor = Processor(tokenizer, ImageTransform.from_dir(path), workers=workers, image_decode=image_decode)
     if processor.image_transform.image_size != config.vision.image_size:
         # The vision tower's position embeddings fit one image size only.
         raise IdeficsError(f"{path}: images are resized to {processor.image_transform.image_size} px "

@@ -8,13 +8,21 @@ Input line: {"task": "caption" | "ask" | "classify" | "story" | "few_shot" | "ge
 Output record: {"line": n, "id"?, "task", "result"} or {"line": n, "id"?, "error"}; n counts from 1.
 An id is a string or an integer, unique in the file; a record carries it only when the line's id is valid and
 not used by an earlier line. The output is only ever appended to, so a killed run loses at most the record
-it was writing."""
+it was writing.
+
+Lines run continuously: a window of lines is in flight at once, each line a call on the model from its own thread
+(concurrent calls join the model's running batch, and its image workers decode every line's images in parallel);
+a record is written as soon as its line is done, so records come in the order lines finish, each naming its
+line. The next line starts as soon as one ends."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import stat
 import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,6 +32,7 @@ from idefics.errors import IdeficsError
 from idefics.scoring import LabelScore
 
 TASKS = (*tasks.TASKS, "generate")
+WINDOW = 256  # lines in flight at once
 # the fields each task reads besides task, id, image and options
 _FIELDS = {name: set(t.fields) for name, t in tasks.TASKS.items()} | {"generate": {"prompt"}}
 
@@ -262,27 +271,78 @@ def _record_key(raw: bytes) -> tuple | None:
     return ("line", line) if key is None else ("id", key)
 
 
-def process(m, todo: list[Line], image_root: Path, defaults: dict, batch_size: int,
+def run_line(m, line: Line, image_root: Path, defaults: dict) -> dict:
+    """One input line -> its record: the result, or the line's error in one sentence (prefixed "line n: ")."""
+    try:
+        job = parse(line, image_root, defaults)
+    except Exception as e:  # the line's fault or ours: either way it fails alone
+        record = Job(line.number, line.id).record(error=describe(e))
+    else:
+        [(_, record)] = run(m, [job])
+    if "error" in record:
+        record["error"] = f"line {line.number}: {record['error']}"
+    return record
+
+
+def images_of(line: Line) -> int:
+    """How many images a line names (for the progress bar): 0 for a line that does not parse."""
+    try:
+        spec = json.loads(line.text)
+    except (ValueError, RecursionError):
+        return 0
+    if not isinstance(spec, dict):
+        return 0
+    n = int("image" in spec)
+    if isinstance(examples := spec.get("examples"), list):
+        n += len(examples)
+    if isinstance(prompt := spec.get("prompt"), list):
+        n += sum(isinstance(item, dict) and "image" in item for item in prompt)
+    return n
+
+
+def process(m, todo: list[Line], image_root: Path, defaults: dict, window: int,
             write: Callable[[dict], None], report: Callable[[str], None]) -> int:
-    """Run the pending lines batch_size at a time; write each record; report each failure. -> failures."""
+    """Run the pending lines, `window` of them in flight at once, each from its own thread; write each record
+    as its line ends and report each failure. -> failures."""
     failures = 0
-    for start in range(0, len(todo), batch_size):
-        chunk, jobs, records = todo[start : start + batch_size], [], {}
-        for line in chunk:
-            try:
-                jobs.append(parse(line, image_root, defaults))
-            except Exception as e:  # the line's fault or ours: either way it fails alone
-                records[line.number] = Job(line.number, line.id).record(error=describe(e))
-        for job, record in run(m, jobs):
-            records[job.line] = record
-        for line in chunk:
-            record = records[line.number]
-            if "error" in record:
-                record["error"] = f"line {line.number}: {record['error']}"
-                failures += 1
-                report(record["error"])
-            write(record)
+    lines = iter(todo)
+    pool = ThreadPoolExecutor(window, thread_name_prefix="idefics-batch")
+    try:
+        running = {pool.submit(run_line, m, line, image_root, defaults) for line in itertools.islice(lines, window)}
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                record = future.result()
+                if "error" in record:
+                    failures += 1
+                    report(record["error"])
+                write(record)
+                for line in lines:  # the next one, if any
+                    running.add(pool.submit(run_line, m, line, image_root, defaults))
+                    break
+    finally:  # interrupted: what has not started never will; lines still running finish in the background
+        pool.shutdown(wait=False, cancel_futures=True)
     return failures
+
+
+class Progress:
+    """The progress bar's rates: images and generated tokens per second since the run began."""
+
+    def __init__(self, m, bar):
+        self.bar = bar
+        self.loop = getattr(m, "loop", None)  # the model's engine loop counts the tokens it generates
+        self.tokens = self.loop.generated_tokens if self.loop is not None else 0
+        self.images = 0
+        self.start = time.perf_counter()
+
+    def done(self, images: int):
+        self.images += images
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        rates = f"{self.images / seconds:.1f} images/s"
+        if self.loop is not None:
+            rates += f", {(self.loop.generated_tokens - self.tokens) / seconds:.0f} tokens/s"
+        self.bar.set_postfix_str(rates, refresh=False)
+        self.bar.update(1)
 
 
 def encode(record: dict) -> bytes:
@@ -318,10 +378,10 @@ def _reason(e: Exception) -> str:
     return getattr(e, "strerror", None) or ("not a valid file name" if isinstance(e, ValueError) else str(e))
 
 
-def run_file(source: str, output: Path, image_root: Path, defaults: dict, batch_size: int, load) -> int:
+def run_file(source: str, output: Path, image_root: Path, defaults: dict, window: int, load) -> int:
     """The `idefics batch` command: input file (or - for stdin) -> output file, resumed when it exists, with a
-    progress bar on stderr. The output is only appended to. load() gives the model, called only when lines are
-    left to run. -> exit status."""
+    progress bar on stderr (lines, images/s, tokens/s). The output is only appended to. window: lines in flight at
+    once. load() gives the model, called only when lines are left to run. -> exit status."""
     from tqdm import tqdm
 
     refuse_same_file(source, output)
@@ -337,18 +397,20 @@ def run_file(source: str, output: Path, image_root: Path, defaults: dict, batch_
         raise IdeficsError(f"{output}: cannot write ({_reason(e)})") from None
     with out:
         m = load()
-        bar = tqdm(total=len(lines), initial=len(lines) - len(todo), unit="task", file=sys.stderr,
+        bar = tqdm(total=len(lines), initial=len(lines) - len(todo), unit="line", file=sys.stderr,
                    dynamic_ncols=True, desc="batch")
+        progress = Progress(m, bar)
+        images = {line.number: images_of(line) for line in todo}
         try:
             def write(record: dict) -> None:
                 out.write(encode(record))
                 out.flush()  # a killed run loses no finished line
-                bar.update(1)
+                progress.done(images[record["line"]])
 
             def report(message: str) -> None:  # a lone surrogate quoted from a line is shown as its escape
                 bar.write(f"idefics: {message}".encode("utf-8", "backslashreplace").decode(), file=sys.stderr)
 
-            failures = process(m, todo, image_root, defaults, batch_size, write, report)
+            failures = process(m, todo, image_root, defaults, window, write, report)
         except OSError as e:
             raise IdeficsError(f"{output}: cannot write ({_reason(e)})") from None
         finally:

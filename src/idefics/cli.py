@@ -128,7 +128,11 @@ def parser() -> Parser:
     p.add_argument("input", help="JSONL tasks, or - for stdin")
     p.add_argument("-o", "--output", required=True,
                    help="JSONL results, never the input; an existing file is resumed (only appended to)")
-    p.add_argument("--batch-size", type=int, default=8, help="lines run together (default 8)")
+    p.add_argument("--window", type=int, default=256,
+                   help="lines in flight at once; the next starts as soon as one ends (default 256)")
+    p.add_argument("--workers", type=int, help="threads that decode images (default: one per core, at most 16)")
+    p.add_argument("--image-decode", choices=["exact", "fast"], default="exact",
+                   help="exact: the reference's pixels (default); fast: JPEGs decoded at a reduced scale first")
     p.add_argument("--image-root", default=".", help="directory that relative image paths start from")
     command("info", cmd_info, "summarize a model: configuration, parameters, device, dtype", parents=[model])
     debug = Parser(add_help=False)
@@ -160,7 +164,8 @@ def generation_options(args) -> dict:
 def load_model(args):
     import idefics
 
-    return idefics.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    pipeline = {k: getattr(args, k) for k in ("workers", "image_decode") if getattr(args, k, None) is not None}
+    return idefics.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, **pipeline)
 
 
 _stdin: dict[str, bytes] = {}  # stdin's bytes, read once per command: every "-" is the same image
@@ -314,10 +319,12 @@ def reply(conversation, text: str, images: list, as_json: bool) -> None:
 def cmd_batch(args):
     from idefics.batch import run_file
 
-    if args.batch_size < 1:
-        raise IdeficsError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.window < 1:
+        raise IdeficsError(f"batch: --window must be >= 1, got {args.window}")
+    if args.workers is not None and args.workers < 1:
+        raise IdeficsError(f"batch: --workers must be >= 1, got {args.workers}")
     options = generation_options(args)
-    return run_file(args.input, Path(args.output), Path(args.image_root), options, args.batch_size,
+    return run_file(args.input, Path(args.output), Path(args.image_root), options, args.window,
                     lambda: load_model(args))
 
 

@@ -1,2 +1,19 @@
 class IdeficsError(Exception):
     """A user-facing error: the message is one line that says what is wrong and where."""
+
+
+class ItemErrors(IdeficsError):
+    """Some items of a list call failed and the others did not. The message is the first failure's (one line, naming
+    its item) with a count; `results` holds every item's result in order, None where it failed, and `errors` maps
+    each failed item's index to its own one-line message."""
+
+    def __init__(self, results: list, errors: dict[int, str]):
+        first = min(errors)
+        more = f" ({len(errors)} of {len(results)} items failed)" if len(errors) > 1 else ""
+        super().__init__(errors[first] + more)
+        self.results = results
+        self.errors = errors
+
+    def map(self, fn) -> "ItemErrors":
+        """The same failures, fn applied to each result that succeeded."""
+        return ItemErrors([None if i in self.errors else fn(r) for i, r in enumerate(self.results)], self.errors)

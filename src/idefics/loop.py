@@ -25,10 +25,12 @@ class EngineLoop:
         self.calls: list[tuple[Callable, Future]] = []  # waiting to run between steps
         self.thread: threading.Thread | None = None
         self.start_lock = threading.Lock()
+        self.generated_tokens = 0  # by every request so far (progress reports read it)
 
-    def submit(self, requests: list[Request]) -> list[queue.SimpleQueue]:
-        """Queue requests -> one queue of Outputs each, the last with its finish_reason set."""
-        sinks = [queue.SimpleQueue() for _ in requests]
+    def submit(self, requests: list[Request], sink: queue.SimpleQueue | None = None) -> list[queue.SimpleQueue]:
+        """Queue requests -> one queue of Outputs each, the last with its finish_reason set. sink: one queue that
+        takes all their Outputs instead (each names its request)."""
+        sinks = [sink if sink is not None else queue.SimpleQueue() for _ in requests]
         self.inbox.put(("add", list(zip(requests, sinks))))
         self._start()
         return sinks
@@ -79,6 +81,7 @@ class EngineLoop:
                 outputs = s.step()
             except Exception as e:  # a fault of the engine, not of one request: fail those in flight, carry on
                 outputs = self._fail_all(e)
+            self.generated_tokens += sum(o.token is not None for o in outputs)
             for o in outputs:
                 sink = self.sinks.get(o.id)
                 if sink is not None:

@@ -119,25 +119,9 @@ class Processor:
         two consecutive text items. None (the default) means true when the tokenizer lists <end_of_utterance>
         among its additional special tokens (the instruct checkpoints do), as transformers 4.37.2 decides it;
         transformers 5 never finds it there and always takes false."""
-        add_end_of_utterance_token = self.end_of_utterance(add_end_of_utterance_token)
         batch = as_batch(prompts)
-        started: list[Pending | IdeficsError] = []
-        for b, prompt in enumerate(batch):  # every prompt's images start decoding before any is waited for
-            try:
-                started.append(self.start(prompt, add_end_of_utterance_token, self.where(b, len(batch))))
-            except IdeficsError as e:
-                started.append(e)
-        images = []
-        try:
-            for p in started:  # the first error in the prompts' order, as a one-by-one processor meets it
-                if isinstance(p, IdeficsError):
-                    raise p
-                images.append(p.pixels())
-        except IdeficsError:
-            for p in started:
-                if isinstance(p, Pending):
-                    p.cancel()
-            raise
+        started = self._wait_all(self._start_all(batch, self.end_of_utterance(add_end_of_utterance_token)))
+        images = [p.pixels() for p in started]
 
         input_ids, attention_mask = self._pad([p.ids for p in started])
 
@@ -156,6 +140,36 @@ class Processor:
             mask = torch.zeros(*input_ids.shape, 1, dtype=torch.bool)
         return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                     image_attention_mask=mask)
+
+    def prompts(self, prompts, add_end_of_utterance_token: bool | None = None) -> list[Prompt]:
+        """Each prompt as the engine takes it: what __call__ gives it alone, unpadded (see Pending.prompt)."""
+        batch = as_batch(prompts)
+        started = self._start_all(batch, self.end_of_utterance(add_end_of_utterance_token))
+        return [p.prompt() for p in self._wait_all(started)]
+
+    def _start_all(self, batch: list[list], add_end_of_utterance_token: bool) -> list[Pending | IdeficsError]:
+        """Every prompt's images start decoding before any is waited for."""
+        started = []
+        for b, prompt in enumerate(batch):
+            try:
+                started.append(self.start(prompt, add_end_of_utterance_token, self.where(b, len(batch))))
+            except IdeficsError as e:
+                started.append(e)
+        return started
+
+    def _wait_all(self, started: list[Pending | IdeficsError]) -> list[Pending]:
+        """Wait for every image; raise the first error in the prompts' order, as a one-by-one processor meets it."""
+        try:
+            for p in started:
+                if isinstance(p, IdeficsError):
+                    raise p
+                p.pixels()
+        except IdeficsError:
+            for p in started:
+                if isinstance(p, Pending):
+                    p.cancel()
+            raise
+        return started
 
     def end_of_utterance(self, add_end_of_utterance_token: bool | None) -> bool:
         if add_end_of_utterance_token is None:

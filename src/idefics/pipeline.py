@@ -23,6 +23,16 @@ from idefics.images import ImageLimits, ImageTransform, load_image
 
 DECODES = ("exact", "fast")
 MEMORY = 1 << 29  # bytes of decoded images the workers may hold at once (512 MiB)
+PILLOW_BLOCK = 64 << 20  # see _return_freed_images
+
+
+def _return_freed_images():
+    """Pillow allocates an image's pixels in blocks (16 MiB by default); glibc serves blocks that size from
+    per-thread heaps that keep what is freed, so each worker thread would go on holding a large photo's worth of
+    memory after dropping it. Blocks above glibc's largest mmap threshold (32 MiB) are mapped for each image and
+    given back to the system when it is freed."""
+    if Image.core.get_block_size() < PILLOW_BLOCK:
+        Image.core.set_block_size(PILLOW_BLOCK)
 
 
 def default_workers() -> int:
@@ -75,12 +85,13 @@ class ImagePipeline:
     """Worker threads that turn image sources into (3, H, W) float32 pixel tensors."""
 
     def __init__(self, transform: ImageTransform, limits: ImageLimits = ImageLimits(), workers: int | None = None,
-                 decode: str = "exact", memory: int = MEMORY):
+                 decode: str = "exact", memory: int | None = None):
         self.transform = transform
         self.limits = limits
         self.workers = check_workers(workers)
         self.decode = check_decode(decode)
-        self.budget = Budget(memory)
+        self.budget = Budget(MEMORY if memory is None else memory)
+        _return_freed_images()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 

@@ -1,0 +1,199 @@
+"""The parallel input pipeline: pixel values equal transformers' processor bit for bit whatever the number of
+workers; each prompt, prepared alone, equals its row of the batch; a bad image in a list fails only its item; a
+prompt of 12 large photos stays under 1 GB; the fast JPEG path stays close to the exact one."""
+import io
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_processor_dir, reference_processor
+from PIL import Image
+from transformers.image_utils import load_image as reference_load_image
+
+import idefics
+from idefics.engine import split_batch
+from idefics.errors import IdeficsError, ItemErrors
+from idefics.images import ImageTransform
+from idefics.pipeline import ImagePipeline
+from idefics.processor import Processor
+
+DEMO_IMAGES = Path(idefics.__file__).parent / "demo" / "images"
+
+
+def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """(H, W, 3) uint8 that looks like a photo to a JPEG encoder: smooth colour fields plus sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    phase = rng.uniform(0, 6, 3)
+    image = np.stack([128 + 100 * np.sin(x / (width / 5) + p) * np.cos(y / (height / 4) - p) for p in phase], -1)
+    image += rng.normal(0, 10, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def jpeg(array: np.ndarray, orientation: int | None = None, quality: int = 88) -> bytes:
+    image = Image.fromarray(array)
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation  # EXIF Orientation
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality, exif=exif)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> list[Path]:
+    """Photos as JPEG (one EXIF-rotated), a PNG with alpha, a palette GIF, a grayscale PNG."""
+    root = tmp_path_factory.mktemp("pipeline")
+    made = {
+        "a.jpg": jpeg(photo(320, 213, 1)),
+        "b.jpg": jpeg(photo(200, 300, 2), orientation=6),
+        "c.jpg": jpeg(photo(640, 427, 3), quality=70),
+    }
+    for name, mode, fmt in (("d.png", "RGBA", "PNG"), ("e.gif", "P", "GIF"), ("f.png", "L", "PNG")):
+        buf = io.BytesIO()
+        Image.fromarray(photo(90, 60, len(made))).convert(mode).save(buf, fmt)
+        made[name] = buf.getvalue()
+    for name, data in made.items():
+        (root / name).write_bytes(data)
+    return [root / name for name in made]
+
+
+@pytest.fixture(scope="module")
+def processor_dir(tmp_path_factory) -> Path:
+    return make_processor_dir(tmp_path_factory.mktemp("proc"), image_size=224)
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_pixel_values_equal_the_reference_processors(files, processor_dir, workers):
+    ours = Processor.from_dir(processor_dir, workers=workers)
+    ref = reference_processor(processor_dir)
+    prompts = [[f, "This is an image of "] for f in files] + [["Two:", files[0], files[1], "and", files[3]]]
+    got = ours(prompts)
+    loaded = [[reference_load_image(str(x)) if isinstance(x, Path) else x for x in p] for p in prompts]
+    expected = ref(text=loaded)
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_attention_mask"):
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_a_prompt_prepared_alone_equals_its_row_of_the_batch(files, processor_dir):
+    p = Processor.from_dir(processor_dir, workers=3)
+    prompts = [["User:", files[0], "Describe.", files[1]], [files[2]], ["no image at all"], [files[3], "x", files[4]]]
+    for alone, row in zip(p.prompts(prompts), split_batch(p(prompts))):
+        assert torch.equal(alone.ids, row.ids)
+        assert torch.equal(alone.pixels, row.pixels)
+        assert torch.equal(alone.image_mask, row.image_mask)
+
+
+def test_the_table_normalizes_exactly_as_the_reference_arithmetic():
+    """Every uint8 value of every channel, through the look-up, equals rescale-in-float64 then normalize."""
+    t = ImageTransform(image_size=16, image_mean=(0.1, 0.5, 0.9), image_std=(0.3, 0.2, 0.7), rescale_factor=1 / 255)
+    values = np.arange(256, dtype=np.uint8)
+    image = Image.fromarray(np.stack([np.tile(values, (16, 1))] * 3, -1))  # (16, 256, 3): each value, each channel
+    x = torch.from_numpy(np.array(image.resize((16, 16), Image.Resampling.BICUBIC))).permute(2, 0, 1)
+    expected = ((x.double() * t.rescale_factor).float() - torch.tensor(t.image_mean).view(3, 1, 1)) \
+        / torch.tensor(t.image_std).view(3, 1, 1)
+    assert torch.equal(t.pixels(image), expected)
+    table = t._table
+    direct = ((torch.arange(256, dtype=torch.float64) * t.rescale_factor).float()
+              - torch.tensor(t.image_mean)[:, None]) / torch.tensor(t.image_std)[:, None]
+    assert torch.equal(table, direct)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return idefics.load(None, device="cpu", workers=3)
+
+
+def test_a_bad_image_in_a_list_fails_only_its_item(demo, tmp_path):
+    good = sorted(DEMO_IMAGES.iterdir())[:2]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(jpeg(photo(64, 48))[:300])  # cut short
+    images = [good[0], tmp_path / "missing.png", good[1], broken]
+    with pytest.raises(ItemErrors) as info:
+        demo.caption(images, max_new_tokens=3)
+    e = info.value
+    assert set(e.errors) == {1, 3} and "\n" not in str(e)
+    assert e.errors[1].startswith("prompt 1, item 0: ") and "missing.png: no such image file" in e.errors[1]
+    assert e.errors[3].startswith("prompt 3, item 0: ") and "broken.jpg" in e.errors[3]
+    assert str(e) == e.errors[1] + " (2 of 4 items failed)"
+    alone = [demo.caption(x, max_new_tokens=3) for x in good]
+    assert e.results == [alone[0], None, alone[1], None]
+    with pytest.raises(IdeficsError, match="missing.png: no such image file") as single:  # one prompt: its error
+        demo.caption(tmp_path / "missing.png")
+    assert not isinstance(single.value, ItemErrors)
+
+
+def test_a_prompt_too_long_fails_alone_and_generate_gives_the_others_completions(demo):
+    image = sorted(DEMO_IMAGES.iterdir())[0]
+    long = "a red door, a pumpkin, a ghost. " * 200
+    with pytest.raises(ItemErrors) as info:
+        demo.generate([[image, "This is"], [image, long], [image, "A"]], max_new_tokens=2)
+    e = info.value
+    assert list(e.errors) == [1] and "prompt 1 has" in e.errors[1] and "context" in e.errors[1]
+    assert e.results[0] == demo.generate([[image, "This is"]], max_new_tokens=2)[0]
+    assert e.results[2] == demo.generate([[image, "A"]], max_new_tokens=2)[0]
+
+
+def test_bad_pipeline_settings_are_one_line_errors():
+    for workers in (0, -2, 1.5, "4", True):
+        with pytest.raises(IdeficsError, match="workers must be a positive integer"):
+            idefics.load(None, device="cpu", workers=workers)
+    with pytest.raises(IdeficsError, match=r"unknown image_decode 'turbo' \(valid: exact, fast\)"):
+        idefics.load(None, device="cpu", image_decode="turbo")
+
+
+def test_the_fast_path_decodes_jpegs_scaled_down_and_stays_close_to_the_exact_pixels(tmp_path):
+    """1600x1067 photos: the DCT scaling (1/4 here) changes few pixel values, by little. Not exact, by design."""
+    t = ImageTransform()
+    exact, fast = ImagePipeline(t, workers=2), ImagePipeline(t, workers=2, decode="fast")
+    sizes = []
+    for seed in range(3):
+        data = jpeg(photo(1600, 1067, seed))
+        opened = Image.open(io.BytesIO(data))
+        opened.draft(None, (224, 224))
+        sizes.append(opened.size)
+        a, b = exact.pixels(data), fast.pixels(data)
+        diff = (a - b).abs() * torch.tensor(t.image_std).view(3, 1, 1) * 255  # in uint8 levels
+        assert 0 < diff.mean() < 2.0 and diff.max() < 40, (diff.mean(), diff.max())
+    assert sizes == [(400, 267)] * 3  # decoded at a quarter of the size, still >= 224 on both sides
+    png = io.BytesIO()
+    Image.fromarray(photo(300, 200)).save(png, "PNG")
+    assert torch.equal(exact.pixels(png.getvalue()), fast.pixels(png.getvalue()))  # other formats: exact
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, sys
+    from pathlib import Path
+    from idefics import pipeline
+    from idefics.processor import Processor
+    if sys.argv[3] == "unbounded":
+        pipeline.MEMORY = 1 << 40
+    p = Processor.from_dir(sys.argv[1], workers=12)
+    out = p(["Twelve photos:"] + [Path(sys.argv[2])] * 12 + ["Describe them."])
+    assert out["pixel_values"].shape == (1, 12, 3, 224, 224)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+""")
+
+
+def test_a_prompt_of_twelve_large_photos_stays_under_1_gb(processor_dir, tmp_path):
+    """12 photos of 24 megapixels (96 MiB each once decoded, as Pillow keeps RGB in 4 bytes a pixel) on 12
+    workers: the workers hold no more than the pipeline's memory budget of decoded pixels at once, and memory
+    freed goes back to the system. The same run without the budget goes over 1 GB, which shows the measure can
+    fail. Peak resident memory of the whole process, torch included."""
+    big = tmp_path / "big.jpg"
+    gradient = Image.linear_gradient("L").resize((6000, 4000))
+    Image.merge("RGB", [gradient, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT), gradient]).save(big, quality=80)
+    env = {"PYTHONPATH": str(Path(idefics.__file__).parent.parent)}
+
+    def peak(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(processor_dir), str(big), mode],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return int(run.stdout.split()[-1])
+
+    assert peak("bounded") < 1e9
+    assert peak("unbounded") > 1e9

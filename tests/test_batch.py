@@ -3,6 +3,7 @@ appended to and stays valid UTF-8 JSONL, ids are unique, the input is never the 
 alone with one sentence. On the embedded demo model."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -45,10 +46,13 @@ def batch(m, tasks: Path, out: Path, window: int = 4) -> int:
     return run_file(str(tasks), out, IMAGES, {"max_new_tokens": 2}, window, lambda: m)
 
 
-def test_a_killed_run_resumes_with_every_line_done_exactly_once(model, tmp_path):
+@pytest.mark.parametrize("window", [1, 4])
+def test_a_killed_run_resumes_with_every_line_done_exactly_once(model, tmp_path, window):
+    """SIGKILL while lines are in flight (window 4: several lines share the running batch, records come in the
+    order lines end), then resume."""
     tasks, out = write_lines(tmp_path / "tasks.jsonl", captions(12)), tmp_path / "out.jsonl"
     command = [sys.executable, "-m", "idefics", "batch", str(tasks), "-o", str(out), "--device", "cpu",
-               "--window", "1", "--max-new-tokens", "2", "--image-root", str(IMAGES)]
+               "--window", str(window), "--workers", "2", "--max-new-tokens", "2", "--image-root", str(IMAGES)]
     env = {k: v for k, v in os.environ.items() if k != "IDEFICS_MODEL"}  # the demo model
     run = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 120
@@ -61,7 +65,7 @@ def test_a_killed_run_resumes_with_every_line_done_exactly_once(model, tmp_path)
     whole = killed[: killed.rfind(b"\n") + 1]
     assert 3 <= whole.count(b"\n") < 12  # killed mid-run
 
-    assert batch(model, tasks, out, window=1) == 0  # the same job, resumed in this process
+    assert batch(model, tasks, out, window=window) == 0  # the same job, resumed in this process
     assert out.read_bytes().startswith(whole)  # appended to, never rewritten
     done = records(out)
     assert sorted(r["line"] for r in done) == list(range(1, 13)) and all("result" in r for r in done)
@@ -199,3 +203,25 @@ def test_a_lone_surrogate_fails_its_line_only_and_the_output_stays_utf8(model, t
     assert done[3] == {"line": 3, "error": "line 3: not UTF-8 text (byte 50 of the line)"}
     assert done[4]["id"] == "\U0001F600 d\u00e9j\u00e0" and "result" in done[4] and "result" in done[5]
     assert batch(model, tasks, out) == 0 and "all 5 lines already done" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "0"], "batch: --workers must be >= 1, got 0"),
+    (["--workers", "-3"], "batch: --workers must be >= 1, got -3"),
+    (["--workers", "many"], "batch: argument --workers: invalid int value: 'many'"),
+    (["--window", "0"], "batch: --window must be >= 1, got 0"),
+    (["--image-decode", "turbo"], "batch: argument --image-decode: invalid choice: 'turbo'"),
+])
+def test_bad_pipeline_flags_are_one_line_errors_before_any_work(tmp_path, capsys, flags, message):
+    tasks, out = write_lines(tmp_path / "tasks.jsonl", captions(2)), tmp_path / "out.jsonl"
+    assert main(["batch", str(tasks), "-o", str(out), *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"idefics: error: {message}") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_progress_shows_images_and_tokens_per_second(model, tmp_path, capsys):
+    tasks, out = write_lines(tmp_path / "tasks.jsonl", captions(6)), tmp_path / "out.jsonl"
+    assert batch(model, tasks, out) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"6/6 .*\d+(\.\d+)? images/s, \d+ tokens/s", err), err

@@ -197,22 +197,21 @@ class ImageTransform:
         if image.mode != "RGB" or image.info.get("transparency") is not None:
             image = to_rgb(image)  # (converting what is RGB already would only copy it)
         # PIL's bicubic resize on uint8 RGB, as transformers' resize() does.
-        x = torch.from_numpy(np.array(image.resize((self.image_size,) * 2, resample=Image.Resampling.BICUBIC)))
-        x = x.permute(2, 0, 1).long() + self._channel_offsets  # (3, H, W): index into the flat table
-        return torch.take(self._table, x)
+        x = np.asarray(image.resize((self.image_size,) * 2, resample=Image.Resampling.BICUBIC))  # (H, W, 3) uint8
+        # One look-up per pixel, in numpy: single-threaded, as many of these run side by side in worker threads.
+        return torch.from_numpy(self._table[_CHANNELS, x.transpose(2, 0, 1)])  # (3, H, W) float32
 
     @functools.cached_property
-    def _table(self) -> torch.Tensor:
+    def _table(self) -> np.ndarray:
         """(3, 256) float32: every normalized value a uint8 pixel can give, per channel, computed as the reference
         computes each pixel (rescale in float64 then round to float32, normalize in float32), so a look-up is exact."""
         x = (torch.arange(256, dtype=torch.float64) * self.rescale_factor).float()
         mean = torch.tensor(self.image_mean, dtype=torch.float32).view(-1, 1)
         std = torch.tensor(self.image_std, dtype=torch.float32).view(-1, 1)
-        return ((x - mean) / std).contiguous()
+        return ((x - mean) / std).numpy()
 
-    @functools.cached_property
-    def _channel_offsets(self) -> torch.Tensor:
-        return torch.tensor([0, 256, 512]).view(3, 1, 1)
+
+_CHANNELS = np.arange(3).reshape(3, 1, 1)
 
 
 def _json_object(file: Path) -> dict:

@@ -176,3 +176,27 @@ def test_log_probabilities_are_the_models(m):
     first = next(o for o in outputs if o.id == rs[0].id)
     assert first.logprob == pytest.approx(float(logits[first.token]), abs=1e-4)
     assert [t for t, _ in first.top_logprobs] == logits.topk(3).indices.tolist()
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_a_row_with_nothing_to_pick_fails_alone(m, do_sample):
+    """Every token banned but the end-of-sequence ones, which min_new_tokens masks, leaves a row no finite score:
+    that request ends with its error, the batch runs on."""
+    expected = [alone(m, p, max_new_tokens=8).token_ids for p in PROMPTS[:2]]
+    good = requests(m, PROMPTS[:2], max_new_tokens=8)
+    vocab = m.engine.model.config.vocab_size + m.engine.model.config.additional_vocab_size
+    bad = requests(m, PROMPTS[2:3], max_new_tokens=8, min_new_tokens=4, do_sample=do_sample,
+                   banned_token_ids=list(range(vocab)))[0]
+    s = Scheduler(m.engine, m.tokenizer)
+    for r in (good[0], bad, good[1]):
+        s.add(r)
+    outputs = []
+    while s.busy:
+        outputs += s.step()
+    failed = [o for o in outputs if o.id == bad.id]
+    assert [o.finish_reason for o in failed] == ["error"] and "not finite" in failed[0].error
+    assert [r.generated for r in good] == expected
+    assert not s.engine.active
+    with pytest.raises(IdeficsError, match="every token is banned"):
+        m.generate([PROMPTS[0]], max_new_tokens=3, min_new_tokens=2, banned_token_ids=list(range(vocab)))
+    assert alone(m, PROMPTS[0], max_new_tokens=8).token_ids == expected[0]

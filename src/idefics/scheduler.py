@@ -167,25 +167,29 @@ class Scheduler:
         logits = new_logits if not self.running else \
             self.logits if not new else torch.cat([self.logits, new_logits])
         slots = self.engine.index([r.slot for r in rows])
-        tokens = self.sampler(logits, rows, slots)
+        tokens, bad = self.sampler(logits, rows, slots)
         picks = self._logprobs(logits, tokens, rows)
-        read = _host_copy([tokens, *picks])
+        read = _host_copy([tokens, bad, *picks])
         lengths = self.engine.lengths[slots]
         self.sampler.append(slots, lengths, tokens)
         # Launch the next step before reading this one's tokens, unless every row ends now whatever it picked.
         ahead = any(len(r.generated) + 1 < r.budget for r in rows)
         if ahead:
             self.logits = self.engine.decode(tokens, [r.slot for r in rows])
-        host = read()
-        values = host[0]
+        values, failed, *picked = read()
         running = []
         for i, (r, t) in enumerate(zip(rows, values)):
+            if failed[i]:
+                o = self._fail(r, "the model's scores for this request are not finite (NaN or infinity), "
+                                  "or every token is banned")
+                out.append(o)
+                continue
             piece = r.push(t)
             o = Output(r.id, t, piece)
-            if picks:
-                o.logprob = host[1][i]
+            if picked:
+                o.logprob = picked[0][i]
                 if r.logprobs:
-                    o.top_logprobs = list(zip(host[2][i][: r.logprobs], host[3][i][: r.logprobs]))
+                    o.top_logprobs = list(zip(picked[1][i][: r.logprobs], picked[2][i][: r.logprobs]))
             if r.finish:
                 self._settle(r, o)
             else:
@@ -209,6 +213,12 @@ class Scheduler:
             return [chosen]
         top = lp.topk(n, dim=-1)
         return [chosen, top.indices, top.values]
+
+    def _fail(self, r: Request, error: str) -> Output:
+        """The request ends alone with an error: its slot is freed, the others run on."""
+        self.engine.release(r.slot)
+        r.slot, r.finish = None, "error"
+        return Output(r.id, None, "", "error", error=error)
 
     def _settle(self, r: Request, o: Output):
         """The request has ended: free its slot, and give its last piece and its completion."""

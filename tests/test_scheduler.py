@@ -200,3 +200,30 @@ def test_a_row_with_nothing_to_pick_fails_alone(m, do_sample):
     with pytest.raises(IdeficsError, match="every token is banned"):
         m.generate([PROMPTS[0]], max_new_tokens=3, min_new_tokens=2, banned_token_ids=list(range(vocab)))
     assert alone(m, PROMPTS[0], max_new_tokens=8).token_ids == expected[0]
+
+
+def test_admission_takes_a_lone_arrival_at_once_and_groups_a_backlog(m):
+    """A request added while others run is admitted at the next step when a slot is free; with more waiting than
+    free slots, admission waits to prefill several at once, but never past ADMIT_WAIT steps."""
+    from idefics.scheduler import ADMIT_WAIT
+
+    s = Scheduler(m.engine, m.tokenizer, max_batch=16)  # groups of 2
+    long = requests(m, PROMPTS * 4, max_new_tokens=ADMIT_WAIT + 8, eos_token_id=[])
+    for r in long[:14]:
+        s.add(r)
+    s.step()
+    assert len(s.running) == 14
+    s.add(long[14])
+    s.step()
+    assert long[14].slot is not None and len(long[14].generated) == 1  # 2 free slots, 1 waiting: at once
+    backlog = requests(m, PROMPTS[:3], max_new_tokens=4)
+    for r in backlog:
+        s.add(r)
+    steps = 0
+    while all(r.slot is None for r in backlog):
+        s.step()
+        steps += 1
+    assert steps == ADMIT_WAIT + 1 and [r.slot is not None for r in backlog] == [True, False, False]
+    while s.busy:
+        s.step()
+    assert all(r.finish == "length" for r in long[:15] + backlog)

@@ -42,6 +42,7 @@ def split_batch(batch: dict[str, torch.Tensor]) -> list[Prompt]:
 
 KV_BUCKET = 64  # decode attends to the cache in multiples of this many positions (fewer bytes than a fixed length)
 LEN_BUCKET = 32  # captured prefills pad prompts to a multiple of this many tokens
+WARM_PREFILL = 512  # warmup() captures single-prompt prefills of one image up to this many tokens
 
 
 def _round_up(x: int, m: int) -> int:
@@ -190,12 +191,20 @@ class Engine:
         cos, sin = rope_cos_sin(torch.arange(max_len, device=dev)[None], self.model.inv_freq, dt)
         self.cos, self.sin = cos[0, :, 0], sin[0, :, 0]  # (max_len, Dh): the fused step's RoPE table
 
+    @torch.inference_mode()
     def warmup(self):
-        """Capture the decode step for every slot bucket now, so that no request waits for a capture."""
+        """Capture now, while no sequence is live, the decode step for every slot bucket and the prefill of one prompt
+        with one image for every length bucket up to WARM_PREFILL, so that no request joining a running batch
+        waits for a capture (tens of milliseconds each, several decode steps)."""
         if self.graphs is None or self.fused is None or self.cache is None:
             return  # the plain step's graphs are keyed by attention length too: they are captured as they come
+        assert not self.host_lengths, "warmup() with sequences running"
         for m in sorted({slot_bucket(n, self.slots) for n in range(1, self.slots + 1)}):
             self.graphs.run(("decode", m, 0), lambda m=m: self._decode_step(m, 0))
+        t = self.model.config.image_seq_len
+        self.pf_slots[:1], self.pf_last[:1] = 0, 0  # the steps write slot 0, which is free
+        for s in range(LEN_BUCKET, min(self.max_len, WARM_PREFILL) + 1, LEN_BUCKET):
+            self.graphs.run(("prefill", s, t), lambda s=s: self._prefill_step(1, s, t))
 
     def index(self, slots: list[int]) -> torch.Tensor:
         """A list of slots as a device tensor, copied once per distinct list (a running batch keeps its list for many

@@ -41,8 +41,12 @@ def fetch(url: str, max_bytes: int, timeout: float, max_redirects: int, name: st
         raise
     except Exception as e:
         raise _error(e, name, deadline.expired, timeout) from None
+    if deadline.expired:  # a shut connection can also read as a short answer
+        raise IdeficsError(f"{name}: timed out after {timeout:g} s")
     if len(data) > max_bytes:
         raise IdeficsError(f"{name}: response is over the limit of {max_bytes} bytes")
+    if length is not None and length.isdigit() and len(data) < int(length):
+        raise IdeficsError(f"{name}: the answer ended after {len(data)} of its {length} bytes")
     return data
 
 

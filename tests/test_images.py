@@ -235,6 +235,8 @@ def test_a_caller_image_is_decoded_once_and_kept():
 
 # Paths: regular files only, read with the byte cap; a bad path is one line.
 
+NOT_REGULAR = "cannot read image file (not a regular file; give - to read an image from stdin)"
+
 def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
@@ -246,11 +248,11 @@ def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
         with open(fifo, "wb"):  # lets the blocked open go on, so the thread ends
             pass
         pytest.fail("reading a FIFO hung")
-    assert result["message"] == f"{fifo}: cannot read image file (not a regular file; give - to read an image from stdin)"
+    assert result["message"] == f"{fifo}: {NOT_REGULAR}"
 
 
 def test_endless_device_is_refused_before_reading():
-    assert error_of("/dev/zero") == "/dev/zero: cannot read image file (not a regular file; give - to read an image from stdin)"
+    assert error_of("/dev/zero") == f"/dev/zero: {NOT_REGULAR}"
 
 
 def test_an_endless_stream_stops_at_the_byte_cap():

@@ -116,14 +116,19 @@ def _read_file(path: str | Path, limits: ImageLimits) -> bytes:
         raise IdeficsError(f"{name}: the path contains a NUL character") from None
     except OSError as e:
         raise IdeficsError(f"{name}: cannot read image file ({e.strerror or e})") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    info, problem = os.fstat(fd), None
+    if stat.S_ISDIR(info.st_mode):
+        problem = "cannot read image file (a directory)"
+    elif not stat.S_ISREG(info.st_mode):  # a FIFO, device or socket, which may never end
+        problem = "cannot read image file (not a regular file; give - to read an image from stdin)"
+    elif info.st_size > limits.max_bytes:
+        problem = f"file is {info.st_size} bytes, over the limit of {limits.max_bytes}"
+    if problem:
         os.close(fd)
-        what = "a directory" if stat.S_ISDIR(mode) else "not a regular file; give - to read an image from stdin"
-        raise IdeficsError(f"{name}: cannot read image file ({what})")
+        raise IdeficsError(f"{name}: {problem}")
     with open(fd, "rb") as f:
         try:
-            return read_stream(f, name, limits)
+            return read_stream(f, name, limits)  # capped again: the file may grow while it is read
         except OSError as e:
             raise IdeficsError(f"{name}: cannot read image file ({e.strerror or e})") from None
 

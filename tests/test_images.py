@@ -2,6 +2,7 @@
 import base64
 import io
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -356,6 +357,34 @@ def test_a_slow_drip_is_cut_at_the_timeout(before_body):
         message = error_of(base + "/slow", timeout=0.5)
         elapsed = time.monotonic() - start
     assert message == f"{base}/slow: timed out after 0.5 s"
+    assert 0.45 < elapsed < 1.2
+
+
+def test_a_slow_tls_handshake_is_cut_at_the_timeout():
+    """A server that answers a TLS hello with a record header promising 16 kB, then one byte every 20 ms."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def drip_record():
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)  # the client's hello
+            try:
+                connection.sendall(b"\x16\x03\x03\x40\x00")  # a handshake record of 16384 bytes
+                for _ in range(100):
+                    connection.sendall(b"\x00")
+                    time.sleep(0.02)
+            except OSError:
+                pass  # the client gave up, as intended
+
+    server = threading.Thread(target=drip_record, daemon=True)
+    server.start()
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}/x.png"
+    start = time.monotonic()
+    message = error_of(url, timeout=0.5)
+    elapsed = time.monotonic() - start
+    server.join(timeout=5)
+    listener.close()
+    assert message == f"{url}: timed out after 0.5 s"
     assert 0.45 < elapsed < 1.2
 
 

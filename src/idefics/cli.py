@@ -168,11 +168,11 @@ _stdin: dict[str, bytes] = {}  # stdin's bytes, read once per command: every "-"
 
 def read_image(arg: str):
     """A command-line image -> a decoded PIL image, so a bad image fails before the model loads."""
-    from idefics.images import load_image
+    from idefics.images import load_image, read_stream
 
     if arg == "-":
         if "data" not in _stdin:
-            _stdin["data"] = sys.stdin.buffer.read()
+            _stdin["data"] = read_stream(sys.stdin.buffer, "stdin")  # an endless stdin stops at the byte limit
         return load_image(_stdin["data"])
     return load_image(tasks.as_image(arg))
 

@@ -107,6 +107,7 @@ class Processor:
             else:
                 raise IdeficsError(f"{where}item {i}: unsupported item of type {type(item).__name__}; "
                                    "expected text or an image (PIL image, path, URL, data URI, bytes)")
+        self.limits.check_count(len(sources), where)
         return text, sources
 
     def _load(self, source, where: str) -> Image.Image:

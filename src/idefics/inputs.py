@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from idefics.model import IdeficsModel
+from idefics.runtime import model_work
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,7 @@ def image_token_mask(image_attention_mask: torch.Tensor, image_seq_len: int) -> 
     return image_attention_mask.bool().repeat_interleave(image_seq_len, dim=-1)
 
 
-@torch.inference_mode()
+@model_work
 def full_logits(model: IdeficsModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits at every position of a processed batch, (B, S, V), no cache."""
     device = model.embed.weight.device

@@ -95,6 +95,9 @@ def pipeline(ray, started: bool, todo: list, image_root: Path, defaults: dict, b
     # Each decoding task asks for the memory of the largest image it may decode, a resource the replicas do not ask
     # for: so Ray places no more decodes on a node than its memory holds, and keeps them out of the replicas.
     ds = ds.map(decode, fn_kwargs=dict(image_root=image_root, defaults=defaults), num_cpus=1, memory=DECODE_MEMORY)
+    # One replica call per block of batch_size lines: calls run side by side, and each one's records come back
+    # as soon as it ends.
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
     # Ray Data's actor pools restart a dead actor and retry its calls (max_restarts and max_task_retries: -1).
     return ds.map_batches(
         Replica, fn_constructor_args=(load,), batch_size=batch_size, batch_format="numpy",
@@ -218,16 +221,18 @@ class Replica:
 
 
 def iterate(batches):
-    """Ray's batches; a failure inside Ray becomes one line: the user's error it carries, else its first line."""
+    """Ray's batches; a failure inside Ray becomes one line: the user's error it reports (Ray passes it on as the
+    text of a traceback, whose line "idefics.errors.IdeficsError: ..." is the error's one line), else its first line."""
     try:
         yield from batches
     except IdeficsError:
         raise
     except Exception as e:
-        cause = e
-        while cause is not None and not isinstance(cause, IdeficsError):
-            cause = getattr(cause, "cause", None) or cause.__cause__
-        raise IdeficsError(f"a replica failed: {cause or first_line(e)}") from None
+        ours = [line for line in str(e).splitlines() if line.startswith(USER_ERROR)]
+        raise IdeficsError(f"a replica failed: {ours[-1][len(USER_ERROR):] if ours else first_line(e)}") from None
+
+
+USER_ERROR = f"{IdeficsError.__module__}.{IdeficsError.__qualname__}: "
 
 
 def first_line(e: Exception) -> str:

@@ -47,7 +47,7 @@ class Loader:
         return idefics.load(self.model, device=device, dtype=self.dtype, quantize=self.quantize)
 
 
-def run_file(source: str, output: Path, *, model: str | None = None, device: str | None = None,
+def run_file(source: str | Path, output: str | Path, *, model: str | None = None, device: str | None = None,
              dtype: str | None = None, quantize: str | None = None, options: dict | None = None,
              image_root: str | Path = ".", batch_size: int = 8, address: str | None = None,
              replicas: int | None = None, gpus_per_replica: float | None = None, cpus_per_replica: float | None = None,

@@ -8,11 +8,13 @@ Writes photo-sized JPEGs (smooth gradients and noise, so that their size is a ph
 loaded and warmed up first), and with `idefics.ray_batch` on a local Ray for each replica count asked for (one GPU
 each, each warmed up the same way). Ray's images/s is counted from the moment the first replica is ready to the last
 record, so that neither Ray's start nor a model load is counted (the decoding tasks, which start at once, get a
-head start: use more --images to make it small); the time with the start is given too. The records of every run must equal the local mode's. Prints
-one JSON object and writes it to --out (or $OUT/ray_job.json when OUT is set)."""
+head start: use more --images to make it small); the time with the start is given too. The records of every run
+must equal the local mode's. Prints one JSON object and writes it to --out (or $OUT/ray_job.json when OUT is set).
+On a machine of several GPUs, `--replicas 1 2` gives the scaling."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -59,6 +61,9 @@ class Ready:
             f.write(f"{time.time()}\n")
         return m
 
+    def image_size(self):  # the decoding tasks resize the images, as they do for the command's own loader
+        return self.loader.image_size()
+
 
 def records(path: Path) -> dict:
     return {r["line"]: r for r in map(json.loads, path.read_text().splitlines())}
@@ -100,6 +105,7 @@ def main() -> None:
     result["local"] = {"images_per_s": round(n / seconds, 2), "seconds": round(seconds, 2)}
     expected = records(local)
     del m
+    gc.collect()
     if not args.small:
         torch.cuda.empty_cache()
 
@@ -118,7 +124,8 @@ def main() -> None:
             "vs_local": round(n / (end - ready) / result["local"]["images_per_s"], 3)}
     if len(args.replicas) > 1 and 1 in args.replicas:
         most = max(args.replicas)
-        result[f"scaling_{most}_vs_1"] = round(result[f"ray_{most}"]["images_per_s"] / result["ray_1"]["images_per_s"], 3)
+        scaling = result[f"ray_{most}"]["images_per_s"] / result["ray_1"]["images_per_s"]
+        result[f"scaling_{most}_vs_1"] = round(scaling, 3)
 
     print(json.dumps(result, indent=1))
     target = args.out or (os.path.join(os.environ["OUT"], "ray_job.json") if os.environ.get("OUT") else None)

@@ -4,14 +4,18 @@ dies is replaced and the job completes. On a local Ray of two CPUs and the embed
 import base64
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
+import torch
+from PIL import Image
 
 import idefics
 from idefics import batch, ray_batch
@@ -161,6 +165,18 @@ def test_a_replica_that_dies_is_replaced_and_its_lines_run_elsewhere(cluster, mo
     assert marker.exists()  # the replica died
     assert sorted(done) == list(range(1, 13)) and all("result" in r for r in done.values())
     assert done == local(model, tasks, tmp_path / "local.jsonl", batch_size=2)
+
+
+def test_decoding_tasks_give_the_replicas_the_pixels_the_local_mode_sees(model, tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (199, 301, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    line = batch.Line(1, json.dumps({"task": "caption", "image": "noise.png"}))
+    size = ray_batch.Loader().image_size()  # the demo model's
+    row = ray_batch.decode({"line": 1, "item": pickle.dumps(line)}, tmp_path, {}, size)
+    job = pickle.loads(row["item"])
+    assert size == 96 and isinstance(job.image, Image.Image) and job.image.size == (96, 96)
+    decoded, given = (model.process([[image]])["pixel_values"] for image in (job.image, tmp_path / "noise.png"))
+    assert torch.equal(decoded, given)
 
 
 @pytest.mark.parametrize("flags, message", [

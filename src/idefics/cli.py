@@ -133,9 +133,10 @@ def parser() -> Parser:
     r = p.add_argument_group("on a Ray cluster")
     r.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run on Ray: alone, a local Ray started for the job; auto or an address, a running cluster")
-    r.add_argument("--replicas", type=int, help="model replicas (default: one per GPU of the cluster, else 1)")
-    r.add_argument("--gpus-per-replica", type=float, help="default: 1 on a cluster with GPUs, else 0")
-    r.add_argument("--cpus-per-replica", type=float, help="default: 1")
+    r.add_argument("--replicas", type=int, metavar="N",
+                   help="model replicas (default: one per GPU of the cluster, else 1)")
+    r.add_argument("--gpus-per-replica", type=float, metavar="GPUS", help="default: 1 on a cluster with GPUs, else 0")
+    r.add_argument("--cpus-per-replica", type=float, metavar="CPUS", help="default: 1")
     command("info", cmd_info, "summarize a model: configuration, parameters, device, dtype", parents=[model])
     debug = Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", help="show tracebacks")

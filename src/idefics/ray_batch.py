@@ -46,6 +46,16 @@ class Loader:
         device = self.device or ("cuda" if ray.get_gpu_ids() else "cpu")
         return idefics.load(self.model, device=device, dtype=self.dtype, quantize=self.quantize)
 
+    def image_size(self) -> int | None:
+        """The side the model's images are resized to, where it can be read here: from a checkpoint directory (or
+        the demo model's); None for a hub id, whose files only the replicas fetch."""
+        from idefics.hub import resolve
+        from idefics.images import ImageTransform
+
+        if self.model is not None and not Path(self.model).is_dir():
+            return None
+        return ImageTransform.from_dir(resolve(self.model)).image_size
+
 
 def run_file(source: str | Path, output: str | Path, *, model: str | None = None, device: str | None = None,
              dtype: str | None = None, quantize: str | None = None, options: dict | None = None,
@@ -56,7 +66,8 @@ def run_file(source: str | Path, output: str | Path, *, model: str | None = None
     `idefics.batch.run_file`. address: None starts a local Ray for the job (or joins the one this process is
     connected to, or $RAY_ADDRESS's); "auto" or an address joins a running cluster. replicas: default one per GPU
     of the cluster (gpus_per_replica each, default 1), or 1 on a cluster without GPUs. load: builds the model in
-    each replica (pickled to them; default: Loader(model, device, dtype, quantize)). -> exit status."""
+    each replica (pickled to them; default: Loader(model, device, dtype, quantize)); where it has an image_size()
+    method, as Loader has, the decoding tasks resize the images too. -> exit status."""
     check(batch_size, replicas, gpus_per_replica, cpus_per_replica)
     output, root = Path(output), Path(image_root).absolute()  # the workers' current directories are their own
     if load is None:
@@ -75,10 +86,11 @@ def run_file(source: str | Path, output: str | Path, *, model: str | None = None
     except (OSError, ValueError) as e:
         raise IdeficsError(f"{output}: cannot write ({batch._reason(e)})") from None
     with out:
+        image_size = getattr(load, "image_size", lambda: None)()
         ray, started = connect(address)
         try:
-            failures = stream(pipeline(ray, started, todo, root, options or {}, batch_size, load, replicas,
-                                            gpus_per_replica, cpus_per_replica), out, output)
+            failures = stream(pipeline(ray, started, todo, root, options or {}, image_size, batch_size, load,
+                                       replicas, gpus_per_replica, cpus_per_replica), out, output)
         finally:
             if started:
                 ray.shutdown()
@@ -86,15 +98,16 @@ def run_file(source: str | Path, output: str | Path, *, model: str | None = None
     return 0
 
 
-def pipeline(ray, started: bool, todo: list, image_root: Path, defaults: dict, batch_size: int, load: Callable,
-             replicas, gpus, cpus):
+def pipeline(ray, started: bool, todo: list, image_root: Path, defaults: dict, image_size: int | None,
+             batch_size: int, load: Callable, replicas, gpus, cpus):
     """The pending lines -> a Ray dataset of their records (pickled), in the order they finish."""
     pool = size_pool(ray, started, replicas, gpus, cpus)
     rows = [{"line": line.number, "item": pickle.dumps(line)} for line in todo]
     ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / LINES_PER_BLOCK))
     # Each decoding task asks for the memory of the largest image it may decode, a resource the replicas do not ask
     # for: so Ray places no more decodes on a node than its memory holds, and keeps them out of the replicas.
-    ds = ds.map(decode, fn_kwargs=dict(image_root=image_root, defaults=defaults), num_cpus=1, memory=DECODE_MEMORY)
+    ds = ds.map(decode, fn_kwargs=dict(image_root=image_root, defaults=defaults, image_size=image_size), num_cpus=1,
+                memory=DECODE_MEMORY)
     # One replica call per block of batch_size lines: calls run side by side, and each one's records come back
     # as soon as it ends.
     ds = ds.repartition(target_num_rows_per_block=batch_size)
@@ -187,19 +200,26 @@ def size_pool(ray, started: bool, replicas, gpus, cpus) -> Pool:
     return pool
 
 
-def decode(row: dict, image_root: Path, defaults: dict) -> dict:
-    """A CPU task: one line -> its Job, its image read and decoded; or its error record. The images of few-shot
-    examples and generate prompts stay as given (they belong to what batches lines together) and load in the
-    replica. An image that fails to load stays as given too: the replica's call fails on it with the local mode's
-    message."""
-    from idefics.images import load_image
+def decode(row: dict, image_root: Path, defaults: dict, image_size: int | None = None) -> dict:
+    """A CPU task: one line -> its Job, its image read, decoded and, where image_size is known, resized as the
+    model's processor resizes it (which then resizes it to the size it has: a copy, so the pixels are the same); or
+    the line's error record. The images of few-shot examples and generate prompts stay as given (they belong to
+    what batches lines together) and load in the replica. An image that fails to load stays as given too: the
+    replica's call fails on it with the local mode's message."""
+    from PIL import Image
+
+    from idefics.images import load_image, to_rgb
 
     job = batch.prepare(pickle.loads(row["item"]), image_root, defaults)
     if isinstance(job, Job) and job.image is not None:
         try:
-            job = replace(job, image=load_image(job.image))
+            image = load_image(job.image)
         except Exception:
             pass
+        else:
+            if image_size:
+                image = to_rgb(image).resize((image_size, image_size), resample=Image.Resampling.BICUBIC)
+            job = replace(job, image=image)
     return {"line": row["line"], "item": pickle.dumps(job)}
 
 

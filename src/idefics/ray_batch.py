@@ -2,7 +2,7 @@
 per-line errors and resume.
 
 The driver reads the task file, skips the lines its output already holds, and streams the rest through Ray Data:
-  lines -> CPU tasks: parse each line, read and decode its image (path on shared storage, URL or data URI)
+  lines -> CPU tasks: parse each line, read, decode and resize its image (path on shared storage, URL or data URI)
         -> an actor pool of model replicas (one per GPU, or on CPUs): batch_size lines a call, several calls at a
            time, from threads that share the replica's running batch
         -> back to the driver, the output's only writer, which appends each record as it arrives.

@@ -262,6 +262,21 @@ def _record_key(raw: bytes) -> tuple | None:
     return ("line", line) if key is None else ("id", key)
 
 
+def prepare(line: Line, image_root: Path, defaults: dict) -> Job | dict:
+    """A line -> its Job, or the record of why it cannot run."""
+    try:
+        return parse(line, image_root, defaults)
+    except Exception as e:  # the line's fault or ours: either way it fails alone
+        return Job(line.number, line.id).record(error=describe(e))
+
+
+def finish(record: dict) -> dict:
+    """A line's record as it is written: an error names its line."""
+    if "error" in record:
+        record["error"] = f"line {record['line']}: {record['error']}"
+    return record
+
+
 def process(m, todo: list[Line], image_root: Path, defaults: dict, batch_size: int,
             write: Callable[[dict], None], report: Callable[[str], None]) -> int:
     """Run the pending lines batch_size at a time; write each record; report each failure. -> failures."""
@@ -269,16 +284,16 @@ def process(m, todo: list[Line], image_root: Path, defaults: dict, batch_size: i
     for start in range(0, len(todo), batch_size):
         chunk, jobs, records = todo[start : start + batch_size], [], {}
         for line in chunk:
-            try:
-                jobs.append(parse(line, image_root, defaults))
-            except Exception as e:  # the line's fault or ours: either way it fails alone
-                records[line.number] = Job(line.number, line.id).record(error=describe(e))
+            job = prepare(line, image_root, defaults)
+            if isinstance(job, Job):
+                jobs.append(job)
+            else:
+                records[line.number] = job
         for job, record in run(m, jobs):
             records[job.line] = record
         for line in chunk:
-            record = records[line.number]
+            record = finish(records[line.number])
             if "error" in record:
-                record["error"] = f"line {line.number}: {record['error']}"
                 failures += 1
                 report(record["error"])
             write(record)

@@ -130,6 +130,13 @@ def parser() -> Parser:
                    help="JSONL results, never the input; an existing file is resumed (only appended to)")
     p.add_argument("--batch-size", type=int, default=8, help="lines run together (default 8)")
     p.add_argument("--image-root", default=".", help="directory that relative image paths start from")
+    r = p.add_argument_group("on a Ray cluster")
+    r.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run on Ray: alone, a local Ray started for the job; auto or an address, a running cluster")
+    r.add_argument("--replicas", type=int, metavar="N",
+                   help="model replicas (default: one per GPU of the cluster, else 1)")
+    r.add_argument("--gpus-per-replica", type=float, metavar="GPUS", help="default: 1 on a cluster with GPUs, else 0")
+    r.add_argument("--cpus-per-replica", type=float, metavar="CPUS", help="default: 1")
     command("info", cmd_info, "summarize a model: configuration, parameters, device, dtype", parents=[model])
     debug = Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -317,6 +324,16 @@ def cmd_batch(args):
     if args.batch_size < 1:
         raise IdeficsError(f"--batch-size must be >= 1, got {args.batch_size}")
     options = generation_options(args)
+    if args.ray is not None:
+        from idefics import ray_batch
+
+        return ray_batch.run_file(args.input, Path(args.output), model=args.model, device=args.device,
+                                  dtype=args.dtype, quantize=args.quantize, options=options, image_root=args.image_root,
+                                  batch_size=args.batch_size, address=args.ray or None, replicas=args.replicas,
+                                  gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica)
+    for flag in ("replicas", "gpus_per_replica", "cpus_per_replica"):
+        if getattr(args, flag) is not None:
+            raise IdeficsError(f"--{flag.replace('_', '-')} needs --ray")
     return run_file(args.input, Path(args.output), Path(args.image_root), options, args.batch_size,
                     lambda: load_model(args))
 

@@ -109,6 +109,7 @@ class Idefics:
     def logits(self, prompts, **options) -> torch.Tensor:
         """(B, S, V) float32 logits at every position of the processed prompts (padding positions included).
         Options: as process()."""
+        _switches("logits", options, known=PROCESS_OPTIONS)
         batch = self.process(prompts, **options)
         context = self.config.max_position_embeddings
         lengths = batch["attention_mask"].sum(dim=1).tolist()

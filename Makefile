@@ -26,7 +26,7 @@ test: $(STAMP)
 # packages it has (torch, triton, transformers, pytest): no virtual environment, no network. Triton compiles the
 # fused kernels instead of interpreting them.
 test-gpu:
-	TRITON_INTERPRET=0 PYTHONPATH=src $(PYTHON) -m pytest -m gpu --durations=15 tests/test_gpu.py
+	TRITON_INTERPRET=0 PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m pytest -m gpu --durations=15 tests/test_gpu.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

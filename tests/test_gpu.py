@@ -242,7 +242,8 @@ def test_stream(models, cpu, prompts, dtype):
     next(stream)
     stream.close()
     assert m.generate(prompts[:1], max_new_tokens=4)[0].token_ids  # the engine goes on
-    assert m.loop.call(lambda: (m.engine.active, len(m.scheduler.running))) == (0, 0)
+    left = m.loop.call(lambda: (m.engine.active, [(len(r.generated), r.budget) for r in m.scheduler.running]))
+    assert left == (0, []), left
 
 
 def _tasks(m: Idefics, a, b) -> list:

@@ -4,7 +4,7 @@ no CUDA GPU is present). Tiny random checkpoints (checkpoints.py) and the embedd
 What "the same" means here:
 - float32: greedy and beam tokens, texts, finish reasons and answers equal the CPU's; logits within
   F32_ATOL + F32_RTOL * |cpu| (a float32 product summed in another order).
-- bfloat16: logits within BF16_ATOL + BF16_RTOL * |cpu float32| (about three times what bfloat16 on the CPU
+- bfloat16 (and float16, for the logits and greedy tokens): logits within BF16_ATOL + BF16_RTOL * |cpu float32| (about three times what bfloat16 on the CPU
   differs by); each greedy token is within BF16_MARGIN of the best allowed logit of the CPU's float32 model,
   teacher-forced on the generated sequence; what does not depend on rounding (stop rules, lengths, seeds) is
   checked as in float32.
@@ -15,6 +15,7 @@ What "the same" means here:
 IDEFICS_TEST_GPU_DEVICE (default cuda) runs the suite on another device; with "cpu" it checks its own logic."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -34,6 +35,7 @@ from checkpoints import make_checkpoint
 from idefics import quantize
 from idefics.api import Idefics
 from idefics.demo import evaluate
+from idefics.demo.examples import paths as demo_images
 from idefics.engine import Engine, split_batch
 from idefics.graphs import slot_bucket
 from idefics.hub import DEMO_DIR
@@ -53,6 +55,7 @@ BF16_MARGIN = 0.5
 DEMO_SCENES = 100  # held-out scenes per task for the accuracy comparison (600 answers: 1 point is 6 of them)
 DEMO_TASKS = ("caption",) + evaluate.VQA_MAIN + ("classify",)
 SRC = Path(idefics.__file__).resolve().parents[1]
+DEMO_IMAGE = demo_images()[0]
 
 
 def noise(size, seed) -> Image.Image:
@@ -141,7 +144,7 @@ def test_process_is_the_cpus(models, cpu, prompts):
         assert torch.equal(got[k], expected[k]), k
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + ["float16"])  # float16: the plain decode step (no fused kernels)
 def test_logits_close_to_the_cpus(models, cpu, prompts, dtype):
     got, expected = models(dtype).logits(prompts), cpu.logits(prompts)
     assert got.dtype == torch.float32 and got.shape == expected.shape
@@ -149,7 +152,7 @@ def test_logits_close_to_the_cpus(models, cpu, prompts, dtype):
     assert_logits_close(got, expected, dtype, real)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + ["float16"])
 def test_greedy_generate(models, cpu, prompts, dtype):
     m = models(dtype)
     got = m.generate(prompts, max_new_tokens=12, eos_token_id=[])
@@ -343,6 +346,45 @@ def test_an_abort_frees_its_slot_for_the_next_request(models, cpu, prompts):
     assert s.engine.active == 0
 
 
+def _drive(m: Idefics, prompts, **options) -> list[list]:
+    """The prompts through a Scheduler of their own on m's model -> per request, its outputs' (token, log-probability,
+    top tokens, top log-probabilities)."""
+    s = Scheduler(Engine(m.model), m.tokenizer)
+    rs = m.requests(prompts, **options)
+    for r in rs:
+        s.add(r)
+    got = {r.id: [] for r in rs}
+    while s.busy:
+        for o in s.step():
+            if o.token is not None:
+                got[o.id].append((o.token, o.logprob, [t for t, _ in o.top_logprobs], [p for _, p in o.top_logprobs]))
+    return [got[r.id] for r in rs]
+
+
+def test_scheduler_outputs_with_log_probabilities(models, cpu, prompts):
+    """Driving a Scheduler directly (float32): tokens, and their log-probabilities and the most likely tokens."""
+    got, expected = (_drive(m, prompts, max_new_tokens=8, logprobs=3) for m in (models("float32"), cpu))
+    for g, e in zip(got, expected):
+        assert [x[0] for x in g] == [x[0] for x in e] and [x[2] for x in g] == [x[2] for x in e]
+        torch.testing.assert_close(torch.tensor([[x[1], *x[3]] for x in g]), torch.tensor([[x[1], *x[3]] for x in e]),
+                                   atol=F32_ATOL, rtol=F32_RTOL)
+
+
+def test_buffers_grow_between_requests(files):
+    """A request longer, or with more images, than the reserved buffers hold: they grow (new CUDA graphs in a new
+    pool) and every answer stays the CPU's (the demo model, float32)."""
+    m = idefics.load(DEMO_DIR, device=DEVICE, dtype="float32")
+    reference = idefics.load(DEMO_DIR, device="cpu", dtype="float32")
+    images = [prompt[1] for _, prompt in (evaluate.heldout("vqa/color", i, "mixed") for i in range(3))]
+    short = ["User:", images[0], "What is in this image?\nAssistant:"]
+    many = [x for im in images for x in ("User:", im, "Describe this image.\nAssistant: shapes.\n")] + ["User: and?"]
+    calls = [(short, dict(max_new_tokens=5)), (many, dict(max_new_tokens=240, eos_token_id=[])),
+             (short, dict(max_new_tokens=5))]
+    got = [m.generate([p], **o)[0] for p, o in calls]
+    assert m.engine.max_images >= 3 and m.engine.max_len > 256 and len(got[1].token_ids) == 240
+    same_completions(got, [reference.generate([p], **o)[0] for p, o in calls])
+
+
 def _decode_logits(engine: Engine, prompts, steps: int = 6) -> list[torch.Tensor]:
     """The prompts prefilled, then `steps` decode steps on fixed tokens -> the logits of every step (n, V)."""
     engine.release_all()
@@ -375,9 +417,12 @@ def test_fused_and_captured_decode_equal_the_plain_step(models, cpu, prompts, dt
     if dtype == "float32":
         for g, want in zip(got, _decode_logits(Engine(cpu.model), ps)):
             assert_logits_close(g, want, dtype)
-    # The same fused step run eagerly (prefill unpadded, decode over the live rows only).
+    # The same fused step run eagerly (prefill unpadded, decode over the live rows only), and the plain step
+    # captured (one graph per slot bucket and attention length, as models the kernels do not cover run).
     for g, eager in zip(got, _decode_logits(Engine(m.model, graphs=False, fused=True), ps)):
         assert_logits_close(g, eager, dtype)
+    for g, captured in zip(_decode_logits(Engine(m.model, graphs=CUDA, fused=False), ps), _decode_logits(plain, ps)):
+        assert_logits_close(g, captured, dtype)
 
 
 # The command line, as a subprocess on the device
@@ -412,6 +457,9 @@ def cli(files, tmp_path_factory):
         "info": ["info", *model, "--json"],
         "demo": ["demo"],
     }
+    if importlib.util.find_spec("bitsandbytes"):  # optional: quantized loading from the command line
+        commands["caption-nf4"] = ["caption", str(DEMO_IMAGE), "--model", str(DEMO_DIR), "--device", DEVICE,
+                                   "--dtype", "bfloat16", "--quantize", "nf4", "--json"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
     stdin = {"chat": "What is in this image?\nAnd now?\n"}
     procs = {name: subprocess.Popen([sys.executable, "-m", "idefics", *args], stdin=subprocess.PIPE,
@@ -467,6 +515,12 @@ def test_cli_generate_chat_batch_info(cli, cpu, files):
 def test_cli_demo(cli):
     text = run_cli(cli, "demo")
     assert f"parameters, {DEVICE}" in text and "== Chat" in text and "error" not in text
+
+
+def test_cli_quantized(cli):
+    pytest.importorskip("bitsandbytes")
+    q = idefics.load(DEMO_DIR, device=DEVICE, dtype="bfloat16", quantize="nf4")
+    assert [r["result"] for r in run_cli(cli, "caption-nf4")] == [q.caption(DEMO_IMAGE)]
 
 
 # The demo model

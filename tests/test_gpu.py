@@ -1,13 +1,13 @@
-"""The public API on CUDA, in float32 and bfloat16, against the same calls on the CPU (`make test-gpu`; skipped where
-no CUDA GPU is present). Tiny random checkpoints (checkpoints.py) and the embedded demo model.
+"""The public API on CUDA, in float32 and bfloat16, against the same calls on the CPU: `make test-gpu` (`make test`
+leaves these out; without a CUDA GPU they skip). Tiny random checkpoints (checkpoints.py) and the demo model.
 
 What "the same" means here:
 - float32: greedy and beam tokens, texts, finish reasons and answers equal the CPU's; logits within
   F32_ATOL + F32_RTOL * |cpu| (a float32 product summed in another order).
-- bfloat16 (and float16, for the logits and greedy tokens): logits within BF16_ATOL + BF16_RTOL * |cpu float32| (about three times what bfloat16 on the CPU
-  differs by); each greedy token is within BF16_MARGIN of the best allowed logit of the CPU's float32 model,
-  teacher-forced on the generated sequence; what does not depend on rounding (stop rules, lengths, seeds) is
-  checked as in float32.
+- bfloat16 (and float16, for the logits and greedy tokens): logits within BF16_ATOL + BF16_RTOL * |cpu float32|
+  (about three times what bfloat16 on the CPU differs by); each greedy token within BF16_MARGIN of the best
+  allowed logit of the CPU's float32 model, teacher-forced on the generated sequence; what does not depend on
+  rounding (stop rules, lengths, seeds) is checked as in float32.
 - the demo model's evaluation accuracy (held-out scenes) within 1 point of the CPU's, in both dtypes.
 - quantized layers against the model with their dequantized weights (not the bfloat16 model: 4 and 8 bits lose
   what they lose).
@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path

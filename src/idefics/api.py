@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import closing
 from typing import Iterator
 from pathlib import Path
 
@@ -157,9 +158,12 @@ class Idefics:
                 yield text
             return
         [sink] = self.loop.submit([r])
-        for o in self.loop.outputs(sink, r.id):
-            if o.text:
-                yield o.text
+        # Closed explicitly, so that a stream closed early aborts its request at once rather than whenever the
+        # interpreter finalizes the inner iterator (on a GPU the request was seen still running after that).
+        with closing(self.loop.outputs(sink, r.id)) as outputs:
+            for o in outputs:
+                if o.text:
+                    yield o.text
 
     def _beams(self, requests: list[Request]):
         """Beam search on the engine thread, in slots beside the running batch, or once it has drained."""

@@ -30,8 +30,9 @@ def image_features(model: IdeficsModel, pixel_values: torch.Tensor, image_attent
     feats = torch.zeros(b, n, c.image_seq_len, c.image_dim, dtype=model.embed.weight.dtype, device=model.embed.weight.device)
     used = image_attention_mask.bool().any(dim=1)  # (B, N)
     if used.any():
-        pixels = pixel_values[used].to(device=feats.device, dtype=feats.dtype)
-        feats[used] = model.encode_images(pixels)
+        # The mask indexes the pixels where they are (the host, usually) and the features on the model's device.
+        pixels = pixel_values[used.to(pixel_values.device)].to(device=feats.device, dtype=feats.dtype)
+        feats[used.to(feats.device)] = model.encode_images(pixels)
     return feats.view(b, n * c.image_seq_len, c.image_dim)
 
 

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The GPU suite (tests/test_gpu.py: the public API on CUDA against the CPU), with the machine's own python and the
+# packages it has (torch, triton, transformers, pytest): no virtual environment, no network. Triton compiles the
+# fused kernels instead of interpreting them.
+test-gpu:
+	TRITON_INTERPRET=0 PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m pytest -m gpu --durations=15 tests/test_gpu.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -125,9 +125,9 @@ def reference_processor(path):
 
 
 @contextmanager
-def serve(routes: dict[str, tuple[str, bytes]], delay: float = 0.0):
-    """An HTTP server on 127.0.0.1 in a thread: path -> (content type, body), 404 elsewhere; each answer waits
-    `delay` seconds first. Yields the base URL."""
+def serve(routes: dict, delay: float = 0.0):
+    """An HTTP server on 127.0.0.1 in a thread: path -> (content type, body), or a function that answers from
+    the request handler itself; 404 elsewhere. Each answer waits `delay` seconds first. Yields the base URL."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -135,8 +135,11 @@ def serve(routes: dict[str, tuple[str, bytes]], delay: float = 0.0):
             if self.path not in routes:
                 self.send_error(404)
                 return
-            content_type, body = routes[self.path]
             try:
+                if callable(routes[self.path]):
+                    routes[self.path](self)
+                    return
+                content_type, body = routes[self.path]
                 self.send_response(200)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))

@@ -199,7 +199,7 @@ def test_a_lone_surrogate_fails_its_line_only_and_the_output_stays_utf8(model, t
     done = {r["line"]: r for r in records(out)}  # decodes as strict UTF-8
     assert sorted(done) == [1, 2, 3, 4, 5]
     assert done[1] == {"line": 1, "error": "line 1: id is not valid Unicode (it holds a lone surrogate)"}
-    assert done[2]["id"] == "b" and "\udc80.png" in done[2]["error"]
+    assert done[2]["id"] == "b" and "\\udc80.png: no such image file" in done[2]["error"]  # escaped, as text
     assert done[3] == {"line": 3, "error": "line 3: not UTF-8 text (byte 50 of the line)"}
     assert done[4]["id"] == "\U0001F600 d\u00e9j\u00e0" and "result" in done[4] and "result" in done[5]
     assert batch(model, tasks, out) == 0 and "all 5 lines already done" in capsys.readouterr().err

@@ -182,6 +182,9 @@ def test_batch_resumes_a_partial_output(run, files):
     (["frobnicate"], "invalid choice"),
     (["batch", "nothing.jsonl", "-o", "out.jsonl"], "nothing.jsonl"),
     (["info", "--device", "tpu9"], "device"),
+    (["caption", "/dev/zero"], "/dev/zero: cannot read image file (not a regular file; give - to read an image from stdin)"),
+    (["caption", "pic\ud800.png"], "pic\\ud800.png: the path cannot be encoded for the file system"),
+    (["caption", "http://user:secret@127.0.0.1:abc/x.png"], "http://***@127.0.0.1:abc/x.png: invalid URL (Port"),
 ])
 def test_user_errors_exit_non_zero_with_one_line(run, args, message):
     status, out, err = run(*args)
@@ -198,3 +201,12 @@ def test_python_dash_m_idefics_runs_with_an_image_on_stdin(files):
     result = subprocess.run([sys.executable, "-m", "idefics", "caption", str(root / "missing.png"), "--model", model],
                             capture_output=True, timeout=300)
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
+
+
+def test_endless_stdin_stops_at_the_byte_limit(files):
+    root, model = files
+    with open("/dev/zero", "rb") as endless:
+        result = subprocess.run([sys.executable, "-m", "idefics", "caption", "-", "--model", model], stdin=endless,
+                                capture_output=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.decode() == "idefics: error: stdin: over the limit of 67108864 bytes\n"

@@ -325,7 +325,7 @@ def test_extreme_but_valid_options_generate(pair):
 @pytest.mark.parametrize("call, message", [
     (lambda m: m.process(PROMPTS[0], padding=True),
      r"process\(\): unknown option 'padding' \(known: add_end_of_utterance_token\)"),
-    (lambda m: m.logits(PROMPTS[0], return_tensors="pt"), r"process\(\): unknown option 'return_tensors'"),
+    (lambda m: m.logits(PROMPTS[0], return_tensors="pt"), r"logits\(\): unknown option 'return_tensors'"),
     (lambda m: m.logits(PROMPTS[0], add_end_of_utterance_token="no"), "add_end_of_utterance_token must be True or"),
     (lambda m: m.process(["Hello \ud800 there"]), r"item 0: text is not valid Unicode \('\\ud800' at character 6\)"),
     (lambda m: m.logits([PROMPTS[0], [A, "caf\udce9"]]), "prompt 1, item 1: text is not valid Unicode"),

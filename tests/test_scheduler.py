@@ -176,3 +176,54 @@ def test_log_probabilities_are_the_models(m):
     first = next(o for o in outputs if o.id == rs[0].id)
     assert first.logprob == pytest.approx(float(logits[first.token]), abs=1e-4)
     assert [t for t, _ in first.top_logprobs] == logits.topk(3).indices.tolist()
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_a_row_with_nothing_to_pick_fails_alone(m, do_sample):
+    """Every token banned but the end-of-sequence ones, which min_new_tokens masks, leaves a row no finite score:
+    that request ends with its error, the batch runs on."""
+    expected = [alone(m, p, max_new_tokens=8).token_ids for p in PROMPTS[:2]]
+    good = requests(m, PROMPTS[:2], max_new_tokens=8)
+    vocab = m.engine.model.config.vocab_size + m.engine.model.config.additional_vocab_size
+    bad = requests(m, PROMPTS[2:3], max_new_tokens=8, min_new_tokens=4, do_sample=do_sample,
+                   banned_token_ids=list(range(vocab)))[0]
+    s = Scheduler(m.engine, m.tokenizer)
+    for r in (good[0], bad, good[1]):
+        s.add(r)
+    outputs = []
+    while s.busy:
+        outputs += s.step()
+    failed = [o for o in outputs if o.id == bad.id]
+    assert [o.finish_reason for o in failed] == ["error"] and "not finite" in failed[0].error
+    assert [r.generated for r in good] == expected
+    assert not s.engine.active
+    with pytest.raises(IdeficsError, match="every token is banned"):
+        m.generate([PROMPTS[0]], max_new_tokens=3, min_new_tokens=2, banned_token_ids=list(range(vocab)))
+    assert alone(m, PROMPTS[0], max_new_tokens=8).token_ids == expected[0]
+
+
+def test_admission_takes_a_lone_arrival_at_once_and_groups_a_backlog(m):
+    """A request added while others run is admitted at the next step when a slot is free; with more waiting than
+    free slots, admission waits to prefill several at once, but never past ADMIT_WAIT steps."""
+    from idefics.scheduler import ADMIT_WAIT
+
+    s = Scheduler(m.engine, m.tokenizer, max_batch=16)  # groups of 2
+    long = requests(m, PROMPTS * 4, max_new_tokens=ADMIT_WAIT + 8, eos_token_id=[])
+    for r in long[:14]:
+        s.add(r)
+    s.step()
+    assert len(s.running) == 14
+    s.add(long[14])
+    s.step()
+    assert long[14].slot is not None and len(long[14].generated) == 1  # 2 free slots, 1 waiting: at once
+    backlog = requests(m, PROMPTS[:3], max_new_tokens=4)
+    for r in backlog:
+        s.add(r)
+    steps = 0
+    while all(r.slot is None for r in backlog):
+        s.step()
+        steps += 1
+    assert steps == ADMIT_WAIT + 1 and [r.slot is not None for r in backlog] == [True, False, False]
+    while s.busy:
+        s.step()
+    assert all(r.finish == "length" for r in long[:15] + backlog)

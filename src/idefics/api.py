@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import queue
+from contextlib import closing
 from typing import Iterator
 from pathlib import Path
 
@@ -110,6 +111,7 @@ class Idefics:
     def logits(self, prompts, **options) -> torch.Tensor:
         """(B, S, V) float32 logits at every position of the processed prompts (padding positions included).
         Options: as process()."""
+        _switches("logits", options, known=PROCESS_OPTIONS)
         batch = self.process(prompts, **options)
         context = self.config.max_position_embeddings
         lengths = batch["attention_mask"].sum(dim=1).tolist()
@@ -221,9 +223,12 @@ class Idefics:
                 yield text
             return
         [sink] = self.loop.submit([r])
-        for o in self.loop.outputs(sink, r.id):
-            if o.text:
-                yield o.text
+        # Closed explicitly, so that a stream closed early aborts its request at once rather than whenever the
+        # interpreter finalizes the inner iterator (on a GPU the request was seen still running after that).
+        with closing(self.loop.outputs(sink, r.id)) as outputs:
+            for o in outputs:
+                if o.text:
+                    yield o.text
 
     def _beams(self, requests: list[Request]):
         """Beam search on the engine thread, in slots beside the running batch, or once it has drained."""

@@ -271,17 +271,27 @@ def _record_key(raw: bytes) -> tuple | None:
     return ("line", line) if key is None else ("id", key)
 
 
-def run_line(m, line: Line, image_root: Path, defaults: dict) -> dict:
-    """One input line -> its record: the result, or the line's error in one sentence (prefixed "line n: ")."""
+def prepare(line: Line, image_root: Path, defaults: dict) -> Job | dict:
+    """A line -> its Job, or the record of why it cannot run."""
     try:
-        job = parse(line, image_root, defaults)
+        return parse(line, image_root, defaults)
     except Exception as e:  # the line's fault or ours: either way it fails alone
-        record = Job(line.number, line.id).record(error=describe(e))
-    else:
-        [(_, record)] = run(m, [job])
+        return Job(line.number, line.id).record(error=describe(e))
+
+
+def finish(record: dict) -> dict:
+    """A line's record as it is written: an error names its line."""
     if "error" in record:
-        record["error"] = f"line {line.number}: {record['error']}"
+        record["error"] = f"line {record['line']}: {record['error']}"
     return record
+
+
+def run_line(m, line: Line, image_root: Path, defaults: dict) -> dict:
+    """One input line -> its record as it is written: the result, or the line's error in one sentence."""
+    job = prepare(line, image_root, defaults)
+    if isinstance(job, Job):
+        [(_, job)] = run(m, [job])
+    return finish(job)
 
 
 def images_of(line: Line) -> int:

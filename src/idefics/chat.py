@@ -1,6 +1,7 @@
 """A conversation with an instruct model, kept as one growing prompt in the guide's format."""
 from __future__ import annotations
 
+from contextlib import closing
 from typing import Iterator
 
 from idefics import tasks
@@ -37,9 +38,10 @@ class Conversation:
         opts = self.options | options
         pieces: list[str] = []
         try:
-            for piece in self.model.stream(self.history + user + tasks.assistant_turn(), **opts):
-                pieces.append(piece)
-                yield piece
+            with closing(self.model.stream(self.history + user + tasks.assistant_turn(), **opts)) as stream:
+                for piece in stream:  # closed with this one: the reply's request ends at once
+                    pieces.append(piece)
+                    yield piece
         except GeneratorExit:
             self._record(user, "".join(pieces))
             raise

@@ -134,6 +134,14 @@ def parser() -> Parser:
     p.add_argument("--image-decode", choices=["exact", "fast"], default="exact",
                    help="exact: the reference's pixels (default); fast: JPEGs decoded at a reduced scale first")
     p.add_argument("--image-root", default=".", help="directory that relative image paths start from")
+    r = p.add_argument_group("on a Ray cluster")
+    r.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run on Ray: alone, a local Ray started for the job; auto or an address, a running cluster")
+    r.add_argument("--replicas", type=int, metavar="N",
+                   help="model replicas (default: one per GPU of the cluster, else 1)")
+    r.add_argument("--gpus-per-replica", type=float, metavar="GPUS", help="default: 1 on a cluster with GPUs, else 0")
+    r.add_argument("--cpus-per-replica", type=float, metavar="CPUS", help="default: 1")
+    r.add_argument("--batch-size", type=int, metavar="N", help="lines a replica runs in one call (default 8)")
     command("info", cmd_info, "summarize a model: configuration, parameters, device, dtype", parents=[model])
     debug = Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -173,11 +181,11 @@ _stdin: dict[str, bytes] = {}  # stdin's bytes, read once per command: every "-"
 
 def read_image(arg: str):
     """A command-line image -> a decoded PIL image, so a bad image fails before the model loads."""
-    from idefics.images import load_image
+    from idefics.images import load_image, read_stream
 
     if arg == "-":
         if "data" not in _stdin:
-            _stdin["data"] = sys.stdin.buffer.read()
+            _stdin["data"] = read_stream(sys.stdin.buffer, "stdin")  # an endless stdin stops at the byte limit
         return load_image(_stdin["data"])
     return load_image(tasks.as_image(arg))
 
@@ -324,6 +332,18 @@ def cmd_batch(args):
     if args.workers is not None and args.workers < 1:
         raise IdeficsError(f"batch: --workers must be >= 1, got {args.workers}")
     options = generation_options(args)
+    if args.ray is not None:
+        from idefics import ray_batch
+
+        return ray_batch.run_file(args.input, Path(args.output), model=args.model, device=args.device,
+                                  dtype=args.dtype, quantize=args.quantize, options=options, image_root=args.image_root,
+                                  batch_size=8 if args.batch_size is None else args.batch_size, address=args.ray or None, replicas=args.replicas,
+                                  gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica)
+    for flag in ("replicas", "gpus_per_replica", "cpus_per_replica"):
+        if getattr(args, flag) is not None:
+            raise IdeficsError(f"--{flag.replace('_', '-')} needs --ray")
+    if args.batch_size is not None:
+        raise IdeficsError("--batch-size needs --ray (without it, --window lines run continuously)")
     return run_file(args.input, Path(args.output), Path(args.image_root), options, args.window,
                     lambda: load_model(args))
 

@@ -12,6 +12,7 @@ import torch
 
 from idefics.graphs import Graphs
 from idefics.model import IdeficsModel
+from idefics.runtime import model_work
 
 SMALL_IMAGE_BATCH = 8
 
@@ -37,7 +38,7 @@ class ImageEncoder:
         """pixels: one contiguous image on the CPU. hashlib reads the buffer in place and lets go of the GIL."""
         return hashlib.blake2b(memoryview(pixels.numpy()).cast("B"), digest_size=16).digest()
 
-    @torch.inference_mode()
+    @model_work
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, 3, H, W) -> features (N, T_img, D_img), encoding only images not seen recently."""
         pixels = pixels.detach().cpu().contiguous()
@@ -59,6 +60,14 @@ class ImageEncoder:
             c = self.model.config
             return torch.zeros(0, c.image_seq_len, c.image_dim, dtype=w.dtype, device=w.device)
         return torch.stack(out)
+
+    def warmup(self):
+        """Capture the small-batch encoders now (see Engine.warmup)."""
+        if self.graphs is None:
+            return
+        w, size = self.model.embed.weight, self.model.config.vision.image_size
+        for n in (1 << i for i in range(SMALL_IMAGE_BATCH.bit_length())):
+            self._encode(torch.zeros(n, 3, size, size, dtype=w.dtype, device=w.device))
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         """A few images (the latency case) through a captured graph; larger batches keep the GPU busy anyway."""

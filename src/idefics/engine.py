@@ -17,6 +17,7 @@ from idefics.errors import IdeficsError
 from idefics.graphs import Graphs, slot_bucket
 from idefics.layers import rope_cos_sin
 from idefics.model import IdeficsModel
+from idefics.runtime import model_work
 
 
 @dataclass
@@ -42,6 +43,7 @@ def split_batch(batch: dict[str, torch.Tensor]) -> list[Prompt]:
 
 KV_BUCKET = 64  # decode attends to the cache in multiples of this many positions (fewer bytes than a fixed length)
 LEN_BUCKET = 32  # captured prefills pad prompts to a multiple of this many tokens
+WARM_PREFILL = 512  # warmup() captures single-prompt prefills of one image up to this many tokens
 
 
 def _round_up(x: int, m: int) -> int:
@@ -190,12 +192,21 @@ class Engine:
         cos, sin = rope_cos_sin(torch.arange(max_len, device=dev)[None], self.model.inv_freq, dt)
         self.cos, self.sin = cos[0, :, 0], sin[0, :, 0]  # (max_len, Dh): the fused step's RoPE table
 
+    @model_work
     def warmup(self):
-        """Capture the decode step for every slot bucket now, so that no request waits for a capture."""
+        """Capture now, while no sequence is live, the decode step for every slot bucket, the image encoder for small
+        batches and the prefill of one prompt with one image for every length bucket up to WARM_PREFILL, so that no
+        request joining a running batch waits for a capture (tens of milliseconds each, several decode steps)."""
         if self.graphs is None or self.fused is None or self.cache is None:
             return  # the plain step's graphs are keyed by attention length too: they are captured as they come
+        self.encoder.warmup()
+        assert not self.host_lengths, "warmup() with sequences running"
         for m in sorted({slot_bucket(n, self.slots) for n in range(1, self.slots + 1)}):
             self.graphs.run(("decode", m, 0), lambda m=m: self._decode_step(m, 0))
+        t = self.model.config.image_seq_len
+        self.pf_slots[:1], self.pf_last[:1] = 0, 0  # the steps write slot 0, which is free
+        for s in range(LEN_BUCKET, min(self.max_len, WARM_PREFILL) + 1, LEN_BUCKET):
+            self.graphs.run(("prefill", s, t), lambda s=s: self._prefill_step(1, s, t))
 
     def index(self, slots: list[int]) -> torch.Tensor:
         """A list of slots as a device tensor, copied once per distinct list (a running batch keeps its list for many
@@ -213,7 +224,7 @@ class Engine:
         """One prompt -> its next-token logits (V,); see prefill_batch."""
         return self.prefill_batch([prompt], copies)[0]
 
-    @torch.inference_mode()
+    @model_work
     def prefill_batch(self, prompts: list[Prompt], copies: int = 1, slots: list[int] | None = None) -> torch.Tensor:
         """Run prompts into slots, each copied to `copies` consecutive slots (beams), in one batch -> each prompt's
         next-token logits (B, V). slots: the first slot of each prompt; default the lowest free ones."""
@@ -275,7 +286,7 @@ class Engine:
                        self.cache.at(self.pf_slots[:b], pos, None), logits_at=self.pf_last[:b])
         return logits[:, 0], kv
 
-    @torch.inference_mode()
+    @model_work
     def decode(self, tokens: torch.Tensor, slots: list[int] | None = None) -> torch.Tensor:
         """tokens (n,) for the live slots `slots` (default: all live slots, lowest first) -> their next-token logits
         (n, V), in that order. Other slots below the step's bucket compute on what they hold and are ignored: their

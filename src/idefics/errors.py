@@ -17,3 +17,14 @@ class ItemErrors(IdeficsError):
     def map(self, fn) -> "ItemErrors":
         """The same failures, fn applied to each result that succeeded."""
         return ItemErrors([None if i in self.errors else fn(r) for i, r in enumerate(self.results)], self.errors)
+
+
+def printable(text: str) -> str:
+    """Text as a message shows it: on one line and encodable, with control characters and lone surrogates
+    escaped (a newline as \\n)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def reason(e: BaseException) -> str:
+    """An exception's message on one line (its type's name when it has none), for "cannot ... (reason)"."""
+    return printable(" ".join(str(e).split())) or type(e).__name__

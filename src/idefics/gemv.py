@@ -127,7 +127,8 @@ def gemv(x: torch.Tensor | Normed, weight: torch.Tensor, swiglu: bool = False, n
     # programs keep enough loads in flight. The best blocks for every idefics-9b matrix on an H200, timed as a
     # decode step runs them, one after another (bench/gemv_sweep.py --chain).
     block_n = block_n or (8 if 2 * k <= n <= 16384 and not swiglu else 4)
-    block_k = block_k or min(1024, triton.next_power_of_2(k))
+    # At least 64: the prefetch loop splits a block into 128-byte lines of 64 columns (compiled even when unused).
+    block_k = block_k or min(1024, max(64, triton.next_power_of_2(k)))
     grid = triton.cdiv(n, block_n)
     launch = _launch(xin)
     part_in = x.partials if norm is not None else y

@@ -6,39 +6,56 @@ import binascii
 import functools
 import io
 import json
-import urllib.error
-import urllib.request
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from idefics.errors import IdeficsError
+from idefics import fetch
+from idefics.errors import IdeficsError, printable, reason
 
 IDEFICS_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IDEFICS_STD = (0.26862954, 0.26130258, 0.27577711)
 ImageSource = Image.Image | str | Path | bytes | bytearray
+# The formats decoded (Pillow's names; its JPEG opens a camera's multi-picture JPEG as MPO). Anything else, EPS
+# above all (Pillow hands it to Ghostscript), is refused before any decoder sees it. GIF and WEBP give their
+# first frame.
+RASTER_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
 
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_bytes: int = 64 << 20  # encoded size, for every source read from bytes
+    max_bytes: int = 64 << 20  # encoded size, for every source read from bytes (file, stdin, URL, data URI)
     max_pixels: int = 89_478_485  # decoded width * height; PIL's own decompression-bomb threshold
-    timeout: float = 20.0  # seconds per network operation
+    timeout: float = 20.0  # seconds for a whole URL fetch: connecting, redirects, headers and body
+    max_redirects: int = 5
+    max_images: int = 256  # in one prompt
+
+    def check_count(self, count: int, where: str = "") -> None:
+        """`where` prefixes the error, e.g. "prompt 3, "."""
+        if count > self.max_images:
+            raise IdeficsError(f"{where}{count} images in one prompt, over the limit of {self.max_images}")
 
 
 def is_image_reference(text: str) -> bool:
     """Whether a prompt string names an image rather than being text: a URL as the reference processor decides it
-    (no space, a scheme and a host), or a data URI."""
+    (no space, a scheme and a host), or a data URI. A malformed URL ("http://[::1") counts as one, so that its
+    fetch says what is wrong with it."""
     if " " in text:
         return False
     if text.startswith("data:") and "," in text and not any(c.isspace() for c in text):
         return True
-    parsed = urlparse(text)
+    try:
+        parsed = urlparse(text)
+    except ValueError:
+        return "://" in text
     return bool(parsed.scheme and parsed.netloc)
 
 
@@ -47,7 +64,7 @@ def is_image_source(item) -> bool:
 
 
 def describe(source) -> str:
-    """A short name for an image source, for error messages."""
+    """A short name for an image source, for error messages: one line, credentials in a URL redacted."""
     if isinstance(source, Image.Image):
         return f"PIL image {source.size[0]}x{source.size[1]}"
     if isinstance(source, (bytes, bytearray)):
@@ -55,41 +72,68 @@ def describe(source) -> str:
     text = str(source)
     if text.startswith("data:"):
         return f"data URI ({len(text)} chars)"
+    if isinstance(source, str) and is_image_reference(source):
+        return fetch.shown(text)
+    text = printable(text)
     return text if len(text) <= 120 else text[:117] + "..."
 
 
 def load_image(source: ImageSource, limits: ImageLimits = ImageLimits(), prepare=None) -> Image.Image:
-    """A PIL image is returned as given. Anything decoded here is loaded as the reference loads a URL
-    (transformers' `load_image`): EXIF orientation applied, then converted to RGB (alpha dropped). prepare(image),
-    when given, sees the opened image (size and mode read from its header) before its pixels are decoded: to set a
-    draft mode or to reserve memory for it."""
+    """A PIL image is returned as given, its pixels loaded. Anything decoded here is loaded as the reference loads
+    a URL (transformers' `load_image`): EXIF orientation applied, then converted to RGB (alpha dropped).
+    prepare(image), when given, sees the opened image (size and mode read from its header) before its pixels are
+    decoded: to set a draft mode or to reserve memory for it."""
     if isinstance(source, Image.Image):
-        return source
+        return _loaded(source, describe(source))
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
     elif isinstance(source, str) and source.startswith("data:"):
         data = _data_uri_bytes(source)
     elif isinstance(source, str) and is_image_reference(source):
-        data = _fetch(source, limits)
+        data = fetch.fetch(source, limits.max_bytes, limits.timeout, limits.max_redirects, describe(source))
     elif isinstance(source, (str, Path)):
-        data = _read_file(Path(source), limits)
+        data = _read_file(source, limits)
     else:
         raise IdeficsError(f"unsupported image source of type {type(source).__name__}")
     return _decode(data, describe(source), limits, prepare)
 
 
-def _read_file(path: Path, limits: ImageLimits) -> bytes:
+def read_stream(stream: BinaryIO, name: str, limits: ImageLimits = ImageLimits()) -> bytes:
+    """A stream's bytes up to its end, refused past limits.max_bytes (an endless stream stops there)."""
+    data = stream.read(limits.max_bytes + 1)
+    if len(data) > limits.max_bytes:
+        raise IdeficsError(f"{name}: over the limit of {limits.max_bytes} bytes")
+    return data
+
+
+def _read_file(path: str | Path, limits: ImageLimits) -> bytes:
+    name = describe(path)
     try:
-        size = path.stat().st_size
-        if size > limits.max_bytes:
-            raise IdeficsError(f"{path}: file is {size} bytes, over the limit of {limits.max_bytes}")
-        return path.read_bytes()
-    except IdeficsError:
-        raise
+        # Non-blocking, so that a FIFO without a writer opens at once (and is then refused) instead of hanging.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        raise IdeficsError(f"{path}: no such image file") from None
+        raise IdeficsError(f"{name}: no such image file") from None
+    except UnicodeEncodeError:
+        raise IdeficsError(f"{name}: the path cannot be encoded for the file system") from None
+    except ValueError:
+        raise IdeficsError(f"{name}: the path contains a NUL character") from None
     except OSError as e:
-        raise IdeficsError(f"{path}: cannot read image file ({e.strerror or e})") from None
+        raise IdeficsError(f"{name}: cannot read image file ({e.strerror or e})") from None
+    info, problem = os.fstat(fd), None
+    if stat.S_ISDIR(info.st_mode):
+        problem = "cannot read image file (a directory)"
+    elif not stat.S_ISREG(info.st_mode):  # a FIFO, device or socket, which may never end
+        problem = "cannot read image file (not a regular file; give - to read an image from stdin)"
+    elif info.st_size > limits.max_bytes:
+        problem = f"file is {info.st_size} bytes, over the limit of {limits.max_bytes}"
+    if problem:
+        os.close(fd)
+        raise IdeficsError(f"{name}: {problem}")
+    with open(fd, "rb") as f:
+        try:
+            return read_stream(f, name, limits)  # capped again: the file may grow while it is read
+        except OSError as e:
+            raise IdeficsError(f"{name}: cannot read image file ({e.strerror or e})") from None
 
 
 def _data_uri_bytes(uri: str) -> bytes:
@@ -102,26 +146,16 @@ def _data_uri_bytes(uri: str) -> bytes:
         raise IdeficsError(f"{describe(uri)}: invalid base64 payload") from None
 
 
-def _fetch(url: str, limits: ImageLimits) -> bytes:
-    name = describe(url)
-    if urlparse(url).scheme not in ("http", "https"):
-        raise IdeficsError(f"{name}: only http(s) URLs can be fetched")
-    request = urllib.request.Request(url, headers={"User-Agent": "idefics"})
+def _loaded(image: Image.Image, name: str) -> Image.Image:
+    """A caller's PIL image with its pixels decoded, so that truncated data fails here, in one line. Pixels not
+    decoded yet are decoded only from RASTER_FORMATS."""
+    if getattr(image, "tile", None) and image.format not in (*RASTER_FORMATS, "MPO"):
+        raise IdeficsError(f"{name}: {image.format} images are not decoded (accepted: {', '.join(RASTER_FORMATS)})")
     try:
-        with urllib.request.urlopen(request, timeout=limits.timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > limits.max_bytes:
-                raise IdeficsError(f"{name}: response is {length} bytes, over the limit of {limits.max_bytes}")
-            data = response.read(limits.max_bytes + 1)
-    except urllib.error.HTTPError as e:
-        raise IdeficsError(f"{name}: HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        raise IdeficsError(f"{name}: cannot fetch ({e.reason})") from None
-    except (TimeoutError, OSError) as e:  # timeouts and resets while reading the body
-        raise IdeficsError(f"{name}: cannot fetch ({e})") from None
-    if len(data) > limits.max_bytes:
-        raise IdeficsError(f"{name}: response is over the limit of {limits.max_bytes} bytes")
-    return data
+        image.load()
+    except Exception as e:  # noqa: BLE001 - whatever Pillow's decoder raises on bad data
+        raise IdeficsError(f"{name}: cannot decode image ({reason(e)})") from None
+    return image
 
 
 def _decode(data: bytes, name: str, limits: ImageLimits, prepare=None) -> Image.Image:
@@ -131,7 +165,7 @@ def _decode(data: bytes, name: str, limits: ImageLimits, prepare=None) -> Image.
         with warnings.catch_warnings():
             # Our own pixel limit replaces PIL's warning; its hard error is still caught below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
             width, height = image.size  # from the header, before decoding
             if width * height > limits.max_pixels:
                 raise IdeficsError(
@@ -139,17 +173,18 @@ def _decode(data: bytes, name: str, limits: ImageLimits, prepare=None) -> Image.
             if prepare is not None:
                 prepare(image)
             image.load()
+            # In place, and no conversion of what is RGB already: one decoded copy of a large photo at a time, not
+            # three.
+            ImageOps.exif_transpose(image, in_place=True)
+            return image if image.mode == "RGB" else image.convert("RGB")
     except IdeficsError:
         raise
     except Image.DecompressionBombError:
         raise IdeficsError(f"{name}: image is too large to decode safely") from None
     except Image.UnidentifiedImageError:
         raise IdeficsError(f"{name}: not an image (unrecognized format)") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        raise IdeficsError(f"{name}: cannot decode image ({e})") from None
-    # In place, and no conversion of what is RGB already: one decoded copy of a large photo at a time, not three.
-    ImageOps.exif_transpose(image, in_place=True)
-    return image if image.mode == "RGB" else image.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt data: whatever Pillow's decoders raise
+        raise IdeficsError(f"{name}: cannot decode image ({reason(e)})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

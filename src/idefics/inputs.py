@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from idefics.model import IdeficsModel
+from idefics.runtime import model_work
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -29,8 +30,9 @@ def image_features(model: IdeficsModel, pixel_values: torch.Tensor, image_attent
     feats = torch.zeros(b, n, c.image_seq_len, c.image_dim, dtype=model.embed.weight.dtype, device=model.embed.weight.device)
     used = image_attention_mask.bool().any(dim=1)  # (B, N)
     if used.any():
-        pixels = pixel_values[used].to(device=feats.device, dtype=feats.dtype)
-        feats[used] = model.encode_images(pixels)
+        # The mask indexes the pixels where they are (the host, usually) and the features on the model's device.
+        pixels = pixel_values[used.to(pixel_values.device)].to(device=feats.device, dtype=feats.dtype)
+        feats[used.to(feats.device)] = model.encode_images(pixels)
     return feats.view(b, n * c.image_seq_len, c.image_dim)
 
 
@@ -39,7 +41,7 @@ def image_token_mask(image_attention_mask: torch.Tensor, image_seq_len: int) -> 
     return image_attention_mask.bool().repeat_interleave(image_seq_len, dim=-1)
 
 
-@torch.inference_mode()
+@model_work
 def full_logits(model: IdeficsModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits at every position of a processed batch, (B, S, V), no cache."""
     device = model.embed.weight.device

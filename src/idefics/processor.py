@@ -213,6 +213,7 @@ class Processor:
             else:
                 raise IdeficsError(f"{where}item {i}: unsupported item of type {type(item).__name__}; "
                                    "expected text or an image (PIL image, path, URL, data URI, bytes)")
+        self.limits.check_count(len(sources), where)
         return text, sources
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

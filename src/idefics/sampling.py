@@ -188,8 +188,10 @@ class RowSampler:
         """slots, positions, tokens (B,) device tensors: each row's new token at its position."""
         self.history[slots, positions.clamp(max=self.history.shape[1] - 1)] = tokens
 
-    def __call__(self, logits: torch.Tensor, rows: list, slots: torch.Tensor) -> torch.Tensor:
-        """logits (B, V) of the rows, in order; slots (B,) their slots on the device -> (B,) next tokens."""
+    def __call__(self, logits: torch.Tensor, rows: list, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits (B, V) of the rows, in order; slots (B,) their slots on the device -> (B,) next tokens, and (B,)
+        bool: rows with no token to pick (a NaN or +inf score, or every token banned). Their tokens mean nothing,
+        and the draw that gives them cannot fail, so one such row harms no other."""
         scores = logits.to(torch.float32, copy=True)
         penalties = [r.options.repetition_penalty for r in rows]
         if any(p != 1.0 for p in penalties):
@@ -203,14 +205,16 @@ class RowSampler:
         short = [i for i, r in enumerate(rows) if r.eos and len(r.generated) < r.options.min_new_tokens]
         for ids, where in _groups([rows[i] for i in short], lambda r: tuple(r.eos)).items():
             self._mask(scores, [short[i] for i in where], len(rows), ids)
+        bad = ~((scores.isfinite() | (scores == -float("inf"))).all(dim=-1) & scores.isfinite().any(dim=-1))
         tokens = scores.argmax(dim=-1)
         sampled = [i for i, r in enumerate(rows) if r.options.do_sample]
         for warping, where in _groups([rows[i] for i in sampled], _warping).items():
             index = [sampled[i] for i in where]
-            probs = warp(scores[_rows(index, self.device)], rows[index[0]].options).softmax(dim=-1)
+            at = _rows(index, self.device)
+            probs = warp(scores[at], rows[index[0]].options).softmax(dim=-1).masked_fill(bad[at][:, None], 1.0)
             for j, i in enumerate(index):
                 tokens[i : i + 1] = torch.multinomial(probs[j : j + 1], 1, generator=rows[i].generator)[:, 0]
-        return tokens
+        return tokens, bad
 
     def _mask(self, scores: torch.Tensor, where: list[int], n: int, ids: tuple[int, ...]):
         key = (ids, scores.shape[-1])

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from idefics.engine import Engine, Prompt
+from idefics.engine import Engine, Prompt, cache_bytes, free_memory
 from idefics.errors import IdeficsError
 from idefics.generate import completion
 from idefics.sampling import GenerationOptions, RowSampler, StopStrings
@@ -22,6 +22,12 @@ from idefics.tokenizer import Tokenizer
 
 IMAGES_PER_STEP = 64  # images a step's prefill may encode; a request with more is admitted alone
 LEN_RESERVE = 256  # the cache's length is reserved in multiples of this many tokens
+# With a backlog (more waiting than free slots), admission gathers free slots for one prefill (an eighth of the
+# batch, at most ADMIT_GROUP), waiting at most ADMIT_WAIT steps: a prefill reads every weight once however many
+# prompts it holds, so one prefill of 8 costs about what 3 of one cost. Without a backlog a request is admitted at
+# once.
+ADMIT_GROUP = 8
+ADMIT_WAIT = 16
 
 
 def default_eos(tokenizer: Tokenizer) -> list[int]:
@@ -139,6 +145,7 @@ class Scheduler:
         self.logits: torch.Tensor | None = None  # the last decode step's output, for `running`
         self.sampler: RowSampler | None = None
         self.hold = False  # admit no one (something waits for the running batch to drain)
+        self.deferred = 0  # steps admission has waited to gather a group
 
     def add(self, request: Request):
         """Queue a request made by Request.make (which checks it, so a bad one fails alone, before it is queued)."""
@@ -167,25 +174,29 @@ class Scheduler:
         logits = new_logits if not self.running else \
             self.logits if not new else torch.cat([self.logits, new_logits])
         slots = self.engine.index([r.slot for r in rows])
-        tokens = self.sampler(logits, rows, slots)
+        tokens, bad = self.sampler(logits, rows, slots)
         picks = self._logprobs(logits, tokens, rows)
-        read = _host_copy([tokens, *picks])
+        read = _host_copy([tokens, bad, *picks])
         lengths = self.engine.lengths[slots]
         self.sampler.append(slots, lengths, tokens)
         # Launch the next step before reading this one's tokens, unless every row ends now whatever it picked.
         ahead = any(len(r.generated) + 1 < r.budget for r in rows)
         if ahead:
             self.logits = self.engine.decode(tokens, [r.slot for r in rows])
-        host = read()
-        values = host[0]
+        values, failed, *picked = read()
         running = []
         for i, (r, t) in enumerate(zip(rows, values)):
+            if failed[i]:
+                o = self._fail(r, "the model's scores for this request are not finite (NaN or infinity), "
+                                  "or every token is banned")
+                out.append(o)
+                continue
             piece = r.push(t)
             o = Output(r.id, t, piece)
-            if picks:
-                o.logprob = host[1][i]
+            if picked:
+                o.logprob = picked[0][i]
                 if r.logprobs:
-                    o.top_logprobs = list(zip(host[2][i][: r.logprobs], host[3][i][: r.logprobs]))
+                    o.top_logprobs = list(zip(picked[1][i][: r.logprobs], picked[2][i][: r.logprobs]))
             if r.finish:
                 self._settle(r, o)
             else:
@@ -209,6 +220,12 @@ class Scheduler:
             return [chosen]
         top = lp.topk(n, dim=-1)
         return [chosen, top.indices, top.values]
+
+    def _fail(self, r: Request, error: str) -> Output:
+        """The request ends alone with an error: its slot is freed, the others run on."""
+        self.engine.release(r.slot)
+        r.slot, r.finish = None, "error"
+        return Output(r.id, None, "", "error", error=error)
 
     def _settle(self, r: Request, o: Output):
         """The request has ended: free its slot, and give its last piece and its completion."""
@@ -252,6 +269,14 @@ class Scheduler:
         batch, images = [], 0
         free = self.engine.free_slots()  # lowest first
         limit = self.max_batch or self.engine.slots
+        room = min(len(free), limit - len(self.running))
+        if room <= 0:
+            return [], None
+        group = max(1, min(ADMIT_GROUP, limit // 8))
+        if self.running and len(self.waiting) > room and room < group and self.deferred < ADMIT_WAIT:
+            self.deferred += 1
+            return [], None
+        self.deferred = 0
         while self.waiting and len(batch) < len(free) and len(self.running) + len(batch) < limit:
             r = self.waiting[0]
             n = r.prompt.pixels.shape[0]
@@ -276,28 +301,37 @@ class Scheduler:
         return r.prompt.ids.shape[0] + r.budget <= e.max_len and r.prompt.pixels.shape[0] <= e.max_images
 
     def _reserve(self):
-        """Size the buffers for the waiting requests when nothing runs (they only grow), and the sampler's with them."""
+        """Size the buffers when nothing runs (they only grow): the slots and length `capacity` gives, never less than
+        the waiting requests need; and the sampler's with them."""
         e = self.engine
-        if not (self.running or e.active) and (e.cache is None or not self._fits(self.waiting[0])):
+        if not (self.running or e.active):
             need = list(self.waiting)
-            slots = max(e.slots, self.max_batch or default_batch(e))
-            max_len = max(r.prompt.ids.shape[0] + r.budget for r in need)
-            max_len = min(-(-max_len // LEN_RESERVE) * LEN_RESERVE, self.context)
-            e.reserve(slots, max(max_len, e.max_len), max(max(r.prompt.pixels.shape[0] for r in need), e.max_images))
-            e.warmup()
+            length = min(-(-max(r.prompt.ids.shape[0] + r.budget for r in need) // LEN_RESERVE) * LEN_RESERVE,
+                         self.context)
+            images = max(r.prompt.pixels.shape[0] for r in need)
+            slots, max_len = capacity(e, length, images, self.max_batch)
+            if e.cache is None or e.slots < slots or not self._fits(need[0]):
+                e.reserve(max(slots, e.slots), max(max_len, e.max_len), max(images, e.max_images))
+                e.warmup()
         if self.sampler is None or tuple(self.sampler.history.shape) != (e.slots, e.max_len):
             self.sampler = RowSampler(e.slots, e.max_len, e.device)
 
 
-def default_batch(engine: Engine) -> int:
-    """Slots to reserve: 64 on a GPU (fewer where the caches of 64 full-length sequences would not fit in half of
-    its free memory), 16 on the CPU."""
+def capacity(engine: Engine, length: int, images: int, max_batch: int | None) -> tuple[int, int]:
+    """Slots and cache length to reserve for requests needing `length` tokens and `images` images. On the CPU:
+    max_batch (default 16) at that length. On a GPU, half of the memory left (the old buffers counted as free):
+    max_batch slots (default as many as fit at that length, up to 64), each as long as fits, up to the context, so
+    that later, longer requests rarely wait for the batch to drain."""
     if engine.device.type != "cuda":
-        return 16
-    c = engine.model.config
-    per_slot = 2 * c.num_hidden_layers * c.hidden_size * c.max_position_embeddings * engine.model.embed.weight.element_size()
-    free = torch.cuda.mem_get_info(engine.device)[0]
-    return max(1, min(64, free // 2 // per_slot))
+        return max_batch or 16, length
+    m = engine.model
+    held = cache_bytes(m, engine.slots, engine.max_len, engine.max_images) if engine.cache is not None else 0
+    budget = (free_memory(engine.device) + held) // 2
+    slots = max_batch or max(1, min(64, budget // cache_bytes(m, 1, length, images)))
+    context = m.config.max_position_embeddings
+    longest = max((n for n in range(length, context + 1, LEN_RESERVE) if cache_bytes(m, slots, n, images) <= budget),
+                  default=length)
+    return slots, max(length, min(longest, context))
 
 
 def _host_copy(tensors: list[torch.Tensor]):

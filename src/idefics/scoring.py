@@ -15,6 +15,7 @@ from idefics.errors import IdeficsError
 from idefics.images import is_image_reference
 from idefics.inputs import image_token_mask
 from idefics.processor import image_attention_mask
+from idefics.runtime import model_work
 
 # The guide's prompt lists every label, so the model's context bounds the count anyway (256 short labels fill
 # most of the 9b models' 2048 tokens); a category name needs far fewer characters than this.
@@ -133,7 +134,7 @@ def _layout(m, prompt: list, b: int) -> tuple[str, int]:
     return text, len(images)
 
 
-@torch.inference_mode()
+@model_work
 def _score(model, ids: torch.Tensor, image_mask: torch.Tensor, features: torch.Tensor, plan: list[Continuation],
            tokens_per_pass: int) -> torch.Tensor:
     """One prompt: ids (S,), image_mask (S, N), features (N, T_img, D_img) -> each continuation's log-likelihood.

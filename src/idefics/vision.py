@@ -35,6 +35,7 @@ class VisionTower(nn.Module):
         self.config = c
         d = c.embed_dim
         self.class_embed = nn.Parameter(torch.empty(d))
+        # Holds the checkpoint's (D, C, p, p) weight; forward runs it as a matrix product.
         self.patch_embed = nn.Conv2d(c.num_channels, d, kernel_size=c.patch_size, stride=c.patch_size, bias=False)
         self.pos_embed = nn.Parameter(torch.empty(c.num_patches + 1, d))
         self.pre_norm = nn.LayerNorm(d, eps=c.layer_norm_eps)
@@ -44,7 +45,14 @@ class VisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, C, H, W) -> hidden states of the last layer (N, 1 + num_patches, D), no final norm."""
-        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (N, P, D)
+        # The convolution (stride = kernel) as one matrix product over the patches: cuDNN would run a float32
+        # convolution in TF32 on CUDA by default, and float32 must stay float32 (matmuls do unless told otherwise).
+        w = self.patch_embed.weight  # (D, C, p, p)
+        n, c, p = pixels.shape[0], w.shape[1], w.shape[2]
+        rows, cols = pixels.shape[2] // p, pixels.shape[3] // p
+        patches = pixels[:, :, : rows * p, : cols * p].to(w.dtype).reshape(n, c, rows, p, cols, p)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(n, rows * cols, c * p * p)  # (N, P, C*p*p), row-major
+        x = patches @ w.flatten(1).T  # (N, P, D)
         x = torch.cat([self.class_embed.expand(x.shape[0], 1, -1), x], dim=1) + self.pos_embed
         x = self.pre_norm(x)
         for layer in self.layers:

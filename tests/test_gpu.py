@@ -1,0 +1,585 @@
+"""The public API on CUDA, in float32 and bfloat16, against the same calls on the CPU: `make test-gpu` (`make test`
+leaves these out; without a CUDA GPU they skip). Tiny random checkpoints (checkpoints.py) and the demo model.
+
+What "the same" means here:
+- float32: greedy and beam tokens, texts, finish reasons and answers equal the CPU's; logits within
+  F32_ATOL + F32_RTOL * |cpu| (a float32 product summed in another order).
+- bfloat16 (and float16, for the logits and greedy tokens): logits within BF16_ATOL + BF16_RTOL * |cpu float32|
+  (about three times what bfloat16 on the CPU differs by); each greedy token within BF16_MARGIN of the best
+  allowed logit of the CPU's float32 model, teacher-forced on the generated sequence; what does not depend on
+  rounding (stop rules, lengths, seeds) is checked as in float32.
+- the demo model's evaluation accuracy (held-out scenes) within 1 point of the CPU's, in both dtypes.
+- quantized layers against the model with their dequantized weights (not the bfloat16 model: 4 and 8 bits lose
+  what they lose).
+
+IDEFICS_TEST_GPU_DEVICE (default cuda) runs the suite on another device; with "cpu" it checks its own logic."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import idefics
+from checkpoints import make_checkpoint
+from idefics import quantize
+from idefics.api import Idefics
+from idefics.demo import evaluate
+from idefics.demo.examples import paths as demo_images
+from idefics.engine import Engine, split_batch
+from idefics.graphs import slot_bucket
+from idefics.hub import DEMO_DIR
+from idefics.inputs import full_logits
+from idefics.sampling import GenerationOptions
+from idefics.scheduler import Request, Scheduler, default_banned
+
+DEVICE = os.environ.get("IDEFICS_TEST_GPU_DEVICE", "cuda")
+CUDA = DEVICE.startswith("cuda")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(CUDA and not torch.cuda.is_available(), reason="no CUDA GPU")]
+
+DTYPES = ["float32", "bfloat16"]
+F32_ATOL, F32_RTOL = 2e-4, 2e-4
+BF16_ATOL, BF16_RTOL = 0.2, 0.05  # logits of unit-scale weights: std ~1, max ~5; bf16 on the CPU is off by < 0.08
+BF16_MARGIN = 0.5
+DEMO_SCENES = 100  # held-out scenes per task for the accuracy comparison (600 answers: 1 point is 6 of them)
+DEMO_TASKS = ("caption",) + evaluate.VQA_MAIN + ("classify",)
+SRC = Path(idefics.__file__).resolve().parents[1]
+DEMO_IMAGE = demo_images()[0]
+
+
+def noise(size, seed) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The tiny instruct checkpoint and two images as PNG files (the command line reads the same files)."""
+    root = tmp_path_factory.mktemp("gpu")
+    path, _ = make_checkpoint(root / "tiny", instruct=True)
+    a, b = root / "a.png", root / "b.png"
+    noise((40, 30), 1).save(a)
+    noise((64, 20), 2).save(b)
+    return path, a, b
+
+
+@pytest.fixture(scope="module")
+def prompts(files):
+    _, a, b = files
+    return [["Question: Where are these people and what's the weather like? Answer:"], [a, "This is an image of"],
+            ["User:", a, "Describe this image.\nAssistant:", b, "Category:"], [b, "Story: \n"]]
+
+
+@pytest.fixture(scope="module")
+def cpu(files):
+    return idefics.load(files[0], device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def models(files):
+    """dtype -> the tiny checkpoint on the device, loaded once each."""
+    return cache(lambda dtype: idefics.load(files[0], device=DEVICE, dtype=dtype))
+
+
+def assert_logits_close(got: torch.Tensor, expected: torch.Tensor, dtype: str, where=None):
+    got, expected = got.float().cpu(), expected.float().cpu()
+    if where is not None:
+        got, expected = got[where], expected[where]
+    atol, rtol = (F32_ATOL, F32_RTOL) if dtype == "float32" else (BF16_ATOL, BF16_RTOL)
+    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
+
+
+def teacher_forced(m: Idefics, prompt: list, tokens: list[int]) -> torch.Tensor:
+    """m's logits (T, V) before each of `tokens`, read after the prompt in one pass (no cache), generated tokens
+    seeing the prompt's last image as in generation; the banned image tokens at -inf."""
+    batch = m.process([prompt])
+    s, t = batch["input_ids"].shape[1], len(tokens)
+    iam = batch["image_attention_mask"]
+    batch = {"input_ids": torch.cat([batch["input_ids"], torch.tensor([tokens])], dim=1),
+             "attention_mask": torch.ones(1, s + t, dtype=torch.long), "pixel_values": batch["pixel_values"],
+             "image_attention_mask": torch.cat([iam, iam[:, -1:].expand(1, t, iam.shape[2])], dim=1)}
+    logits = full_logits(m.model, batch)[0, s - 1 : s + t - 1].float().cpu().clone()  # not an inference tensor
+    logits[:, default_banned(m.tokenizer)] = -float("inf")
+    return logits
+
+
+def assert_near_greedy(cpu: Idefics, prompt: list, tokens: list[int]):
+    """Each token is within BF16_MARGIN of the CPU float32 model's best at its position."""
+    logits = teacher_forced(cpu, prompt, tokens)
+    chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    gap = logits.max(dim=1).values - chosen
+    assert gap.max() <= BF16_MARGIN, (tokens, gap.tolist())
+
+
+def same_completions(got, expected):
+    assert [(c.token_ids, c.text, c.finish_reason) for c in got] == \
+        [(c.token_ids, c.text, c.finish_reason) for c in expected]
+
+
+# The model on the device
+
+def test_the_device_runs_fused_decoding_and_cuda_graphs(models):
+    for dtype in DTYPES:
+        s = models(dtype).summary()
+        assert s["device"].startswith(DEVICE) and s["dtype"] == dtype
+        if CUDA:  # the paths the rest of this file exercises
+            assert s["fused_decode"] and s["cuda_graphs"], s
+
+
+def test_process_is_the_cpus(models, cpu, prompts):
+    got, expected = models("bfloat16").process(prompts), cpu.process(prompts)
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+
+
+@pytest.mark.parametrize("dtype", DTYPES + ["float16"])  # float16: the plain decode step (no fused kernels)
+def test_logits_close_to_the_cpus(models, cpu, prompts, dtype):
+    got, expected = models(dtype).logits(prompts), cpu.logits(prompts)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    real = cpu.process(prompts)["attention_mask"].bool()  # padding positions are not compared
+    assert_logits_close(got, expected, dtype, real)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + ["float16"])
+def test_greedy_generate(models, cpu, prompts, dtype):
+    m = models(dtype)
+    got = m.generate(prompts, max_new_tokens=12, eos_token_id=[])
+    assert all(len(c.token_ids) == 12 and c.finish_reason == "length" for c in got)
+    if dtype == "float32":
+        same_completions(got, cpu.generate(prompts, max_new_tokens=12, eos_token_id=[]))
+        # A batch gives each prompt what it gets alone (in bfloat16 a batch's products round differently).
+        assert [c.token_ids for c in got] == \
+            [m.generate([p], max_new_tokens=12, eos_token_id=[])[0].token_ids for p in prompts]
+    else:
+        for p, c in zip(prompts, got):
+            assert_near_greedy(cpu, p, c.token_ids)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sampling_with_a_seed(models, prompts, dtype):
+    m = models(dtype)
+    options = dict(max_new_tokens=12, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, eos_token_id=[])
+    first = m.generate(prompts, seed=7, **options)
+    assert [c.token_ids for c in m.generate(prompts, seed=7, **options)] == [c.token_ids for c in first]
+    assert [c.token_ids for c in m.generate(prompts, seed=8, **options)] != [c.token_ids for c in first]
+    if dtype == "float32":  # each request draws from its own generator: alone, a prompt draws what it drew in the batch
+        assert m.generate(prompts[2:3], seed=7, **options)[0].token_ids == first[2].token_ids
+    # top_k=1 samples the greedy token.
+    greedy = m.generate(prompts, max_new_tokens=12)
+    assert [c.token_ids for c in m.generate(prompts, max_new_tokens=12, do_sample=True, top_k=1, seed=3)] == \
+        [c.token_ids for c in greedy]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_beam_search(models, cpu, prompts, dtype):
+    options = dict(num_beams=3, max_new_tokens=10, length_penalty=0.5)
+    got = models(dtype).generate(prompts, **options)
+    assert all(len(c.token_ids) <= 10 for c in got)
+    if dtype == "float32":
+        same_completions(got, cpu.generate(prompts, **options))
+        same_completions(models(dtype).generate(prompts[:2], num_beams=2, max_new_tokens=8, early_stopping=True),
+                         cpu.generate(prompts[:2], num_beams=2, max_new_tokens=8, early_stopping=True))
+
+
+def _stop_string(text: str) -> str:
+    """Two printable characters that first occur a few characters into the text."""
+    for i in range(3, len(text) - 2):
+        s = text[i : i + 2]
+        if s.isprintable() and s.strip() and text.find(s) == i and "\ufffd" not in s:
+            return s
+    raise AssertionError(f"no stop string in {text!r}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stop_strings(models, cpu, prompts, dtype):
+    m = models(dtype)
+    reference = cpu if dtype == "float32" else m
+    free = reference.generate(prompts[1:2], max_new_tokens=16)[0].text
+    stop = _stop_string(free)
+    [got] = m.generate(prompts[1:2], max_new_tokens=16, stop=[stop, "never there"])
+    assert got.finish_reason == "stop" and got.text == free[: free.index(stop)]
+    if dtype == "float32":
+        same_completions([got], cpu.generate(prompts[1:2], max_new_tokens=16, stop=[stop, "never there"]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_repetition_penalty_and_token_limits(models, cpu, prompts, dtype):
+    m = models(dtype)
+    reference = cpu if dtype == "float32" else m
+    free = reference.generate(prompts[:1], max_new_tokens=8)[0].token_ids
+    eos = free[2]  # would stop the greedy continuation at its third token
+    cases = [dict(max_new_tokens=10, repetition_penalty=1.8),
+             dict(max_new_tokens=10, eos_token_id=eos),
+             dict(max_new_tokens=10, min_new_tokens=6, eos_token_id=eos),
+             dict(max_length=m.process(prompts[:1])["input_ids"].shape[1] + 5, eos_token_id=[])]
+    results = [m.generate(prompts[:1], **o)[0] for o in cases]
+    assert results[1].token_ids[-1] == eos and results[1].finish_reason == "stop" and len(results[1].token_ids) <= 3
+    assert eos not in results[2].token_ids[:6] and len(results[2].token_ids) >= 6
+    assert len(results[3].token_ids) == 5 and results[3].finish_reason == "length"
+    if dtype == "float32":
+        same_completions(results, [cpu.generate(prompts[:1], **o)[0] for o in cases])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stream(models, cpu, prompts, dtype):
+    m = models(dtype)
+    for options in (dict(max_new_tokens=12), dict(max_new_tokens=6, num_beams=2)):
+        pieces = list(m.stream(prompts[2], **options))
+        assert "".join(pieces) == m.generate([prompts[2]], **options)[0].text
+        if dtype == "float32":
+            assert "".join(pieces) == cpu.generate([prompts[2]], **options)[0].text
+    # A stream closed early ends its request: nothing stays in the batch.
+    stream = m.stream(prompts[3], max_new_tokens=50)
+    next(stream)
+    stream.close()
+    assert m.generate(prompts[:1], max_new_tokens=4)[0].token_ids  # the engine goes on
+    left = m.loop.call(lambda: (m.engine.active, [(len(r.generated), r.budget) for r in m.scheduler.running]))
+    assert left == (0, []), left
+
+
+def _tasks(m: Idefics, a, b) -> list:
+    return [m.caption(a), m.caption([a, b], "This is an image of "), m.ask(b, "What is it?"),
+            m.few_shot([(a, "A picture.")], b, max_new_tokens=10), m.story(b, max_new_tokens=16),
+            m.classify([a, b], ["animals", "city landscape", "cars"], mode="generate")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tasks(models, cpu, files, dtype):
+    _, a, b = files
+    got = _tasks(models(dtype), a, b)
+    assert [type(x) for x in got] == [str, list, str, str, str, list]
+    if dtype == "float32":
+        assert got == _tasks(cpu, a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ranked_classification(models, cpu, files, dtype):
+    _, a, b = files
+    m, labels = models(dtype), ["animals", "vegetables", "city landscape", "cars", "office"]
+    single = m.classify(a, labels)
+    batched = m.classify([a, b, a], labels)
+    expected = cpu.classify([a, b], labels)
+    # Probabilities and log-likelihoods against the CPU's, label by label.
+    p_tol, ll_tol = (1e-4, 1e-3) if dtype == "float32" else (0.1, 1.0)
+    for got, want in zip([single, *batched], [expected[0], *expected, expected[0]]):
+        got, want = sorted(got), sorted(want)  # by label
+        assert [x.label for x in got] == [x.label for x in want]
+        assert max(abs(x.probability - y.probability) for x, y in zip(got, want)) <= p_tol
+        assert max(abs(x.log_likelihood - y.log_likelihood) for x, y in zip(got, want)) <= ll_tol
+    if dtype == "float32":  # the batch gives each image what it gets alone, ranked as on the CPU
+        assert batched[0] == single and batched[2] == single
+        assert [[x.label for x in r] for r in batched[:2]] == [[x.label for x in r] for r in expected]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chat(models, cpu, files, dtype):
+    _, a, b = files
+
+    def talk(m):
+        chat = m.chat(max_new_tokens=10)
+        replies = [chat.send("What is in this image?", images=a), chat.send(["And here?", b])]
+        replies.append("".join(chat.stream("Which one is larger?")))
+        return replies, chat.history
+
+    replies, history = talk(models(dtype))
+    assert len(replies) == 3 and len(history) > 6
+    if dtype == "float32":
+        assert (replies, history) == talk(cpu)
+
+
+# The scheduler and the engine on the device
+
+def test_threads_joining_one_batch_get_their_single_answers(models, cpu, files, prompts):
+    """float32 greedy: calls from several threads at once, joining and leaving the running batch."""
+    m, (_, a, b) = models("float32"), files
+
+    def calls(m):
+        return [lambda: m.caption(a), lambda: m.ask(b, "What is it?"), lambda: m.story(a, max_new_tokens=12),
+                lambda: m.classify(b, ["animals", "cars"]), lambda: m.few_shot([(a, "A picture.")], b),
+                *[lambda p=p, i=i: m.generate([p], max_new_tokens=9 + i)[0].token_ids for i, p in enumerate(prompts)]]
+
+    expected = [call() for call in calls(cpu)]
+    with ThreadPoolExecutor(len(expected)) as pool:
+        for _ in range(2):
+            got = list(pool.map(lambda call: call(), calls(m)))
+            assert got[:3] == expected[:3] and got[4:] == expected[4:]
+            assert [x.label for x in got[3]] == [x.label for x in expected[3]]
+
+
+def _requests(m: Idefics, prompts, **options) -> list[Request]:
+    o = GenerationOptions.make(**options)
+    return [Request.make(p, o, m.tokenizer, m.config.max_position_embeddings) for p in split_batch(m.process(prompts))]
+
+
+def test_an_abort_frees_its_slot_for_the_next_request(models, cpu, prompts):
+    m = models("float32")
+    s = Scheduler(Engine(m.model), m.tokenizer, max_batch=2)
+    first, later = _requests(m, prompts[:2], max_new_tokens=12), _requests(m, prompts[2:3], max_new_tokens=6)[0]
+    for r in first + [later]:
+        s.add(r)
+    steps, freed = 0, None
+    while s.busy:
+        if steps == 4:
+            s.abort(first[0].id)
+            freed = first[0].slot
+        s.step()
+        if steps == 3:
+            assert sorted(r.slot for r in s.running) == [0, 1] and later.slot is None
+        if steps == 4:  # the waiting request took the aborted one's slot at the step the abort took effect
+            assert any(r is later for r in s.running) and later.slot == freed
+        steps += 1
+    assert first[0].finish == "abort" and len(first[0].generated) == 4
+    assert first[1].generated == cpu.generate(prompts[1:2], max_new_tokens=12)[0].token_ids
+    assert later.generated == cpu.generate(prompts[2:3], max_new_tokens=6)[0].token_ids
+    assert s.engine.active == 0
+
+
+def _drive(m: Idefics, prompts, **options) -> list[list]:
+    """The prompts through a Scheduler of their own on m's model -> per request, its outputs' (token, log-probability,
+    top tokens, top log-probabilities)."""
+    s = Scheduler(Engine(m.model), m.tokenizer)
+    rs = m.requests(prompts, **options)
+    for r in rs:
+        s.add(r)
+    got = {r.id: [] for r in rs}
+    while s.busy:
+        for o in s.step():
+            if o.token is not None:
+                got[o.id].append((o.token, o.logprob, [t for t, _ in o.top_logprobs], [p for _, p in o.top_logprobs]))
+    return [got[r.id] for r in rs]
+
+
+def test_scheduler_outputs_with_log_probabilities(models, cpu, prompts):
+    """Driving a Scheduler directly (float32): tokens, and their log-probabilities and the most likely tokens."""
+    got, expected = (_drive(m, prompts, max_new_tokens=8, logprobs=3) for m in (models("float32"), cpu))
+    for g, e in zip(got, expected):
+        assert [x[0] for x in g] == [x[0] for x in e] and [x[2] for x in g] == [x[2] for x in e]
+        torch.testing.assert_close(torch.tensor([[x[1], *x[3]] for x in g]), torch.tensor([[x[1], *x[3]] for x in e]),
+                                   atol=F32_ATOL, rtol=F32_RTOL)
+
+
+def test_buffers_grow_between_requests(files):
+    """A request longer, or with more images, than the reserved buffers hold: they grow (new CUDA graphs in a new
+    pool) and every answer stays the CPU's (the demo model, float32)."""
+    m = idefics.load(DEMO_DIR, device=DEVICE, dtype="float32")
+    reference = idefics.load(DEMO_DIR, device="cpu", dtype="float32")
+    images = [prompt[1] for _, prompt in (evaluate.heldout("vqa/color", i, "mixed") for i in range(3))]
+    short = ["User:", images[0], "What is in this image?\nAssistant:"]
+    many = [x for im in images for x in ("User:", im, "Describe this image.\nAssistant: shapes.\n")] + ["User: and?"]
+    calls = [(short, dict(max_new_tokens=5)), (many, dict(max_new_tokens=240, eos_token_id=[])),
+             (short, dict(max_new_tokens=5))]
+    got = [m.generate([p], **o)[0] for p, o in calls]
+    assert m.engine.max_images >= 3 and m.engine.max_len > 256 and len(got[1].token_ids) == 240
+    same_completions(got, [reference.generate([p], **o)[0] for p, o in calls])
+
+
+def _decode_logits(engine: Engine, prompts, steps: int = 6) -> list[torch.Tensor]:
+    """The prompts prefilled, then `steps` decode steps on fixed tokens -> the logits of every step (n, V)."""
+    engine.release_all()
+    engine.reserve(len(prompts), 64, max(p.pixels.shape[0] for p in prompts))
+    engine.warmup()
+    out = [engine.prefill_batch(prompts).float().cpu()]
+    tokens = torch.tensor([[(97 * i + 31 * j) % 500 + 3 for j in range(len(prompts))] for i in range(steps)])
+    for t in tokens:
+        out.append(engine.decode(t).float().cpu())
+    engine.release_all()
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3], ids=["gemv", "batch"])
+def test_fused_and_captured_decode_equal_the_plain_step(models, cpu, prompts, dtype, rows):
+    """The fused decode step (Triton; at one row the GEMV kernels) captured in CUDA graphs, against the plain
+    model's step run eagerly, and in float32 against the CPU."""
+    m = models(dtype)
+    ps = split_batch(m.process(prompts[1 : 1 + rows]))
+    fused = Engine(m.model, graphs=CUDA, fused=True)
+    assert fused.fused is not None
+    plain = Engine(m.model, graphs=False, fused=False)
+    got = _decode_logits(fused, ps)
+    if CUDA:  # every slot bucket captured at warm-up; the steps replayed them
+        buckets = {slot_bucket(n, fused.slots) for n in range(1, fused.slots + 1)}
+        assert {k[1] for k in fused.graphs.graphs if k[0] == "decode"} == buckets
+    for g, want in zip(got, _decode_logits(plain, ps)):
+        assert_logits_close(g, want, dtype)
+    if dtype == "float32":
+        for g, want in zip(got, _decode_logits(Engine(cpu.model), ps)):
+            assert_logits_close(g, want, dtype)
+    # The same fused step run eagerly (prefill unpadded, decode over the live rows only), and the plain step
+    # captured (one graph per slot bucket and attention length, as models the kernels do not cover run).
+    for g, eager in zip(got, _decode_logits(Engine(m.model, graphs=False, fused=True), ps)):
+        assert_logits_close(g, eager, dtype)
+    for g, captured in zip(_decode_logits(Engine(m.model, graphs=CUDA, fused=False), ps), _decode_logits(plain, ps)):
+        assert_logits_close(g, captured, dtype)
+
+
+# The command line, as a subprocess on the device
+
+@pytest.fixture(scope="module")
+def cli(files, tmp_path_factory):
+    """Every command at once (each its own process) -> name -> (stdout, stderr, exit status)."""
+    path, a, b = files
+    root = tmp_path_factory.mktemp("cli")
+    jobs = [{"task": "caption", "image": str(a), "id": "c", "options": {"max_new_tokens": 6}},
+            {"task": "ask", "image": str(b), "question": "What is it?", "options": {"max_new_tokens": 6}},
+            {"task": "classify", "image": str(a), "labels": ["animals", "cars"], "id": 7},
+            {"task": "generate", "prompt": ["User:", {"image": str(b)}, "Hi\nAssistant:"],
+             "options": {"max_new_tokens": 6}}]
+    (root / "tasks.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    model = ["--model", str(path), "--device", DEVICE, "--dtype", "float32"]
+    short = ["--max-new-tokens", "6", "--json"]
+    commands = {
+        "caption": ["caption", str(a), str(b), *model, *short],
+        "caption-prompt": ["caption", str(a), "--prompt", "This is an image of ", *model, *short],
+        "caption-bf16": ["caption", str(a), "--model", str(path), "--device", DEVICE, "--dtype", "bfloat16", *short],
+        "ask": ["ask", str(a), "-q", "What is it?", *model, *short],
+        "classify": ["classify", str(a), str(b), "--labels", "animals", "city landscape", "cars", *model, "--json"],
+        "classify-generate": ["classify", str(a), "--labels", "animals", "cars", "--mode", "generate", *model, *short],
+        "story": ["story", str(b), *model, "--max-new-tokens", "12", "--json"],
+        "few-shot": ["few-shot", str(b), "--example", str(a), "A picture.", *model, *short],
+        "generate": ["generate", "-t", "User:", "-i", str(a), "-t", "Describe this image.\nAssistant:", *model, *short],
+        "generate-stream": ["generate", "-t", "User:", "-i", str(a), "-t", "Describe this image.\nAssistant:", *model,
+                            "--max-new-tokens", "6"],
+        "chat": ["chat", "--image", str(a), *model, *short],
+        "batch": ["batch", str(root / "tasks.jsonl"), "-o", str(root / "results.jsonl"), *model],
+        "info": ["info", *model, "--json"],
+        "demo": ["demo"],
+    }
+    if importlib.util.find_spec("bitsandbytes"):  # optional: quantized loading from the command line
+        commands["caption-nf4"] = ["caption", str(DEMO_IMAGE), "--model", str(DEMO_DIR), "--device", DEVICE,
+                                   "--dtype", "bfloat16", "--quantize", "nf4", "--json"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    stdin = {"chat": "What is in this image?\nAnd now?\n"}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "idefics", *args], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+             for name, args in commands.items()}
+    out = {name: (*p.communicate(stdin.get(name, ""), timeout=600), p.returncode) for name, p in procs.items()}
+    out["batch-results"] = ((root / "results.jsonl").read_text(), "", 0)
+    return out
+
+
+def run_cli(cli, name: str) -> list:
+    stdout, stderr, status = cli[name]
+    assert status == 0, stderr[-3000:]
+    return [json.loads(line) for line in stdout.splitlines()] if stdout.startswith("{") else stdout
+
+
+def test_cli_tasks_equal_the_cpu_api(cli, cpu, models, files):
+    _, a, b = files
+    results = lambda name: [r["result"] for r in run_cli(cli, name)]  # noqa: E731
+    assert results("caption") == cpu.caption([a, b], max_new_tokens=6)
+    assert results("caption-prompt") == [cpu.caption(a, "This is an image of ", max_new_tokens=6)]
+    assert results("caption-bf16") == [models("bfloat16").caption(a, max_new_tokens=6)]
+    assert results("ask") == [cpu.ask(a, "What is it?", max_new_tokens=6)]
+    assert results("classify-generate") == [cpu.classify(a, ["animals", "cars"], mode="generate", max_new_tokens=6)]
+    assert results("story") == [cpu.story(b, max_new_tokens=12)]
+    assert results("few-shot") == [cpu.few_shot([(a, "A picture.")], b, max_new_tokens=6)]
+    ranked = results("classify")
+    for got, want in zip(ranked, cpu.classify([a, b], ["animals", "city landscape", "cars"])):
+        assert [x["label"] for x in got] == [x.label for x in want]
+        assert all(abs(x["probability"] - y.probability) <= 1e-4 for x, y in zip(got, want))
+
+
+def test_cli_generate_chat_batch_info(cli, cpu, files):
+    _, a, b = files
+    [c] = cpu.generate([["User:", a, "Describe this image.\nAssistant:"]], max_new_tokens=6)
+    assert run_cli(cli, "generate") == [{"text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}]
+    assert run_cli(cli, "generate-stream") == c.text + "\n"
+    chat = cpu.chat(max_new_tokens=6)
+    expected = [chat.send("What is in this image?", images=a), chat.send("And now?")]
+    assert [r["reply"] for r in run_cli(cli, "chat")] == expected
+    run_cli(cli, "batch")
+    records = {r["line"]: r for r in run_cli(cli, "batch-results")}
+    assert all("error" not in r for r in records.values()), records
+    assert records[1]["result"] == cpu.caption(a, max_new_tokens=6) and records[1]["id"] == "c"
+    assert records[2]["result"] == cpu.ask(b, "What is it?", max_new_tokens=6)
+    assert [x["label"] for x in records[3]["result"]] == [x.label for x in cpu.classify(a, ["animals", "cars"])]
+    assert records[4]["result"] == cpu.generate([["User:", b, "Hi\nAssistant:"]], max_new_tokens=6)[0].text
+    info = run_cli(cli, "info")[0]
+    assert info["device"].startswith(DEVICE) and info["dtype"] == "float32"
+    assert not CUDA or (info["fused_decode"] and info["cuda_graphs"])
+
+
+def test_cli_demo(cli):
+    text = run_cli(cli, "demo")
+    assert f"parameters, {DEVICE}" in text and "== Chat" in text and "error" not in text
+
+
+def test_cli_quantized(cli):
+    pytest.importorskip("bitsandbytes")
+    q = idefics.load(DEMO_DIR, device=DEVICE, dtype="bfloat16", quantize="nf4")
+    assert [r["result"] for r in run_cli(cli, "caption-nf4")] == [q.caption(DEMO_IMAGE)]
+
+
+# The demo model
+
+@pytest.fixture(scope="module")
+def demo_accuracy():
+    def accuracy(device: str, dtype: str) -> float:
+        results = evaluate.evaluate(idefics.load(DEMO_DIR, device=device, dtype=dtype), DEMO_SCENES, "mixed",
+                                    DEMO_TASKS, batch=100)
+        return 100 * sum(results[t][0] for t in DEMO_TASKS) / sum(results[t][1] for t in DEMO_TASKS)
+
+    return cache(accuracy)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_demo_accuracy_within_one_point_of_the_cpus(demo_accuracy, dtype):
+    on_cpu, on_device = demo_accuracy("cpu", "float32"), demo_accuracy(DEVICE, dtype)
+    assert on_cpu >= 90 and abs(on_device - on_cpu) <= 1.0, (on_cpu, on_device)
+
+
+# Quantized loading (the packages are optional: skipped where absent)
+
+QUANT_PACKAGES = {name: m.package for name, m in quantize.METHODS.items()}
+
+
+def _dequantized(quantized: Idefics) -> Idefics:
+    """The demo model in the same dtype, each quantized layer's weight replaced by what the layer computes with:
+    its output for the identity matrix (exact for weight-only layers; int8's rows of the identity quantize
+    without loss too)."""
+    ref = idefics.load(DEMO_DIR, device=DEVICE, dtype=quantized.dtype)
+    method = quantize.METHODS[quantized.quantize]
+    names = [n for n, mod in ref.model.named_modules() if quantize.is_target(n, mod, method)]
+    assert names and all(type(quantized.model.get_submodule(n)) is not torch.nn.Linear
+                         or type(quantized.model.get_submodule(n).weight) is not torch.nn.Parameter for n in names)
+    with torch.no_grad():
+        for n in names:
+            linear = ref.model.get_submodule(n)
+            eye = torch.eye(linear.in_features, dtype=quantized.dtype, device=quantized.device)
+            linear.weight.copy_(quantized.model.get_submodule(n)(eye).T)
+    return ref
+
+
+@pytest.mark.parametrize("method", list(QUANT_PACKAGES))
+def test_quantized_loading(method):
+    pytest.importorskip(QUANT_PACKAGES[method])
+    if DEVICE not in quantize.METHODS[method].devices and not CUDA:
+        pytest.skip(f"{method} runs on CUDA only")
+    q = idefics.load(DEMO_DIR, device=DEVICE, dtype="bfloat16", quantize=method)
+    assert q.summary()["quantize"] == method
+    ref = _dequantized(q)
+    items = [(task, *evaluate.heldout(task, i, "mixed")) for task in evaluate.VQA_MAIN for i in range(5)]
+    prompts = [prompt for _, _, prompt in items]
+    got, want = q.logits(prompts[:8]), ref.logits(prompts[:8])
+    real = q.process(prompts[:8])["attention_mask"].bool()
+    cosine = torch.nn.functional.cosine_similarity(got[real], want[real], dim=-1)
+    assert cosine.min() >= (0.99 if method == "int8" else 0.999), cosine.min()
+    # Generation through the engine (CUDA graphs and the fused step around the quantized layers): the answers of
+    # the dequantized model, and right ones.
+    answers = [c.text for c in q.generate(prompts, **evaluate.OPTIONS["vqa"])]
+    expected = [c.text for c in ref.generate(prompts, **evaluate.OPTIONS["vqa"])]
+    assert sum(x == y for x, y in zip(answers, expected)) >= 0.9 * len(prompts), list(zip(answers, expected))
+    right = sum(evaluate.scores(task, text, example.answer)[task] for (task, example, _), text in zip(items, answers))
+    assert right >= 0.8 * len(items), list(zip(answers, [example.answer for _, example, _ in items]))

@@ -23,13 +23,14 @@ from idefics.images import ImageLimits, ImageTransform, load_image
 
 DECODES = ("exact", "fast")
 MEMORY = 1 << 29  # bytes of decoded images the workers may hold at once (512 MiB)
-PILLOW_BLOCK = 64 << 20  # see _return_freed_images
+PILLOW_BLOCK = 1 << 30  # see _return_freed_images
 
 
 def _return_freed_images():
-    """Pillow allocates an image's pixels in blocks (16 MiB by default); glibc serves blocks that size from
-    per-thread heaps that keep what is freed, so each worker thread would go on holding a large photo's worth of
-    memory after dropping it. Blocks above glibc's largest mmap threshold (32 MiB) are mapped for each image and
+    """Pillow allocates an image's pixels in blocks (16 MiB by default); glibc serves blocks under its mmap
+    threshold (which rises up to 32 MiB as large blocks are freed) from per-thread heaps that keep what is freed, so
+    each worker thread would go on holding a large photo's worth of memory after dropping it. With blocks larger
+    than any image under the pixel limit, a large image is one block above that threshold: mapped for it alone and
     given back to the system when it is freed."""
     if Image.core.get_block_size() < PILLOW_BLOCK:
         Image.core.set_block_size(PILLOW_BLOCK)

@@ -111,6 +111,7 @@ class TaskRequest(BaseModel):
     instruction: str | None = Field(None, description="story: replaces the guide's instruction")
     options: TaskOptions | None = Field(None, description="generation options over the task's defaults")
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
 
 class ClassifyRequest(BaseModel):

@@ -210,7 +210,7 @@ def test_logprobs_are_the_models(demo, client):
 
 def test_stop_strings_cut_the_answer(demo, client):
     r = client.chat.completions.create(model="idefics-demo", messages=[user("What is in this image?", data_uri(CIRCLE))],
-                                       max_tokens=30, stop=["circle"])
+                                       max_tokens=30, stop="circle")
     assert r.choices[0].message.content == "This picture shows a red "
     assert r.choices[0].finish_reason == "stop"
 
@@ -392,6 +392,16 @@ def test_shutdown_finishes_running_requests_and_refuses_new_ones(small):
     assert got["events"][-1] == "data: [DONE]"
     finish = json.loads(got["events"][-2].removeprefix("data: "))["choices"][0]["finish_reason"]
     assert finish == "length" and list(slowed.finished.values()) == ["length"]
+
+
+def test_a_request_past_its_timeout_is_aborted_with_504():
+    model = idefics.load(DEMO_DIR, device="cpu")
+    slowed = Slowed(model, 0.01)
+    with live(model, request_timeout=0.5) as (url, _):
+        r = httpx.post(url + "/v1/chat/completions", json=long_chat(stream=False) | {"min_tokens": 200}, timeout=30)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        wait_until(lambda: slowed.finished)
+        assert list(slowed.finished.values()) == ["abort"]
 
 
 def test_metrics_count_requests_tokens_and_image_cache_hits(client, api):

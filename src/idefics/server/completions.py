@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from idefics import tasks
 from idefics.engine import Prompt
@@ -202,8 +203,11 @@ async def respond(state, http: HTTPRequest, run: Run, ticket: Ticket, shape: Sha
                   include_usage: bool, prompt_tokens: int) -> Response:
     """Run the choices and answer: one JSON object, or events as tokens come. A client that goes away aborts."""
     if stream:
+        # The events release the ticket when they end; the background task too, should they never start (a client
+        # gone before the first byte).
         return StreamingResponse(events(run, ticket, shape, include_usage, prompt_tokens),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(ticket.release))
     task = asyncio.ensure_future(collect(run, shape, prompt_tokens))
     gone = asyncio.ensure_future(disconnected(http))
     try:
@@ -287,7 +291,8 @@ async def chat_completions(state, http: HTTPRequest, body: ChatRequest) -> Respo
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     options = sampling_options(body, state.settings, body.max_completion_tokens or body.max_tokens)
-    options["stop"] = list(options.get("stop") or []) + state.builder.stop_strings() or None
+    stop = options.get("stop") or []
+    options["stop"] = ([stop] if isinstance(stop, str) else list(stop)) + state.builder.stop_strings() or None
     contents = chat_contents(body)
     for mi, (_, items) in enumerate(contents):
         for x in items:

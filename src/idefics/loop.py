@@ -21,14 +21,15 @@ class EngineLoop:
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.sinks: dict[object, queue.SimpleQueue] = {}  # request id -> its outputs
+        self.sinks: dict[object, object] = {}  # request id -> its outputs
         self.calls: list[tuple[Callable, Future]] = []  # waiting to run between steps
         self.thread: threading.Thread | None = None
         self.start_lock = threading.Lock()
 
-    def submit(self, requests: list[Request]) -> list[queue.SimpleQueue]:
-        """Queue requests -> one queue of Outputs each, the last with its finish_reason set."""
-        sinks = [queue.SimpleQueue() for _ in requests]
+    def submit(self, requests: list[Request], sinks: list | None = None) -> list:
+        """Queue requests -> one queue of Outputs each, the last with its finish_reason set. sinks: where to put
+        each request's Outputs instead (anything with a thread-safe put(), e.g. one that hands them to asyncio)."""
+        sinks = [queue.SimpleQueue() for _ in requests] if sinks is None else list(sinks)
         self.inbox.put(("add", list(zip(requests, sinks))))
         self._start()
         return sinks

@@ -14,8 +14,8 @@
 3. Fidelity: teacher-forced logits (4 prompts + 32 tokens bfloat16 generated) of fp8 against bfloat16, and
    against the bfloat16 model holding fp8's dequantized weights (what the fp8 layers should compute).
 4. A 9b-shaped bfloat16 checkpoint written to --dir as the hub lays it out (safetensors shards of --shard-gb,
-   each layer's tensors together as save_pretrained writes them, and their index), loaded with the fp8 hook in a process of its own: peak GPU memory (goal < 11 GB) and peak host memory (goal <
-   one shard + 2 GB).
+   each layer's tensors together as save_pretrained writes them, and their index), loaded with the fp8 hook in a
+   process of its own: peak GPU memory (goal < 11 GB) and peak host memory (goal < one shard + 2 GB).
 5. idefics-80b shape built directly in fp8 on the GPU, one layer at a time (never in bfloat16): batch-1 decode
    against its own roofline, batch 16, peak memory.
 
@@ -42,7 +42,8 @@ from gpu import decode_bytes  # noqa: E402
 from quant import cosine, teacher_forced  # noqa: E402
 
 from idefics import fp8, quantize  # noqa: E402
-from idefics.config import IdeficsConfig, PerceiverConfig, VisionConfig, idefics_9b, idefics_80b, to_dict  # noqa: E402
+from idefics.config import (IdeficsConfig, PerceiverConfig, VisionConfig, idefics_9b, idefics_80b,  # noqa: E402
+                            to_dict)
 from idefics.engine import Engine  # noqa: E402
 from idefics.weights import build_meta, checkpoint_tensors, load_weights, read_tensors, weight_files  # noqa: E402
 
@@ -359,13 +360,14 @@ def checks(results: dict) -> dict:
                                                            bf16[b]["roofline_pct"] >= goal]
     e = results.get("80b", {})
     if "batch 1" in e:
-        out["80b fp8 batch 1 >= 75% of roofline"] = [round(e["batch 1"]["roofline_pct"], 1),
-                                                    e["batch 1"]["roofline_pct"] >= 75]
+        pct = e["batch 1"]["weights_only_roofline_pct"]  # its fp8 weight bytes per step over the bandwidth
+        out["80b fp8 batch 1 >= 75% of roofline"] = [round(pct, 1), pct >= 75]
     load = results.get("load", {})
     if "gpu_peak_gb" in load:
         out["load gpu peak < 11 GB"] = [round(load["gpu_peak_gb"], 2), load["gpu_peak_gb"] < 11]
     if "host_peak_gb" in load:
-        out["load host peak < shard + 2 GB"] = [round(load["host_peak_gb"], 2), load["host_peak_gb"] < load["host_goal_gb"]]
+        host, goal = load["host_peak_gb"], load["host_goal_gb"]
+        out["load host peak < shard + 2 GB"] = [round(host, 2), host < goal]
     return out
 
 
@@ -433,8 +435,8 @@ def main():
 def print_tables(r: dict):
     nine = r.get("9b")
     if nine:
-        print(f"\n{r['card']} | {r['date']} | torch {r['torch']} | 9b shape | copy bandwidth {r['bandwidth_tb_s']:.2f} TB/s"
-              f" | weights per step (GB): {r['weights_gb_per_step']}")
+        print(f"\n{r['card']} | {r['date']} | torch {r['torch']} | 9b shape | copy bandwidth "
+              f"{r['bandwidth_tb_s']:.2f} TB/s | weights per step (GB): {r['weights_gb_per_step']}")
         print("| weights | product | batch | decode tok/s | vs bf16 | % of roofline (weights + KV) | % weights only "
               "| TTFT ms | vs bf16 | peak GB |\n|---|---|---|---|---|---|---|---|---|---|")
         rows = [("bf16", "-", nine["bf16"])] + [("fp8", p, v) for p, v in nine["fp8"].items()]

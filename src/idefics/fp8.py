@@ -83,9 +83,9 @@ class Fp8Linear(nn.Module):
         elif PRODUCT == "weight-only" or (PRODUCT == "auto" and x.shape[0] <= WEIGHT_ONLY_ROWS):
             from idefics.fp8_gemm import weight_only_mm
 
-            y = weight_only_mm(x, self.weight, self.scale)
+            y = weight_only_mm(x.contiguous(), self.weight, self.scale)
         else:
-            y = scaled_mm(x, self.weight, self.scale)
+            y = scaled_mm(x.contiguous(), self.weight, self.scale)
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -113,7 +113,8 @@ class Normed:
 
 def gemv(x: torch.Tensor | Normed, weight: torch.Tensor, swiglu: bool = False, norm: tuple | None = None,
          residual: torch.Tensor | None = None, gate: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-         block_n: int | None = None, block_k: int | None = None, warps: int | None = None, scale: torch.Tensor | None = None):
+         block_n: int | None = None, block_k: int | None = None, warps: int | None = None,
+         scale: torch.Tensor | None = None):
     """One row: x (1, K), weight (N, K) -> x @ weight.T (1, N); with swiglu, weight (2N, K) holds the gate rows then
     the up rows and the result is silu(gate) * up (1, N). At batch 1 this streams the weights faster than cuBLAS
     (bench/gemv_sweep.py).

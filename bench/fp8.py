@@ -1,7 +1,7 @@
-"""FP8 weights (quantize="fp8") on one GPU, in one run of about six minutes on an H200:
+"""FP8 weights (quantize="fp8") on one GPU, in one run meant to take under eight minutes on an H200:
 
     PYTHONPATH=src python bench/fp8.py [--batches 1 8 32 64] [--products auto weight-only scaled] [--new-tokens 128]
-    PYTHONPATH=src python bench/fp8.py --small    # the same steps on a small config on the CPU, in under a minute
+    PYTHONPATH=src python bench/fp8.py --small    # the same steps on a small config on the CPU (about a minute)
 
 1. idefics-9b shape, random weights: bfloat16 decode at each batch, then the same model quantized to fp8 in place
    and decoded again with each product for rows > 1 (fp8.PRODUCT: "auto" picks by rows, "weight-only" is the
@@ -10,7 +10,8 @@
    bandwidth over the bytes a step reads, the weights (without the embedding table and the cross-attention
    key/value projections) plus the KV cache (self-attention at the run's mean length, and the image keys/values).
 2. Each 9b matrix (wqkv, wo, w13, w2 of all 32 layers, one after another in a CUDA graph) at 1 to 256 rows: bf16
-   cuBLAS against each fp8 product (1 row: the fp8 GEMV).
+   cuBLAS against each fp8 product (at 1 row fp8 runs its GEMV, bf16 still cuBLAS: the engine's bf16 GEMV is timed
+   by bench/gemv_sweep.py).
 3. Fidelity: teacher-forced logits (4 prompts + 32 tokens bfloat16 generated) of fp8 against bfloat16, and
    against the bfloat16 model holding fp8's dequantized weights (what the fp8 layers should compute).
 4. A 9b-shaped bfloat16 checkpoint written to --dir as the hub lays it out (safetensors shards of --shard-gb,

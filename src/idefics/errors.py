@@ -2,6 +2,10 @@ class IdeficsError(Exception):
     """A user-facing error: the message is one line that says what is wrong and where."""
 
 
+class TooLarge(IdeficsError):
+    """Input over one of its size limits (bytes, pixels, images): HTTP's 413."""
+
+
 def printable(text: str) -> str:
     """Text as a message shows it: on one line and encodable, with control characters and lone surrogates
     escaped (a newline as \\n)."""

@@ -16,7 +16,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from PIL import Image
 
-from idefics.errors import IdeficsError
+from idefics.errors import IdeficsError, TooLarge
 from idefics.images import ImageLimits, describe, load_image
 from idefics.server.protocol import APIError
 from idefics.server.settings import Settings
@@ -55,7 +55,7 @@ class Fetcher:
         try:
             return await asyncio.to_thread(load_image, source, self.limits)
         except IdeficsError as e:
-            raise APIError(413 if "over the limit" in str(e) else 400, f"{where}: {e}", param=where) from None
+            raise APIError(413 if isinstance(e, TooLarge) else 400, f"{where}: {e}", param=where) from None
 
     async def _fetch(self, url: str, where: str) -> bytes:
         name = describe(url)

@@ -20,18 +20,22 @@ def random_model(config: IdeficsConfig, device, dtype, seed: int = 0) -> Idefics
     model = build_meta(config)
     for module_name, module in list(model.named_modules()):
         for name, p in list(module.named_parameters(recurse=False)):
-            t = torch.empty(p.shape, dtype=dtype, device=device)
-            if "norm" in module_name.rsplit(".", 1)[-1] and name == "weight":
-                t.fill_(1.0)
-            elif name == "bias":
-                t.zero_()
-            elif "gate" in name:
-                t.fill_(0.5)
-            else:
-                t.normal_(0, 0.02)
+            t = random_tensor(module_name, name, p.shape, dtype, device)
             setattr(module, name, torch.nn.Parameter(t, requires_grad=False))
     model.reset_buffers()
     return model.eval()
+
+
+def random_tensor(module_name: str, name: str, shape, dtype, device) -> torch.Tensor:
+    """Parameter `name` of module `module_name` as random_model draws it."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if "norm" in module_name.rsplit(".", 1)[-1] and name == "weight":
+        return t.fill_(1.0)
+    if name == "bias":
+        return t.zero_()
+    if "gate" in name:
+        return t.fill_(0.5)
+    return t.normal_(0, 0.02)
 
 
 def reference_from(model: IdeficsModel):

@@ -205,7 +205,7 @@ class Idefics:
                     finished += 1
                 else:
                     running[r.id] = b
-                    self.loop.submit([r], sink=events)
+                    self.loop.submit([r], sinks=[events])
         finally:  # an interrupted call leaves nothing behind
             for id in running:
                 self.loop.abort(id)
@@ -224,7 +224,7 @@ class Idefics:
             return
         [sink] = self.loop.submit([r])
         # Closed explicitly, so that a stream closed early aborts its request at once rather than whenever the
-        # interpreter finalizes the inner iterator (on a GPU the request was seen still running after that).
+        # interpreter finalizes the inner iterator (a GPU run saw the request still running after the next call).
         with closing(self.loop.outputs(sink, r.id)) as outputs:
             for o in outputs:
                 if o.text:

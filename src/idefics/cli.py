@@ -142,6 +142,16 @@ def parser() -> Parser:
     r.add_argument("--gpus-per-replica", type=float, metavar="GPUS", help="default: 1 on a cluster with GPUs, else 0")
     r.add_argument("--cpus-per-replica", type=float, metavar="CPUS", help="default: 1")
     r.add_argument("--batch-size", type=int, metavar="N", help="lines a replica runs in one call (default 8)")
+    p = command("serve", cmd_serve, "an OpenAI-compatible HTTP server with a playground page at /", parents=[model])
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    for name, (kind, default, text) in settings_flags().items():
+        if kind is bool:
+            flag = ("--no-" if default else "--") + name.replace("_", "-")  # a switch turns its default over
+            p.add_argument(flag, dest=name, action="store_false" if default else "store_true", help=text)
+        else:
+            p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text,
+                           metavar=kind.__name__.upper())
     command("info", cmd_info, "summarize a model: configuration, parameters, device, dtype", parents=[model])
     debug = Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -346,6 +356,39 @@ def cmd_batch(args):
         raise IdeficsError("--batch-size needs --ray (without it, --window lines run continuously)")
     return run_file(args.input, Path(args.output), Path(args.image_root), options, args.window,
                     lambda: load_model(args))
+
+
+def settings_flags() -> dict[str, tuple[type, object, str]]:
+    """The server's flags, read from its Settings: name -> (type, default, help)."""
+    import typing
+    from dataclasses import fields
+
+    from idefics.server.settings import Settings
+
+    hints = typing.get_type_hints(Settings)
+    flags = {}
+    for f in fields(Settings):
+        kind = (set(typing.get_args(hints[f.name]) or (hints[f.name],)) - {type(None)}).pop()
+        flags[f.name] = (kind, f.default, f.metadata["help"].replace("%", "%%"))
+    return flags
+
+
+def cmd_serve(args):
+    import os
+
+    try:
+        from idefics.server.app import server
+    except ImportError as e:
+        raise IdeficsError(f"idefics serve needs the server extra: pip install 'idefics[server]' ({e})") from None
+    from idefics.server.settings import Settings
+
+    values = {name: getattr(args, name) for name in settings_flags()}
+    values["api_key"] = values["api_key"] or os.environ.get("IDEFICS_API_KEY") or None
+    values["model_name"] = values["model_name"] or args.model or os.environ.get("IDEFICS_MODEL") or None
+    settings = Settings(**values)  # checked before the model loads
+    if not 0 <= args.port <= 65535:
+        raise IdeficsError(f"--port must be 0 to 65535, got {args.port}")
+    server(load_model(args), settings, host=args.host, port=args.port).run()
 
 
 def cmd_info(args):

@@ -32,6 +32,7 @@ class ImageEncoder:
         self.cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.graphs = graphs
         self.pixels: torch.Tensor | None = None  # static input of the captured encoders
+        self.hits = self.misses = 0  # images found in the cache / encoded, since the start
 
     @staticmethod
     def key(pixels: torch.Tensor) -> bytes:
@@ -45,6 +46,8 @@ class ImageEncoder:
         keys = list(_hash_pool().map(self.key, pixels)) if len(pixels) > 1 else [self.key(p) for p in pixels]
         todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
         first = {k: keys.index(k) for k in todo}
+        self.misses += len(todo)
+        self.hits += len(keys) - len(todo)
         w = self.model.embed.weight
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i : i + self.batch_size]

@@ -2,6 +2,10 @@ class IdeficsError(Exception):
     """A user-facing error: the message is one line that says what is wrong and where."""
 
 
+class TooLarge(IdeficsError):
+    """Input over one of its size limits (bytes, pixels, images): HTTP's 413."""
+
+
 class ItemErrors(IdeficsError):
     """Some items of a list call failed and the others did not. The message is the first failure's (one line, naming
     its item) with a count; `results` holds every item's result in order, None where it failed, and `errors` maps

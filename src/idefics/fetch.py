@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
-from idefics.errors import IdeficsError, printable, reason
+from idefics.errors import IdeficsError, TooLarge, printable, reason
 
 # Characters a URL may carry as they are: every printable ASCII character but the space. Others (non-ASCII text,
 # spaces) are percent-encoded, as browsers do.
@@ -35,7 +35,7 @@ def fetch(url: str, max_bytes: int, timeout: float, max_redirects: int, name: st
         with deadline, opener.open(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > max_bytes:
-                raise IdeficsError(f"{name}: response is {length} bytes, over the limit of {max_bytes}")
+                raise TooLarge(f"{name}: response is {length} bytes, over the limit of {max_bytes}")
             data = response.read(max_bytes + 1)
     except IdeficsError:
         raise
@@ -44,7 +44,7 @@ def fetch(url: str, max_bytes: int, timeout: float, max_redirects: int, name: st
     if deadline.expired:  # a shut connection can also read as a short answer
         raise IdeficsError(f"{name}: timed out after {timeout:g} s")
     if len(data) > max_bytes:
-        raise IdeficsError(f"{name}: response is over the limit of {max_bytes} bytes")
+        raise TooLarge(f"{name}: response is over the limit of {max_bytes} bytes")
     if length is not None and length.isdigit() and len(data) < int(length):
         raise IdeficsError(f"{name}: the answer ended after {len(data)} of its {length} bytes")
     return data

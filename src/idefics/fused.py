@@ -1,7 +1,7 @@
 """The decode step (one new token per sequence) with the elementwise work fused by kernels.py: per decoder layer
 the matrix products and between them three launches (residual add + gate + next norm, SwiGLU, and RoPE + cache
 write + attention in one) instead of some twenty small kernels. The matrix products are the model's own modules
-(cuBLAS, or a quantized kernel), except for a single sequence, where gemv.py streams plain weights faster and
+(cuBLAS, or a quantized kernel), except for a single sequence, where gemv.py streams plain or fp8 weights faster and
 applies SwiGLU itself; there the norms fold into the GEMVs too (the residual add into the product before,
 the normalization into the one after), leaving four launches per layer besides attention. The same math as
 IdeficsModel.forward for S = 1, rounded the same way."""
@@ -13,6 +13,7 @@ from torch import nn
 
 from idefics import kernels
 from idefics.cache import KVCache
+from idefics.fp8 import Fp8Linear, kernels_ready
 from idefics.gemv import Normed, gemv
 from idefics.model import IdeficsModel
 
@@ -22,11 +23,15 @@ def supported(model: IdeficsModel) -> bool:
     return model.config.hidden_act == "silu" and model.norm.weight.dtype in (torch.bfloat16, torch.float32)
 
 
-def _streamed(linear: nn.Module) -> torch.Tensor | None:
-    """The weight gemv reads for this layer, if it is a plain one (quantized layers run their own module)."""
+def _streamed(linear: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, fp8 scales or None) that gemv reads for this layer, if it is a plain one, or an fp8 one where its
+    kernels run (on the CPU: Triton's interpreter); other quantized layers run their own module."""
+    if type(linear) is Fp8Linear:
+        ready = not linear.weight.is_cuda or kernels_ready(linear.weight, dtype)
+        return (linear.weight, linear.scale) if ready else None
     w = linear.weight if type(linear) is nn.Linear and linear.bias is None else None
     if type(w) in (torch.Tensor, nn.Parameter) and w.dtype in (torch.bfloat16, torch.float32) and w.stride(1) == 1:
-        return w
+        return w, None
     return None
 
 
@@ -37,7 +42,8 @@ class FusedDecoder:
         self.model = model
         c = model.config
         self.heads, self.head_dim = c.num_attention_heads, c.head_dim
-        self.streamed = {id(mod): w for mod in model.modules() if (w := _streamed(mod)) is not None}
+        dt = model.embed.weight.dtype
+        self.streamed = {id(mod): w for mod in model.modules() if (w := _streamed(mod, dt)) is not None}
         # tanh of the gates once, in the model's dtype, as the reference's tanh(alpha) rounds it
         self.gates = {id(b): (torch.tanh(b.attn_gate.detach()).reshape(-1), torch.tanh(b.mlp_gate.detach()).reshape(-1))
                       for b in model.cross_layers}
@@ -61,16 +67,20 @@ class FusedDecoder:
         def streams(linear):
             return m == 1 and id(linear) in self.streamed
 
+        def product(inp, linear, swiglu=False, **fold):
+            weight, scale = self.streamed[id(linear)]
+            return gemv(inp, weight, swiglu, scale=scale, **fold)
+
         def normed(norm, linear, swiglu=False):
             """linear(norm(x + pending)), SwiGLU'd if asked."""
             nonlocal x, pending, extra
             if isinstance(x, Normed) and pending is None and streams(linear):
-                return gemv(x, self.streamed[id(linear)], swiglu, norm=(norm.weight, norm.eps))
+                return product(x, linear, swiglu, norm=(norm.weight, norm.eps))
             x, n = kernels.add_rms_norm(x.x if isinstance(x, Normed) else x, pending, norm.weight, norm.eps,
                                         **extra)
             pending, extra = None, {}
             if streams(linear):
-                return gemv(n, self.streamed[id(linear)], swiglu)
+                return product(n, linear, swiglu)
             return kernels.silu_mul(linear(n)) if swiglu else linear(n)
 
         def add(linear, inp, **gate):
@@ -78,7 +88,7 @@ class FusedDecoder:
             nonlocal x, pending, extra
             assert pending is None  # every add follows a norm, which took the last one in
             if streams(linear):
-                x = gemv(inp, self.streamed[id(linear)], residual=x.x if isinstance(x, Normed) else x, **gate)
+                x = product(inp, linear, residual=x.x if isinstance(x, Normed) else x, **gate)
             else:
                 pending, extra = linear(inp), gate
 
@@ -87,8 +97,9 @@ class FusedDecoder:
                 b = layer.cross
                 attn_gate, mlp_gate = self.gates[id(b)]
                 q = normed(b.attn_norm, b.attn.wq).view(m, h, 1, d)
-                if b.attn.qk_norms:
-                    q = b.attn.q_norm(q)
+                if b.attn.qk_norms:  # per head, in one launch: (M * H, Dh) rows
+                    qn = b.attn.q_norm
+                    q = kernels.add_rms_norm(q.reshape(m * h, d), None, qn.weight, qn.eps)[1].view(m, h, 1, d)
                 a = F.scaled_dot_product_attention(q, *next(kv), attn_mask=cross_mask)
                 add(b.attn.wo, a.reshape(m, h * d), gate=attn_gate, keep=sees_image)
                 add(b.mlp.w2, normed(b.mlp_norm, b.mlp.w13, swiglu=True), gate=mlp_gate)

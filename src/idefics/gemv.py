@@ -60,9 +60,10 @@ def _output(y, y_up, rn, n_ok, pid, Y, R, PART_OUT, G, KEEP, stride_g, dt: tl.co
 def _gemv_kernel(X, W, Y, N, K, stride_w,
                  PART, n_part, NW, eps,  # NORM: X is the residual stream, normalized here
                  R, PART_OUT, G, KEEP, stride_g,  # RESIDUAL: Y = R + gate * keep * (X @ W.T), with partial sums
+                 S,  # SCALED: W holds fp8 rows, each scaled by S (N,), or (2N,) with SWIGLU
                  SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATE: tl.constexpr,
                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                 PDL: tl.constexpr, PREFETCH):
+                 PDL: tl.constexpr, PREFETCH, SCALED: tl.constexpr):
     dt = Y.dtype.element_ty
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -93,7 +94,12 @@ def _gemv_kernel(X, W, Y, N, K, stride_w,
         acc += x * w.to(tl.float32)
         if SWIGLU:
             acc_up += x * w_up.to(tl.float32)
-    _output(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), rn, n_ok, pid, Y, R, PART_OUT, G, KEEP, stride_g, dt,
+    y, y_up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
+    if SCALED:  # each row's scale, once on its float32 sum
+        y = y * tl.load(S + rn, mask=n_ok, other=0.0)
+        if SWIGLU:
+            y_up = y_up * tl.load(S + N + rn, mask=n_ok, other=0.0)
+    _output(y, y_up, rn, n_ok, pid, Y, R, PART_OUT, G, KEEP, stride_g, dt,
             SWIGLU, RESIDUAL, GATE, MASKED)
 
 
@@ -107,7 +113,8 @@ class Normed:
 
 def gemv(x: torch.Tensor | Normed, weight: torch.Tensor, swiglu: bool = False, norm: tuple | None = None,
          residual: torch.Tensor | None = None, gate: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-         block_n: int | None = None, block_k: int | None = None, warps: int = 4):
+         block_n: int | None = None, block_k: int | None = None, warps: int | None = None,
+         scale: torch.Tensor | None = None):
     """One row: x (1, K), weight (N, K) -> x @ weight.T (1, N); with swiglu, weight (2N, K) holds the gate rows then
     the up rows and the result is silu(gate) * up (1, N). At batch 1 this streams the weights faster than cuBLAS
     (bench/gemv_sweep.py).
@@ -116,7 +123,10 @@ def gemv(x: torch.Tensor | Normed, weight: torch.Tensor, swiglu: bool = False, n
     and the product is of weight * rms_norm(x.x); with residual (1, N), the result is residual + gate * keep *
     (x @ weight.T), returned as a Normed for the next product (gate (N,) or (1,), already tanh'd; keep (1,) bool).
     Both are rounded as kernels.add_rms_norm rounds them; only the sum of squares is added in another order.
-    block_n, block_k and warps override the tuned launch shape."""
+    block_n, block_k and warps override the tuned launch shape.
+
+    With scale (N,), or (2N,) for swiglu, float32: weight is float8_e4m3fn and row i of the product is scaled by
+    scale[i] (fp8.Fp8Linear's layout); the weights are converted in registers, the sums stay float32."""
     xin = x.x if isinstance(x, Normed) else x
     k = xin.shape[1]
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
@@ -126,9 +136,14 @@ def gemv(x: torch.Tensor | Normed, weight: torch.Tensor, swiglu: bool = False, n
     # 4 rows x 1024 columns per program (8 for matrices at least twice as tall as wide, as wqkv): many small
     # programs keep enough loads in flight. The best blocks for every idefics-9b matrix on an H200, timed as a
     # decode step runs them, one after another (bench/gemv_sweep.py --chain).
+    # fp8 (untuned): 8 rows x 1024 columns over 8 warps, as many bytes per program as bfloat16's widest tiles
+    # and as many sums per thread as its narrow ones.
+    if scale is not None:
+        block_n, warps = block_n or 8, warps or 8
     block_n = block_n or (8 if 2 * k <= n <= 16384 and not swiglu else 4)
     # At least 64: the prefetch loop splits a block into 128-byte lines of 64 columns (compiled even when unused).
     block_k = block_k or min(1024, max(64, triton.next_power_of_2(k)))
+    warps = warps or 4
     grid = triton.cdiv(n, block_n)
     launch = _launch(xin)
     part_in = x.partials if norm is not None else y
@@ -138,6 +153,7 @@ def gemv(x: torch.Tensor | Normed, weight: torch.Tensor, swiglu: bool = False, n
         xin, weight, y, n, k, weight.stride(0), part_in, part_in.numel(), nw, eps,
         residual if residual is not None else y, part_out, gate if gate is not None else y,
         keep.view(torch.uint8) if keep is not None else y, 1 if gate is not None and gate.numel() > 1 else 0,
+        scale if scale is not None else y, SCALED=scale is not None,
         SWIGLU=swiglu, NORM=norm is not None, RESIDUAL=residual is not None, GATE=gate is not None,
         MASKED=keep is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_P=triton.next_power_of_2(part_in.numel()) if norm is not None else 1, num_warps=warps,

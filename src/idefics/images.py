@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps
 
 from idefics import fetch
-from idefics.errors import IdeficsError, printable, reason
+from idefics.errors import IdeficsError, TooLarge, printable, reason
 
 IDEFICS_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IDEFICS_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -41,7 +41,7 @@ class ImageLimits:
     def check_count(self, count: int, where: str = "") -> None:
         """`where` prefixes the error, e.g. "prompt 3, "."""
         if count > self.max_images:
-            raise IdeficsError(f"{where}{count} images in one prompt, over the limit of {self.max_images}")
+            raise TooLarge(f"{where}{count} images in one prompt, over the limit of {self.max_images}")
 
 
 def is_image_reference(text: str) -> bool:
@@ -102,7 +102,7 @@ def read_stream(stream: BinaryIO, name: str, limits: ImageLimits = ImageLimits()
     """A stream's bytes up to its end, refused past limits.max_bytes (an endless stream stops there)."""
     data = stream.read(limits.max_bytes + 1)
     if len(data) > limits.max_bytes:
-        raise IdeficsError(f"{name}: over the limit of {limits.max_bytes} bytes")
+        raise TooLarge(f"{name}: over the limit of {limits.max_bytes} bytes")
     return data
 
 
@@ -120,12 +120,13 @@ def _read_file(path: str | Path, limits: ImageLimits) -> bytes:
     except OSError as e:
         raise IdeficsError(f"{name}: cannot read image file ({e.strerror or e})") from None
     info, problem = os.fstat(fd), None
+    if info.st_size > limits.max_bytes and stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise TooLarge(f"{name}: file is {info.st_size} bytes, over the limit of {limits.max_bytes}")
     if stat.S_ISDIR(info.st_mode):
         problem = "cannot read image file (a directory)"
     elif not stat.S_ISREG(info.st_mode):  # a FIFO, device or socket, which may never end
         problem = "cannot read image file (not a regular file; give - to read an image from stdin)"
-    elif info.st_size > limits.max_bytes:
-        problem = f"file is {info.st_size} bytes, over the limit of {limits.max_bytes}"
     if problem:
         os.close(fd)
         raise IdeficsError(f"{name}: {problem}")
@@ -160,7 +161,7 @@ def _loaded(image: Image.Image, name: str) -> Image.Image:
 
 def _decode(data: bytes, name: str, limits: ImageLimits, prepare=None) -> Image.Image:
     if len(data) > limits.max_bytes:
-        raise IdeficsError(f"{name}: image data is {len(data)} bytes, over the limit of {limits.max_bytes}")
+        raise TooLarge(f"{name}: image data is {len(data)} bytes, over the limit of {limits.max_bytes}")
     try:
         with warnings.catch_warnings():
             # Our own pixel limit replaces PIL's warning; its hard error is still caught below.
@@ -168,7 +169,7 @@ def _decode(data: bytes, name: str, limits: ImageLimits, prepare=None) -> Image.
             image = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
             width, height = image.size  # from the header, before decoding
             if width * height > limits.max_pixels:
-                raise IdeficsError(
+                raise TooLarge(
                     f"{name}: image is {width}x{height} pixels, over the limit of {limits.max_pixels}")
             if prepare is not None:
                 prepare(image)

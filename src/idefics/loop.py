@@ -21,16 +21,16 @@ class EngineLoop:
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.sinks: dict[object, queue.SimpleQueue] = {}  # request id -> its outputs
+        self.sinks: dict[object, object] = {}  # request id -> its outputs
         self.calls: list[tuple[Callable, Future]] = []  # waiting to run between steps
         self.thread: threading.Thread | None = None
         self.start_lock = threading.Lock()
         self.generated_tokens = 0  # by every request so far (progress reports read it)
 
-    def submit(self, requests: list[Request], sink: queue.SimpleQueue | None = None) -> list[queue.SimpleQueue]:
-        """Queue requests -> one queue of Outputs each, the last with its finish_reason set. sink: one queue that
-        takes all their Outputs instead (each names its request)."""
-        sinks = [sink if sink is not None else queue.SimpleQueue() for _ in requests]
+    def submit(self, requests: list[Request], sinks: list | None = None) -> list:
+        """Queue requests -> one queue of Outputs each, the last with its finish_reason set. sinks: where to put
+        each request's Outputs instead (anything with a thread-safe put(), e.g. one that hands them to asyncio)."""
+        sinks = [queue.SimpleQueue() for _ in requests] if sinks is None else list(sinks)
         self.inbox.put(("add", list(zip(requests, sinks))))
         self._start()
         return sinks

@@ -77,7 +77,7 @@ class Pending:
                 out.append(future.result())
             except IdeficsError as e:
                 self.cancel()
-                raise IdeficsError(f"{where}: {e}") from None
+                raise type(e)(f"{where}: {e}") from None  # (a TooLarge stays one: the server's 413)
         return out
 
     def prompt(self) -> Prompt:

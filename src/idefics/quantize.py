@@ -14,6 +14,10 @@ the head is a small share of the bytes read per step), norms and gates (tiny), a
           they save memory, not time (their batch-1 kernel is about as fast as bfloat16's).
     int4  torchao weight-only int4, groups of 128, PyTorch's tinygemm kernel: the fast one for decoding.
           CUDA, bfloat16.
+    fp8   float8_e4m3fn weights with one float32 scale per output channel (fp8.py): half of bfloat16's bytes, close
+          to lossless. On Hopper its own kernels (an fp8 GEMV at batch 1, a weight-only fp8 GEMM for a few rows,
+          fp8 tensor cores through torch._scaled_mm for many); elsewhere it upcasts (CPU and CUDA, bfloat16 or
+          float32; float16's narrower range is not offered).
 The bitsandbytes layers compute in the model dtype (bfloat16 on CUDA by default), never in float32 by default."""
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch
 from torch import nn
 
 from idefics.errors import IdeficsError
+from idefics.fp8 import Fp8Linear
 
 THRESHOLD = 6.0  # LLM.int8()'s outlier threshold, as transformers' BitsAndBytesConfig default
 INT4_GROUP = 128
@@ -85,6 +90,10 @@ def _int4(linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
     return linear
 
 
+def _fp8(linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
+    return Fp8Linear.from_linear(linear)
+
+
 class Float16Input(nn.Module):
     """LLM.int8() quantizes activations from float16: cast them here, once, rather than have bitsandbytes cast
     (and warn about it) in every call; the output returns to the model dtype."""
@@ -113,6 +122,7 @@ METHODS = {
     "nf4": Method("bitsandbytes", _four_bit("nf4"), ("cpu", "cuda"), _HALF + (torch.float32,), graphs=True, block=64),
     "fp4": Method("bitsandbytes", _four_bit("fp4"), ("cpu", "cuda"), _HALF + (torch.float32,), graphs=True, block=64),
     "int4": Method("torchao", _int4, ("cuda",), (torch.bfloat16,), graphs=True, block=INT4_GROUP),
+    "fp8": Method("torch", _fp8, ("cpu", "cuda"), (torch.bfloat16, torch.float32), graphs=True),
 }
 
 

@@ -334,6 +334,11 @@ def capacity(engine: Engine, length: int, images: int, max_batch: int | None) ->
     return slots, max(length, min(longest, context))
 
 
+def default_batch(engine: Engine) -> int:
+    """The slots a scheduler without max_batch reserves for short requests (16 on the CPU, up to 64 on a GPU)."""
+    return capacity(engine, LEN_RESERVE, 1, None)[0]
+
+
 def _host_copy(tensors: list[torch.Tensor]):
     """Start copying the tensors to the host now, ahead of what is queued after them -> a function that waits for
     that copy alone and returns their values as lists. (tolist() after the next step is queued would wait for that

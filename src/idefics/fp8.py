@@ -1,0 +1,116 @@
+"""FP8 weights: a linear layer stored as float8_e4m3fn with one float32 scale per output channel, and its products.
+
+    rows == 1      gemv.gemv reads the fp8 weights itself (the fused decode step calls it with the norms folded in)
+    rows <= WEIGHT_ONLY_ROWS
+                   weight-only: a Triton GEMM converts each fp8 weight tile to bfloat16 in registers and multiplies
+                   on the tensor cores; memory-bound decoding reads half of bfloat16's bytes, activations untouched
+    more rows      torch._scaled_mm: activations quantized to fp8 per token (one scale each), fp8 tensor cores at
+                   twice bfloat16's rate, the per-token and per-channel scales applied in its epilogue (prefill)
+
+Those kernels need Hopper (fp8 conversion in Triton and row-wise scaled_mm), bfloat16 activations and dimensions
+that are multiples of 16. Anywhere else (the CPU, older GPUs, float32) the layer upcasts: the fp8 weights are
+converted to the activations' dtype, multiplied, and the product scaled in float32, so tests and the demo model
+compute exactly what the stored weights say."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3fn value: each row's largest weight maps onto it
+WEIGHT_ONLY_ROWS = 64
+PRODUCTS = ("auto", "weight-only", "scaled")
+PRODUCT = "auto"  # which product serves rows > 1 on Hopper; bench/fp8.py sets it to measure each
+_CHUNK = 2048  # rows quantized at a time: the float32 temporaries stay small next to the layer
+
+
+@torch.no_grad()
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) -> (float8_e4m3fn (N, K), float32 scales (N,)) with w ~ q * scale[:, None]; on w's device. Each row's
+    largest magnitude becomes 448 (an all-zero row gets scale 1); values round to nearest."""
+    q = torch.empty(w.shape, dtype=FP8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for start in range(0, w.shape[0], _CHUNK):
+        rows = w[start : start + _CHUNK].float()
+        amax = rows.abs().amax(dim=1)
+        s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        scale[start : start + _CHUNK] = s
+        q[start : start + _CHUNK] = (rows / s[:, None]).clamp_(-FP8_MAX, FP8_MAX)
+    return q, scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weights an fp8 layer computes with, rounded to dtype (N, K)."""
+    return (q.float() * scale[:, None]).to(dtype)
+
+
+@functools.cache
+def _hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def kernels_ready(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the fp8 kernels serve this weight for activations of dtype (else the layer upcasts)."""
+    n, k = weight.shape
+    return weight.is_cuda and dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0 and _hopper(weight.device)
+
+
+class Fp8Linear(nn.Module):
+    """y = x @ (weight * scale[:, None]).T, bias-free; weight (N, K) float8_e4m3fn, scale (N,) float32."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
+        return cls(*quantize_weight(linear.weight.detach()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.in_features)
+        if not kernels_ready(self.weight, x.dtype):
+            y = upcast_mm(x, self.weight, self.scale)
+        elif x.shape[0] == 1:
+            from idefics.gemv import gemv
+
+            y = gemv(x.contiguous(), self.weight, scale=self.scale)
+        elif PRODUCT == "weight-only" or (PRODUCT == "auto" and x.shape[0] <= WEIGHT_ONLY_ROWS):
+            from idefics.fp8_gemm import weight_only_mm
+
+            y = weight_only_mm(x.contiguous(), self.weight, self.scale)
+        else:
+            y = scaled_mm(x.contiguous(), self.weight, self.scale)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float8_e4m3fn"
+
+
+def upcast_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ the fp8 weight, computed in x's dtype, scaled per channel in float32 -> (M, N) in x's dtype."""
+    return (F.linear(x, weight.to(x.dtype)) * scale).to(x.dtype)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (float8_e4m3fn (M, K), float32 scales (M, 1)): one scale per token, as quantize_weight does rows.
+    One Triton launch on CUDA."""
+    if x.is_cuda:
+        from idefics.fp8_gemm import quantize_rows as kernel
+
+        return kernel(x)
+    amax = x.float().abs().amax(dim=1, keepdim=True)
+    s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (x.float() / s).clamp_(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+def scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) bfloat16 -> (M, N) bfloat16 through fp8 tensor cores: activations quantized per token, the
+    row-wise scales (M, 1) and (1, N) applied by torch._scaled_mm (CUTLASS on Hopper)."""
+    xq, xs = quantize_rows(x)
+    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale[None], out_dtype=torch.bfloat16)

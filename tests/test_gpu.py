@@ -575,7 +575,10 @@ def test_quantized_loading(method):
     got, want = q.logits(prompts[:8]), ref.logits(prompts[:8])
     real = q.process(prompts[:8])["attention_mask"].bool()
     cosine = torch.nn.functional.cosine_similarity(got[real], want[real], dim=-1)
-    assert cosine.min() >= (0.99 if method == "int8" else 0.999), cosine.min()
+    # int8: LLM.int8() rounds the activations to 8 bits too. fp8: the scale multiplies the bfloat16 product rather
+    # than being folded into bfloat16 weights, a rounding of bfloat16's size (its own worst position against
+    # float32 on this model is 0.997).
+    assert cosine.min() >= {"int8": 0.99, "fp8": 0.998}.get(method, 0.999), cosine.min()
     # Generation through the engine (CUDA graphs and the fused step around the quantized layers): the answers of
     # the dequantized model, and right ones.
     answers = [c.text for c in q.generate(prompts, **evaluate.OPTIONS["vqa"])]

@@ -16,6 +16,8 @@ from idefics.errors import IdeficsError
 from idefics.scheduler import Request
 from idefics.sampling import GenerationOptions
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BANNED = [[600], [601]]  # <fake_token_around_image>, <image>: banned by default in ours, as in the guide's calls
 
 
@@ -34,13 +36,6 @@ PROMPTS = [  # 0 to 3 images, different lengths
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: more threads only add synchronisation (and slow down badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from idefics.errors import IdeficsError
 from idefics.sampling import GenerationOptions
 from idefics.scheduler import Request, Scheduler
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def noise(size, seed) -> Image.Image:
     rng = np.random.default_rng(seed)
@@ -29,12 +31,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ from idefics.server.app import server
 from idefics.server.prompt import EOU, PromptBuilder
 from idefics.server.settings import Settings
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 KEY = "test-key"
 CIRCLE, STARS, TRIANGLE, THREE = paths()  # circle_and_square.png, stars.png, triangle.png, three_shapes.png
 
@@ -37,12 +39,6 @@ def data_uri(path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

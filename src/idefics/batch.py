@@ -238,7 +238,7 @@ def recorded(path: Path) -> set[tuple]:
     except FileNotFoundError:
         return set()
     except (OSError, ValueError) as e:
-        raise IdeficsError(f"{path}: cannot read ({_reason(e)})") from None
+        raise IdeficsError(f"{path}: cannot read ({reason_of(e)})") from None
     end = data.rfind(b"\n") + 1
     keys = [_record_key(raw) for raw in data[:end].split(b"\n")[:-1]]
     tail = data[end:]
@@ -249,7 +249,7 @@ def recorded(path: Path) -> set[tuple]:
         try:
             os.truncate(path, end)
         except OSError as e:
-            raise IdeficsError(f"{path}: cannot cut its last, unfinished record ({_reason(e)})") from None
+            raise IdeficsError(f"{path}: cannot cut its last, unfinished record ({reason_of(e)})") from None
     return set(keys)
 
 
@@ -368,7 +368,7 @@ def read_input(source: str) -> bytes:
     try:
         return sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     except (OSError, ValueError) as e:
-        raise IdeficsError(f"{source}: cannot read ({_reason(e)})") from None
+        raise IdeficsError(f"{source}: cannot read ({reason_of(e)})") from None
 
 
 def refuse_same_file(source: str, output: Path) -> None:
@@ -384,7 +384,23 @@ def refuse_same_file(source: str, output: Path) -> None:
         raise IdeficsError(f"--output {output} is the input file ({name}); write the results to another file")
 
 
-def _reason(e: Exception) -> str:
+def open_job(source: str, output: Path):
+    """A job's lines, those not yet in the output, and the output opened for appending -> (lines, todo, file); None
+    (said on stderr) when every line is done."""
+    refuse_same_file(source, output)
+    lines = read_lines(read_input(source))
+    done = recorded(output)
+    todo = [line for line in lines if line.key not in done]
+    if not todo:
+        print(f"idefics: batch: all {len(lines)} lines already done in {output}", file=sys.stderr)
+        return None
+    try:
+        return lines, todo, output.open("ab")
+    except (OSError, ValueError) as e:
+        raise IdeficsError(f"{output}: cannot write ({reason_of(e)})") from None
+
+
+def reason_of(e: Exception) -> str:
     return getattr(e, "strerror", None) or ("not a valid file name" if isinstance(e, ValueError) else str(e))
 
 
@@ -394,17 +410,10 @@ def run_file(source: str, output: Path, image_root: Path, defaults: dict, window
     once. load() gives the model, called only when lines are left to run. -> exit status."""
     from tqdm import tqdm
 
-    refuse_same_file(source, output)
-    lines = read_lines(read_input(source))
-    done = recorded(output)
-    todo = [line for line in lines if line.key not in done]
-    if not todo:
-        print(f"idefics: batch: all {len(lines)} lines already done in {output}", file=sys.stderr)
+    job = open_job(source, output)
+    if job is None:
         return 0
-    try:
-        out = output.open("ab")
-    except (OSError, ValueError) as e:
-        raise IdeficsError(f"{output}: cannot write ({_reason(e)})") from None
+    lines, todo, out = job
     with out:
         m = load()
         bar = tqdm(total=len(lines), initial=len(lines) - len(todo), unit="line", file=sys.stderr,
@@ -422,7 +431,7 @@ def run_file(source: str, output: Path, image_root: Path, defaults: dict, window
 
             failures = process(m, todo, image_root, defaults, window, write, report)
         except OSError as e:
-            raise IdeficsError(f"{output}: cannot write ({_reason(e)})") from None
+            raise IdeficsError(f"{output}: cannot write ({reason_of(e)})") from None
         finally:
             bar.close()
     print(f"idefics: batch: {len(todo) - failures} done, {failures} failed, results in {output}", file=sys.stderr)

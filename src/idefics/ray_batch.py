@@ -74,17 +74,10 @@ def run_file(source: str | Path, output: str | Path, *, model: str | None = None
         model = model or os.environ.get("IDEFICS_MODEL")  # as the driver's environment says, not each worker's
         local = model is not None and Path(model).exists()  # a checkpoint directory, as the workers will see it
         load = Loader(str(Path(model).absolute()) if local else model, device, dtype, quantize)
-    batch.refuse_same_file(source, output)
-    lines = batch.read_lines(batch.read_input(source))
-    done = batch.recorded(output)
-    todo = [line for line in lines if line.key not in done]
-    if not todo:
-        print(f"idefics: batch: all {len(lines)} lines already done in {output}", file=sys.stderr)
+    job = batch.open_job(source, output)
+    if job is None:
         return 0
-    try:
-        out = output.open("ab")
-    except (OSError, ValueError) as e:
-        raise IdeficsError(f"{output}: cannot write ({batch._reason(e)})") from None
+    lines, todo, out = job
     with out:
         image_size = getattr(load, "image_size", lambda: None)()
         ray, started = connect(address)
@@ -133,7 +126,7 @@ def stream(ds, out, output: Path) -> int:
                 out.write(batch.encode(record))
                 out.flush()  # a killed driver loses no finished line
             except OSError as e:
-                raise IdeficsError(f"{output}: cannot write ({batch._reason(e)})") from None
+                raise IdeficsError(f"{output}: cannot write ({batch.reason_of(e)})") from None
             if "error" in record:
                 failures += 1
                 message = f"idefics: {record['error']}"  # a lone surrogate quoted from a line shows as its escape

@@ -85,7 +85,8 @@ class Idefics:
         # One thread runs the model; every call, from any thread, goes through it.
         self.loop = EngineLoop(self.scheduler)
         if team is not None:  # collected without close(): the engine thread stops the workers between steps
-            weakref.finalize(self, self.loop.post, team.close)
+            team.post = self.loop.post
+            weakref.finalize(self, team.retire)
 
     def close(self):
         """Stop the worker processes of a tensor-parallel model; the model cannot run afterwards. Nothing to do for

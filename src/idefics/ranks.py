@@ -12,6 +12,7 @@ Workers end when rank 0's model is closed or collected (a stop message), when ra
 closes; a thread watching the parent covers a worker inside a collective) and are terminated if they linger."""
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import pickle
@@ -79,10 +80,19 @@ def _receive(conn, device: torch.device):
 class Team:
     """The worker ranks and the process group, from rank 0. One per process at a time (the default group)."""
 
+    current: "Team | None" = None
+
     def __init__(self, ranks: int, device: torch.device, load_args: tuple):
         """load_args: what each worker passes to api.build_shard after its rank, ranks and device."""
-        if dist.is_available() is False:
+        if not dist.is_available():
             raise IdeficsError("tensor_parallel needs torch.distributed, which this torch build lacks")
+        old = Team.current
+        if old is not None and not old.done.is_set():
+            if not (old.retiring or old.closed):
+                raise IdeficsError("a tensor-parallel model is already loaded in this process: close() it first")
+            # A collected model's engine thread is stopping its workers: its group must be gone before ours forms.
+            if not old.done.wait(4 * STOP_WAIT):
+                raise IdeficsError("the previous tensor-parallel model is still shutting down")
         if dist.is_initialized():
             raise IdeficsError("tensor_parallel: this process already has a torch.distributed process group "
                                "(close the other tensor-parallel model first)")
@@ -92,6 +102,9 @@ class Team:
             raise IdeficsError(f"tensor_parallel={ranks} from {device} needs {ranks} GPUs, and "
                                f"{torch.cuda.device_count()} are visible")
         self.ranks, self.device, self.closed = ranks, rank_device(device, 0), False  # with its index: cuda:0
+        self.retiring, self.done = False, threading.Event()
+        self.post = None  # the model's EngineLoop.post (set by api.Idefics): runs a function on its engine thread
+        Team.current = self
         self.backend = BACKENDS[device.type]
         self.lock = threading.Lock()
         # The store listens on a free port it picks itself (port 0): no race with other programs.
@@ -142,30 +155,53 @@ class Team:
             raise IdeficsError("the model is closed")
         _send(self.conns, self.device, message)
 
+    def retire(self):
+        """The model was collected, or the program ends: have its engine thread close the team between steps."""
+        if not self.retiring:
+            self.retiring = True
+            self.post(self.close)
+
     def close(self):
         """Stop the workers (waiting up to STOP_WAIT seconds each, then terminating them) and leave the group."""
         with self.lock:
             if self.closed:
                 return
             self.closed = True
-            for conn in self.conns:
-                try:
-                    conn.send_bytes(pickle.dumps(None))
-                except OSError:  # that worker has gone already
-                    pass
-            for p in self.processes:
+            try:
+                self._stop()
+            finally:
+                self.done.set()
+
+    def _stop(self):
+        for conn in self.conns:
+            try:
+                conn.send_bytes(pickle.dumps(None))
+            except OSError:  # that worker has gone already
+                pass
+        for p in self.processes:
+            p.join(STOP_WAIT)
+            if p.is_alive():
+                p.terminate()
                 p.join(STOP_WAIT)
-                if p.is_alive():
-                    p.terminate()
-                    p.join(STOP_WAIT)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-            for conn in self.conns:
-                conn.close()
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            self.store = None
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for conn in self.conns:
+            conn.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.store = None
+
+
+@atexit.register
+def _finish_at_exit():
+    """At the program's end, stop the workers of a model not closed, on its engine thread, and wait for it: the
+    interpreter must not end with the process group alive, or in the middle of its teardown (the process would
+    abort in the C++ runtime's exit)."""
+    team = Team.current
+    if team is not None and team.post is not None and not team.done.is_set():
+        team.retire()
+        team.done.wait(2 * STOP_WAIT)
 
 
 class Leader(Engine):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -187,3 +188,24 @@ def test_workers_end_with_the_program(checkpoint, tmp_path, end):
     if end == "returns":
         assert program.returncode == 0, err.decode()[-2000:]
     assert _wait_gone(pids)
+
+
+def test_a_call_sends_only_the_elements_of_views_through_its_pipe():
+    """Tensors not on the model's device travel in the pickle (on a GPU: the prompts' CPU tensors); a view sends
+    its own elements, not its whole storage."""
+    from multiprocessing import Pipe
+
+    from idefics.ranks import _receive, _send
+
+    batch = torch.arange(4 * 1000, dtype=torch.float32).view(4, 1000)
+    message = ("prefill_batch", ([batch[1], batch[2, ::2]],), {"copies": 1})
+    ours, theirs = Pipe()
+    gpu = torch.device("cuda", 0)  # where no tensor of this call is: nothing goes by broadcast
+    _send([ours], gpu, message)
+    assert theirs.poll() and len(pickle.dumps(batch)) > 4 * 4000
+    data = theirs.recv_bytes()
+    assert len(data) < 4 * 1000 + 4 * 500 + 2000  # the two rows' elements, not the batch's 16000 bytes
+    ours.send_bytes(data)
+    name, (tensors,), kwargs = _receive(theirs, gpu)
+    assert name == "prefill_batch" and kwargs == {"copies": 1}
+    assert torch.equal(tensors[0], batch[1]) and torch.equal(tensors[1], batch[2, ::2])

@@ -329,7 +329,7 @@ def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, qua
         return Idefics(_shard(config, files, device, dtype, quantize), tokenizer, processor, path, quantize)
     from idefics.ranks import Team, rank_device
 
-    team = Team(tensor_parallel, device, (str(path), dtype, quantize))
+    team = Team(tensor_parallel, device, build_shard, (str(path), dtype, quantize))
     try:
         net = _shard(config, files, rank_device(device, 0), dtype, quantize, 0, tensor_parallel)
         team.join()

@@ -53,12 +53,22 @@ def _send(conns, device: torch.device, message):
                 return len(tensors) - 1, tuple(obj.shape), obj.dtype
             return None
 
+        def reducer_override(self, obj):
+            # A view pickles its whole storage (a prompt's images are a slice of its batch's): send its elements.
+            if isinstance(obj, torch.Tensor) and obj.untyped_storage().nbytes() > obj.nbytes:
+                return _same, (obj.clone(memory_format=torch.contiguous_format),)
+            return NotImplemented
+
     buffer = io.BytesIO()
     Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
     for conn in conns:
         conn.send_bytes(buffer.getbuffer())
     for t in tensors:
         dist.broadcast(t, src=0)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _receive(conn, device: torch.device):
@@ -82,8 +92,9 @@ class Team:
 
     current: "Team | None" = None
 
-    def __init__(self, ranks: int, device: torch.device, load_args: tuple):
-        """load_args: what each worker passes to api.build_shard after its rank, ranks and device."""
+    def __init__(self, ranks: int, device: torch.device, build, args: tuple):
+        """Each worker's engine is build(rank, ranks, device, *args): a module-level function (api.build_shard reads
+        the rank's shard of a checkpoint), so that it travels by name."""
         if not dist.is_available():
             raise IdeficsError("tensor_parallel needs torch.distributed, which this torch build lacks")
         old = Team.current
@@ -114,7 +125,7 @@ class Team:
         for rank in range(1, ranks):
             ours, theirs = ctx.Pipe()
             # The environment goes with them (spawn copies os.environ): NCCL_NVLS_ENABLE=0 and the like stay set.
-            p = ctx.Process(target=_worker, args=(rank, ranks, device, self.store.port, load_args, theirs),
+            p = ctx.Process(target=_worker, args=(rank, ranks, device, self.store.port, build, args, theirs),
                             name=f"idefics-rank-{rank}", daemon=True)
             _start_plain(p)
             theirs.close()
@@ -250,7 +261,7 @@ def _exit_with_parent():
     threading.Thread(target=watch, name="idefics-parent-watch", daemon=True).start()
 
 
-def _worker(rank: int, ranks: int, device: torch.device, port: int, load_args: tuple, conn):
+def _worker(rank: int, ranks: int, device: torch.device, port: int, build, args: tuple, conn):
     """A worker rank: load its shard, join the group, then make each call rank 0 sends until told to stop."""
     _exit_with_parent()
     device = rank_device(device, rank)
@@ -258,10 +269,8 @@ def _worker(rank: int, ranks: int, device: torch.device, port: int, load_args: t
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, torch.get_num_threads() // ranks))  # the ranks share the cores
-    from idefics.api import build_shard  # after the thread settings: importing the package loads the model code
-
     try:
-        engine = build_shard(rank, ranks, device, *load_args)
+        engine = build(rank, ranks, device, *args)
     except BaseException as e:  # reported by rank 0, where the user sees it
         conn.send((str(e).splitlines() or [type(e).__name__])[0])
         return

@@ -209,3 +209,13 @@ def test_a_call_sends_only_the_elements_of_views_through_its_pipe():
     name, (tensors,), kwargs = _receive(theirs, gpu)
     assert name == "prefill_batch" and kwargs == {"copies": 1}
     assert torch.equal(tensors[0], batch[1]) and torch.equal(tensors[1], batch[2, ::2])
+
+
+def test_a_checkpoint_that_fails_to_load_is_one_clear_error_and_leaves_no_workers(tmp_path):
+    path = make_checkpoint(tmp_path / "broken", **SHAPE)[0]
+    shard = sorted(path.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(IdeficsError) as e:
+        idefics.load(path, tensor_parallel=2)
+    assert "\n" not in str(e.value) and shard.name in str(e.value)
+    assert not multiprocessing.active_children()

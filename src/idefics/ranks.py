@@ -112,25 +112,29 @@ class Team:
         if device.type == "cuda" and (device.index or 0) + ranks > torch.cuda.device_count():
             raise IdeficsError(f"tensor_parallel={ranks} from {device} needs {ranks} GPUs, and "
                                f"{torch.cuda.device_count()} are visible")
-        self.ranks, self.device, self.closed = ranks, rank_device(device, 0), False  # with its index: cuda:0
-        self.retiring, self.done = False, threading.Event()
+        # The device with its index (cuda:0, not cuda): what tensors on it compare equal to.
+        self.ranks, self.device, self.backend = ranks, rank_device(device, 0), BACKENDS[device.type]
+        self.closed = self.joined = self.retiring = False
+        self.done, self.lock = threading.Event(), threading.Lock()
         self.post = None  # the model's EngineLoop.post (set by api.Idefics): runs a function on its engine thread
+        self.conns, self.processes, self.store = [], [], None
         Team.current = self
-        self.backend = BACKENDS[device.type]
-        self.lock = threading.Lock()
-        # The store listens on a free port it picks itself (port 0): no race with other programs.
-        self.store = dist.TCPStore("127.0.0.1", 0, ranks, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
-        ctx = mp.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
-        self.conns, self.processes = [], []
-        for rank in range(1, ranks):
-            ours, theirs = ctx.Pipe()
-            # The environment goes with them (spawn copies os.environ): NCCL_NVLS_ENABLE=0 and the like stay set.
-            p = ctx.Process(target=_worker, args=(rank, ranks, device, self.store.port, build, args, theirs),
-                            name=f"idefics-rank-{rank}", daemon=True)
-            _start_plain(p)
-            theirs.close()
-            self.conns.append(ours)
-            self.processes.append(p)
+        try:
+            # The store listens on a free port it picks itself (port 0): no race with other programs.
+            self.store = dist.TCPStore("127.0.0.1", 0, ranks, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
+            ctx = mp.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
+            for rank in range(1, ranks):
+                ours, theirs = ctx.Pipe()
+                # The environment goes with them (spawn copies os.environ): NCCL_NVLS_ENABLE=0 and the like stay set.
+                p = ctx.Process(target=_worker, args=(rank, ranks, device, self.store.port, build, args, theirs),
+                                name=f"idefics-rank-{rank}", daemon=True)
+                _start_plain(p)
+                theirs.close()
+                self.conns.append(ours)
+                self.processes.append(p)
+        except BaseException:
+            self.close()
+            raise
 
     def join(self):
         """Wait until every worker has loaded its shard (or raise the first failure), then form the group."""
@@ -154,6 +158,7 @@ class Team:
             kwargs = {"device_id": self.device} if self.backend == "nccl" else {}
             dist.init_process_group(self.backend, store=self.store, rank=0, world_size=self.ranks, timeout=TIMEOUT,
                                     **kwargs)
+            self.joined = True
         except BaseException:
             self.close()
             raise
@@ -190,7 +195,8 @@ class Team:
             except OSError:  # that worker has gone already
                 pass
         for p in self.processes:
-            p.join(STOP_WAIT)
+            if self.joined:  # else a worker may be loading, or waiting for the group: nothing to finish
+                p.join(STOP_WAIT)
             if p.is_alive():
                 p.terminate()
                 p.join(STOP_WAIT)

@@ -219,3 +219,28 @@ def test_a_checkpoint_that_fails_to_load_is_one_clear_error_and_leaves_no_worker
         idefics.load(path, tensor_parallel=2)
     assert "\n" not in str(e.value) and shard.name in str(e.value)
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_nccl_split_equals_one_gpu(checkpoint, ranks):
+    """On GPUs: NCCL, CUDA graphs with the all-reduces captured, the fused decode step (float32: its rounding is
+    the plain step's) -> the one-GPU model's logits and tokens."""
+    if torch.cuda.device_count() < ranks:
+        pytest.skip(f"needs {ranks} CUDA GPUs")
+    one = idefics.load(checkpoint, device="cuda", dtype="float32")
+    logits = one.logits(PROMPTS)
+    greedy = [c.token_ids for c in one.generate(PROMPTS, max_new_tokens=10)]
+    beams = [c.token_ids for c in one.generate(PROMPTS[:2], max_new_tokens=6, num_beams=2)]
+    del one
+    m = idefics.load(checkpoint, device="cuda", dtype="float32", tensor_parallel=ranks)
+    try:
+        assert m.summary()["cuda_graphs"] and m.summary()["fused_decode"]
+        torch.testing.assert_close(m.logits(PROMPTS), logits, atol=1e-4, rtol=0)
+        assert [c.token_ids for c in m.generate(PROMPTS, max_new_tokens=10)] == greedy
+        assert [c.token_ids for c in m.generate(PROMPTS[:2], max_new_tokens=6, num_beams=2)] == beams
+    finally:
+        processes = list(m.team.processes)
+        m.close()
+    assert all(p.exitcode == 0 for p in processes)

@@ -6,6 +6,7 @@ import time
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from idefics import parallel
 from idefics.config import IdeficsConfig, to_dict
 from idefics.engine import Engine, Prompt
 from idefics.model import IdeficsModel
@@ -14,16 +15,22 @@ from idefics.scheduler import Request, Scheduler
 from idefics.weights import build_meta, checkpoint_tensors
 
 
-def random_model(config: IdeficsConfig, device, dtype, seed: int = 0) -> IdeficsModel:
-    """Our model with random weights at the reference's init scale, gates opened (no download needed)."""
-    torch.manual_seed(seed)
-    model = build_meta(config)
+def random_model(config: IdeficsConfig, device, dtype, seed: int = 0, rank: int = 0, ranks: int = 1) -> IdeficsModel:
+    """Our model with random weights at the reference's init scale, gates opened (no download needed). With
+    ranks > 1: tensor-parallel rank `rank`'s shard of it alone, with its all-reduces (parallel.py)."""
+    torch.manual_seed(seed + rank)
+    model = parallel.shard(build_meta(config), rank, ranks)
     for module_name, module in list(model.named_modules()):
         for name, p in list(module.named_parameters(recurse=False)):
             t = random_tensor(module_name, name, p.shape, dtype, device)
             setattr(module, name, torch.nn.Parameter(t, requires_grad=False))
     model.reset_buffers()
-    return model.eval()
+    return (parallel.add_reduces(model) if ranks > 1 else model).eval()
+
+
+def random_engine(rank: int, ranks: int, device, config: IdeficsConfig, dtype) -> Engine:
+    """A worker rank's engine over a random shard (ranks.Team's build function)."""
+    return Engine(random_model(config, device, dtype, rank=rank, ranks=ranks))
 
 
 def random_tensor(module_name: str, name: str, shape, dtype, device) -> torch.Tensor:

@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import os
 import queue
+import weakref
 from contextlib import closing
 from typing import Iterator
 from pathlib import Path
 
 import torch
 
-from idefics import tasks
+from idefics import parallel, tasks
 from idefics.chat import Conversation
 from idefics.checks import show
 from idefics.config import IdeficsConfig
 from idefics.beam import beam_search
-from idefics.engine import Engine, check_room, split_batch
+from idefics.engine import Engine, check_room
 from idefics.generate import Completion, completion
 from idefics.errors import IdeficsError, ItemErrors
 from idefics.hub import resolve
@@ -74,17 +75,27 @@ class Idefics:
     """An IDEFICS checkpoint ready for inference. Build it with `idefics.load()`."""
 
     def __init__(self, model: IdeficsModel, tokenizer: Tokenizer, processor: Processor, path: Path,
-                 quantize: str | None = None):
+                 quantize: str | None = None, team=None):
         self.model = model
         self.tokenizer = tokenizer
         self.processor = processor
         self.path = path
         self.quantize = quantize
-        # Layers that CUDA graphs cannot capture (int8's outlier search syncs with the host) decode eagerly.
-        self.engine = Engine(model, graphs=False if quantize and not METHODS[quantize].graphs else None)
+        self.team = team  # the worker ranks of a tensor-parallel model (ranks.Team), None in one process
+        options = engine_options(quantize)
+        self.engine = Engine(model, **options) if team is None else team.leader(model, **options)
         self.scheduler = Scheduler(self.engine, tokenizer)
         # One thread runs the model; every call, from any thread, goes through it.
         self.loop = EngineLoop(self.scheduler)
+        if team is not None:  # collected without close(): the engine thread stops the workers between steps
+            team.post = self.loop.post
+            weakref.finalize(self, team.retire)
+
+    def close(self):
+        """Stop the worker processes of a tensor-parallel model; the model cannot run afterwards. Nothing to do for
+        a model in one process. Also done when the model is garbage-collected or the program ends."""
+        if self.team is not None:
+            self.loop.call(self.team.close)
 
     @property
     def config(self) -> IdeficsConfig:
@@ -118,7 +129,7 @@ class Idefics:
         for b, n in enumerate(lengths):
             if n > context:
                 raise IdeficsError(f"prompt {b} has {n} tokens; the model's context is {context}")
-        return self.loop.call(lambda: full_logits(self.model, batch).float())
+        return self.loop.call(lambda: self.engine.call(full_logits, batch).float())
 
     def requests(self, prompts, *, add_end_of_utterance_token: bool | None = None, logprobs: int | None = None,
                  **options) -> list[Request]:
@@ -306,6 +317,7 @@ class Idefics:
         return {
             "model": str(self.path), "parameters": sum(p.numel() for p in self.model.parameters()),
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "quantize": self.quantize,
+            "tensor_parallel": 1 if self.team is None else self.team.ranks,
             "cuda_graphs": self.engine.graphs is not None, "fused_decode": self.engine.fused is not None,
             "decoder": f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, MLP {c.intermediate_size}",
             "cross_attention_blocks": len(self.model.cross_layers),
@@ -343,13 +355,38 @@ def _valid_texts(prompt: list, where: str):
             tasks.valid_text(item, f"{where}item {i}")
 
 
+def engine_options(quantize: str | None) -> dict:
+    # Layers that CUDA graphs cannot capture (int8's outlier search syncs with the host) decode eagerly.
+    return {"graphs": False if quantize and not METHODS[quantize].graphs else None}
+
+
+def _shard(config: IdeficsConfig, files: list[Path], device: torch.device, dtype: torch.dtype, quantize: str | None,
+           rank: int = 0, ranks: int = 1) -> IdeficsModel:
+    """The model, or with ranks > 1 rank's shard of it, read from the checkpoint's files."""
+    net = parallel.shard(build_meta(config), rank, ranks)
+    hook = while_loading(net, quantize, device, dtype) if quantize else None  # fails here if its package is missing
+    net = load_weights(net, read_tensors(files, rank, ranks), device, dtype, on_module_ready=hook)
+    return parallel.add_reduces(net) if ranks > 1 else net
+
+
+def build_shard(rank: int, ranks: int, device: torch.device, path: str, dtype: torch.dtype,
+                quantize: str | None) -> Engine:
+    """A worker rank's engine over its shard (ranks.py)."""
+    path = Path(path)
+    config = IdeficsConfig.from_file(path / "config.json")
+    return Engine(_shard(config, weight_files(path), device, dtype, quantize, rank, ranks),
+                  **engine_options(quantize))
+
+
 def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, quantize: str | None = None,
-         workers: int | None = None, image_decode: str = "exact") -> Idefics:
+         workers: int | None = None, image_decode: str = "exact", tensor_parallel: int = 1) -> Idefics:
     """Load an IDEFICS checkpoint: a hub id ("HuggingFaceM4/idefics-9b"), a local directory, or None for the
     embedded demo model. dtype defaults to bfloat16 on CUDA and float32 on the CPU. quantize: one of QUANTIZE
     (see idefics.quantize), applied layer by layer while loading. workers: threads that decode images (default:
     one per core, at most 16). image_decode: "exact" (the reference's pixels) or "fast" (JPEGs decoded at a
-    reduced scale first; see idefics.pipeline)."""
+    reduced scale first; see idefics.pipeline). tensor_parallel: split the decoder over this many GPUs from
+    `device` on (or ranks on the CPU), each in its own process, spawned here (see idefics.ranks); close() the
+    model to stop them."""
     if quantize is not None and quantize not in QUANTIZE:
         raise IdeficsError(f"unknown quantize {quantize!r} (valid: {', '.join(QUANTIZE)})")
     check_workers(workers)
@@ -366,7 +403,16 @@ def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, qua
         raise IdeficsError(f"{path}: images are resized to {processor.image_transform.image_size} px "
                            "(processor_config.json or preprocessor_config.json; 224 when neither says) "
                            f"but config.json's vision_config.image_size is {config.vision.image_size}")
-    net = build_meta(config)
-    hook = while_loading(net, quantize, device, dtype) if quantize else None  # fails here if its package is missing
-    net = load_weights(net, read_tensors(files), device, dtype, on_module_ready=hook)
-    return Idefics(net, tokenizer, processor, path, quantize)
+    parallel.check(config, tensor_parallel)
+    if tensor_parallel == 1:
+        return Idefics(_shard(config, files, device, dtype, quantize), tokenizer, processor, path, quantize)
+    from idefics.ranks import Team, rank_device
+
+    team = Team(tensor_parallel, device, build_shard, (str(path), dtype, quantize))
+    try:
+        net = _shard(config, files, rank_device(device, 0), dtype, quantize, 0, tensor_parallel)
+        team.join()
+    except BaseException:
+        team.close()
+        raise
+    return Idefics(net, tokenizer, processor, path, quantize, team)

@@ -75,6 +75,8 @@ def parser() -> Parser:
     m.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     m.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: bfloat16 on CUDA, else float32")
     m.add_argument("--quantize", help="quantize the weights while loading")
+    m.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N GPUs from --device on, one process each (default 1)")
     m.add_argument("--json", action="store_true", help="machine-readable output: one JSON object per line")
     m.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -183,7 +185,8 @@ def load_model(args):
     import idefics
 
     pipeline = {k: getattr(args, k) for k in ("workers", "image_decode") if getattr(args, k, None) is not None}
-    return idefics.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, **pipeline)
+    return idefics.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                        tensor_parallel=args.tensor_parallel, **pipeline)
 
 
 _stdin: dict[str, bytes] = {}  # stdin's bytes, read once per command: every "-" is the same image
@@ -345,9 +348,13 @@ def cmd_batch(args):
     if args.ray is not None:
         from idefics import ray_batch
 
+        if args.tensor_parallel != 1:
+            raise IdeficsError("--tensor-parallel does not combine with --ray (each replica is one process)")
+
         return ray_batch.run_file(args.input, Path(args.output), model=args.model, device=args.device,
                                   dtype=args.dtype, quantize=args.quantize, options=options, image_root=args.image_root,
-                                  batch_size=8 if args.batch_size is None else args.batch_size, address=args.ray or None, replicas=args.replicas,
+                                  batch_size=8 if args.batch_size is None else args.batch_size,
+                                  address=args.ray or None, replicas=args.replicas,
                                   gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica)
     for flag in ("replicas", "gpus_per_replica", "cpus_per_replica"):
         if getattr(args, flag) is not None:

@@ -17,6 +17,7 @@ from idefics.errors import IdeficsError
 from idefics.graphs import Graphs, slot_bucket
 from idefics.layers import rope_cos_sin
 from idefics.model import IdeficsModel
+from idefics.parallel import heads
 from idefics.runtime import model_work
 
 
@@ -61,10 +62,10 @@ def _triton_ready() -> bool:
 def cache_bytes(model: IdeficsModel, slots: int, max_len: int, images: int) -> int:
     """Bytes of Engine.reserve's buffers for these slots (their leading terms): self-attention K/V, image K/V, the
     prefill's image features and mask, and float32 logits (scores are a copy)."""
-    c, size = model.config, model.embed.weight.dtype.itemsize
+    c, size, h = model.config, model.embed.weight.dtype.itemsize, heads(model)
     t = max(images, 1) * c.image_seq_len
-    per_slot = (2 * c.num_hidden_layers * c.num_attention_heads * max_len * c.head_dim * size
-                + 2 * c.num_cross_layers * c.num_attention_heads * t * c.head_dim * size
+    per_slot = (2 * c.num_hidden_layers * h * max_len * c.head_dim * size
+                + 2 * c.num_cross_layers * h * t * c.head_dim * size
                 + t * c.image_dim * size + max_len * t + 2 * 4 * c.total_vocab_size)
     return slots * per_slot
 
@@ -177,9 +178,9 @@ class Engine:
         self._index.clear()
         if self.graphs is not None:  # the captured graphs point at the old buffers: start a new pool
             self.graphs = self.encoder.graphs = Graphs()
-        dev, dt = w.device, w.dtype
-        self.cache = KVCache(c.num_hidden_layers, slots, c.num_attention_heads, max_len, c.head_dim, dt, dev)
-        self.images = ImageKV(c.num_cross_layers, slots, c.num_attention_heads, tokens, c.head_dim, dt, dev)
+        dev, dt, h = w.device, w.dtype, heads(self.model)  # h: this rank's heads under tensor parallelism
+        self.cache = KVCache(c.num_hidden_layers, slots, h, max_len, c.head_dim, dt, dev)
+        self.images = ImageKV(c.num_cross_layers, slots, h, tokens, c.head_dim, dt, dev)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=dev)  # the same as host_lengths, per slot
         self.tokens = torch.zeros(slots, dtype=torch.long, device=dev)  # the decode step's input
         # The prefill's inputs, padded: ids (B, S), image features (B, T, D), which image tokens each token sees
@@ -337,6 +338,11 @@ class Engine:
         logits = self.step_fn(self.tokens[:n, None], pos, mask, self.images.view(slice(0, n)),
                               self.images.visible[:n, None], self.cache.at(slice(0, n), pos, kv_len))
         return logits[:, -1]
+
+    def call(self, fn, *args):
+        """fn(model, *args): model work outside the slots (full logits, scoring). fn is a module-level function, so
+        that a tensor-parallel engine can have every rank run it (ranks.py)."""
+        return fn(self.model, *args)
 
     def reorder(self, slots: list[int], sources: torch.Tensor):
         """Beam search: slots[i] takes the state of slot sources[i] (a device tensor: no host sync)."""

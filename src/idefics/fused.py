@@ -16,6 +16,7 @@ from idefics.cache import KVCache
 from idefics.fp8 import Fp8Linear, kernels_ready
 from idefics.gemv import Normed, gemv
 from idefics.model import IdeficsModel
+from idefics.parallel import heads
 
 
 def supported(model: IdeficsModel) -> bool:
@@ -41,7 +42,7 @@ class FusedDecoder:
     def __init__(self, model: IdeficsModel):
         self.model = model
         c = model.config
-        self.heads, self.head_dim = c.num_attention_heads, c.head_dim
+        self.heads, self.head_dim = heads(model), c.head_dim  # this rank's heads under tensor parallelism
         dt = model.embed.weight.dtype
         self.streamed = {id(mod): w for mod in model.modules() if (w := _streamed(mod, dt)) is not None}
         # tanh of the gates once, in the model's dtype, as the reference's tanh(alpha) rounds it

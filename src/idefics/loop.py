@@ -47,6 +47,11 @@ class EngineLoop:
         self._start()
         return future.result()
 
+    def post(self, fn: Callable):
+        """Run fn() on the engine thread between steps, without waiting for it (safe from a finalizer)."""
+        self.inbox.put(("call", (fn, Future())))
+        self._start()
+
     def outputs(self, sink: queue.SimpleQueue, id) -> Iterator[Output]:
         """A request's outputs as they come; closing the iterator early aborts the request."""
         finished = False

@@ -83,7 +83,7 @@ def continuation_log_likelihoods(m, prompts: list[list], continuations: list[str
     scores = torch.zeros(len(prompts), len(continuations), dtype=torch.float64)
     for b, (batch, plan) in enumerate(zip(batches, plans)):
         image_mask = batch["image_attention_mask"][0, :, : counts[b]]
-        scores[b] = m.loop.call(partial(_score, m.model, batch["input_ids"][0], image_mask, features[b], plan,
+        scores[b] = m.loop.call(partial(m.engine.call, _score, batch["input_ids"][0], image_mask, features[b], plan,
                                         tokens_per_pass))
     return scores
 

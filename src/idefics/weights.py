@@ -25,72 +25,74 @@ class WeightsError(IdeficsError):
 # (checkpoint name, our name, slot), with placeholders {i} decoder layer, {j} cross block (it sits before decoder
 # layer j * cross_layer_interval: {ji}), {v} vision layer, {p} perceiver block, {wb} "weight" or "bias". A slot says
 # which rows of our parameter the tensor fills: None for all, ("part", i, n) for the i-th of n equal row blocks,
-# "base" / "extra" for the two vocabularies.
-_TABLE: list[tuple[str, str, object]] = [
-    ("model.embed_tokens.weight", "embed.weight", "base"),
-    ("model.embed_tokens.additional_embedding.weight", "embed.weight", "extra"),
-    ("lm_head.weight", "lm_head.weight", "base"),
-    ("lm_head.additional_fc.weight", "lm_head.weight", "extra"),
-    ("model.norm.weight", "norm.weight", None),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.wqkv.weight", ("part", 0, 3)),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.wqkv.weight", ("part", 1, 3)),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.wqkv.weight", ("part", 2, 3)),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.wo.weight", None),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.w13.weight", ("part", 0, 2)),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.w13.weight", ("part", 1, 2)),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.w2.weight", None),
-    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight", None),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight", None),
-    ("model.gated_cross_attn_layers.{j}.cross_attn.q_proj.weight", "layers.{ji}.cross.attn.wq.weight", None),
-    ("model.gated_cross_attn_layers.{j}.cross_attn.k_proj.weight", "layers.{ji}.cross.attn.wkv.weight", ("part", 0, 2)),
-    ("model.gated_cross_attn_layers.{j}.cross_attn.v_proj.weight", "layers.{ji}.cross.attn.wkv.weight", ("part", 1, 2)),
-    ("model.gated_cross_attn_layers.{j}.cross_attn.o_proj.weight", "layers.{ji}.cross.attn.wo.weight", None),
-    ("model.gated_cross_attn_layers.{j}.cross_attn.q_layer_norm.weight", "layers.{ji}.cross.attn.q_norm.weight", None),
-    ("model.gated_cross_attn_layers.{j}.cross_attn.k_layer_norm.weight", "layers.{ji}.cross.attn.k_norm.weight", None),
-    ("model.gated_cross_attn_layers.{j}.mlp.gate_proj.weight", "layers.{ji}.cross.mlp.w13.weight", ("part", 0, 2)),
-    ("model.gated_cross_attn_layers.{j}.mlp.up_proj.weight", "layers.{ji}.cross.mlp.w13.weight", ("part", 1, 2)),
-    ("model.gated_cross_attn_layers.{j}.mlp.down_proj.weight", "layers.{ji}.cross.mlp.w2.weight", None),
-    ("model.gated_cross_attn_layers.{j}.input_layernorm.weight", "layers.{ji}.cross.attn_norm.weight", None),
-    ("model.gated_cross_attn_layers.{j}.post_attention_layernorm.weight", "layers.{ji}.cross.mlp_norm.weight", None),
-    ("model.gated_cross_attn_layers.{j}.alpha_cross_attn", "layers.{ji}.cross.attn_gate", None),
-    ("model.gated_cross_attn_layers.{j}.alpha_dense", "layers.{ji}.cross.mlp_gate", None),
-    ("model.vision_model.embeddings.class_embedding", "vision.class_embed", None),
-    ("model.vision_model.embeddings.patch_embedding.weight", "vision.patch_embed.weight", None),
-    ("model.vision_model.embeddings.position_embedding.weight", "vision.pos_embed", None),
-    ("model.vision_model.pre_layrnorm.{wb}", "vision.pre_norm.{wb}", None),
-    ("model.vision_model.post_layernorm.{wb}", "vision.post_norm.{wb}", None),
-    ("model.vision_model.encoder.layers.{v}.self_attn.q_proj.{wb}", "vision.layers.{v}.wqkv.{wb}", ("part", 0, 3)),
-    ("model.vision_model.encoder.layers.{v}.self_attn.k_proj.{wb}", "vision.layers.{v}.wqkv.{wb}", ("part", 1, 3)),
-    ("model.vision_model.encoder.layers.{v}.self_attn.v_proj.{wb}", "vision.layers.{v}.wqkv.{wb}", ("part", 2, 3)),
-    ("model.vision_model.encoder.layers.{v}.self_attn.out_proj.{wb}", "vision.layers.{v}.wo.{wb}", None),
-    ("model.vision_model.encoder.layers.{v}.layer_norm1.{wb}", "vision.layers.{v}.norm1.{wb}", None),
-    ("model.vision_model.encoder.layers.{v}.layer_norm2.{wb}", "vision.layers.{v}.norm2.{wb}", None),
-    ("model.vision_model.encoder.layers.{v}.mlp.fc1.{wb}", "vision.layers.{v}.fc1.{wb}", None),
-    ("model.vision_model.encoder.layers.{v}.mlp.fc2.{wb}", "vision.layers.{v}.fc2.{wb}", None),
-    ("model.perceiver_resampler.latents", "perceiver.latents", None),
-    ("model.perceiver_resampler.layer_norm.{wb}", "perceiver.norm.{wb}", None),
-    ("model.perceiver_resampler.blocks.{p}.0.context_layer_norm.{wb}", "perceiver.attn.{p}.context_norm.{wb}", None),
-    ("model.perceiver_resampler.blocks.{p}.0.latents_layer_norm.{wb}", "perceiver.attn.{p}.latents_norm.{wb}", None),
-    ("model.perceiver_resampler.blocks.{p}.0.q_layer_norm.{wb}", "perceiver.attn.{p}.q_norm.{wb}", None),
-    ("model.perceiver_resampler.blocks.{p}.0.k_layer_norm.{wb}", "perceiver.attn.{p}.k_norm.{wb}", None),
-    ("model.perceiver_resampler.blocks.{p}.0.q_proj.weight", "perceiver.attn.{p}.wq.weight", None),
-    ("model.perceiver_resampler.blocks.{p}.0.k_proj.weight", "perceiver.attn.{p}.wkv.weight", ("part", 0, 2)),
-    ("model.perceiver_resampler.blocks.{p}.0.v_proj.weight", "perceiver.attn.{p}.wkv.weight", ("part", 1, 2)),
-    ("model.perceiver_resampler.blocks.{p}.0.output_proj.weight", "perceiver.attn.{p}.wo.weight", None),
-    ("model.perceiver_resampler.blocks.{p}.1.ln.{wb}", "perceiver.mlp.{p}.norm.{wb}", None),
-    ("model.perceiver_resampler.blocks.{p}.1.fc.weight", "perceiver.mlp.{p}.fc.weight", None),
-    ("model.perceiver_resampler.blocks.{p}.1.c_proj.weight", "perceiver.mlp.{p}.proj.weight", None),
+# "base" / "extra" for the two vocabularies. The last column is the dimension tensor-parallel ranks divide (each
+# reads only its block of it, see parallel.py): 0 for the heads and MLP columns a rank computes (q/k/v, gate/up),
+# 1 for the products that sum over them (o, down, then an all-reduce); None where every rank holds all of it.
+_TABLE: list[tuple[str, str, object, int | None]] = [
+    ("model.embed_tokens.weight", "embed.weight", "base", None),
+    ("model.embed_tokens.additional_embedding.weight", "embed.weight", "extra", None),
+    ("lm_head.weight", "lm_head.weight", "base", None),
+    ("lm_head.additional_fc.weight", "lm_head.weight", "extra", None),
+    ("model.norm.weight", "norm.weight", None, None),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.wqkv.weight", ("part", 0, 3), 0),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.wqkv.weight", ("part", 1, 3), 0),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.wqkv.weight", ("part", 2, 3), 0),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.wo.weight", None, 1),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.w13.weight", ("part", 0, 2), 0),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.w13.weight", ("part", 1, 2), 0),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.w2.weight", None, 1),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight", None, None),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight", None, None),
+    ("model.gated_cross_attn_layers.{j}.cross_attn.q_proj.weight", "layers.{ji}.cross.attn.wq.weight", None, 0),
+    ("model.gated_cross_attn_layers.{j}.cross_attn.k_proj.weight", "layers.{ji}.cross.attn.wkv.weight", ("part", 0, 2), 0),
+    ("model.gated_cross_attn_layers.{j}.cross_attn.v_proj.weight", "layers.{ji}.cross.attn.wkv.weight", ("part", 1, 2), 0),
+    ("model.gated_cross_attn_layers.{j}.cross_attn.o_proj.weight", "layers.{ji}.cross.attn.wo.weight", None, 1),
+    ("model.gated_cross_attn_layers.{j}.cross_attn.q_layer_norm.weight", "layers.{ji}.cross.attn.q_norm.weight", None, None),
+    ("model.gated_cross_attn_layers.{j}.cross_attn.k_layer_norm.weight", "layers.{ji}.cross.attn.k_norm.weight", None, None),
+    ("model.gated_cross_attn_layers.{j}.mlp.gate_proj.weight", "layers.{ji}.cross.mlp.w13.weight", ("part", 0, 2), 0),
+    ("model.gated_cross_attn_layers.{j}.mlp.up_proj.weight", "layers.{ji}.cross.mlp.w13.weight", ("part", 1, 2), 0),
+    ("model.gated_cross_attn_layers.{j}.mlp.down_proj.weight", "layers.{ji}.cross.mlp.w2.weight", None, 1),
+    ("model.gated_cross_attn_layers.{j}.input_layernorm.weight", "layers.{ji}.cross.attn_norm.weight", None, None),
+    ("model.gated_cross_attn_layers.{j}.post_attention_layernorm.weight", "layers.{ji}.cross.mlp_norm.weight", None, None),
+    ("model.gated_cross_attn_layers.{j}.alpha_cross_attn", "layers.{ji}.cross.attn_gate", None, None),
+    ("model.gated_cross_attn_layers.{j}.alpha_dense", "layers.{ji}.cross.mlp_gate", None, None),
+    ("model.vision_model.embeddings.class_embedding", "vision.class_embed", None, None),
+    ("model.vision_model.embeddings.patch_embedding.weight", "vision.patch_embed.weight", None, None),
+    ("model.vision_model.embeddings.position_embedding.weight", "vision.pos_embed", None, None),
+    ("model.vision_model.pre_layrnorm.{wb}", "vision.pre_norm.{wb}", None, None),
+    ("model.vision_model.post_layernorm.{wb}", "vision.post_norm.{wb}", None, None),
+    ("model.vision_model.encoder.layers.{v}.self_attn.q_proj.{wb}", "vision.layers.{v}.wqkv.{wb}", ("part", 0, 3), None),
+    ("model.vision_model.encoder.layers.{v}.self_attn.k_proj.{wb}", "vision.layers.{v}.wqkv.{wb}", ("part", 1, 3), None),
+    ("model.vision_model.encoder.layers.{v}.self_attn.v_proj.{wb}", "vision.layers.{v}.wqkv.{wb}", ("part", 2, 3), None),
+    ("model.vision_model.encoder.layers.{v}.self_attn.out_proj.{wb}", "vision.layers.{v}.wo.{wb}", None, None),
+    ("model.vision_model.encoder.layers.{v}.layer_norm1.{wb}", "vision.layers.{v}.norm1.{wb}", None, None),
+    ("model.vision_model.encoder.layers.{v}.layer_norm2.{wb}", "vision.layers.{v}.norm2.{wb}", None, None),
+    ("model.vision_model.encoder.layers.{v}.mlp.fc1.{wb}", "vision.layers.{v}.fc1.{wb}", None, None),
+    ("model.vision_model.encoder.layers.{v}.mlp.fc2.{wb}", "vision.layers.{v}.fc2.{wb}", None, None),
+    ("model.perceiver_resampler.latents", "perceiver.latents", None, None),
+    ("model.perceiver_resampler.layer_norm.{wb}", "perceiver.norm.{wb}", None, None),
+    ("model.perceiver_resampler.blocks.{p}.0.context_layer_norm.{wb}", "perceiver.attn.{p}.context_norm.{wb}", None, None),
+    ("model.perceiver_resampler.blocks.{p}.0.latents_layer_norm.{wb}", "perceiver.attn.{p}.latents_norm.{wb}", None, None),
+    ("model.perceiver_resampler.blocks.{p}.0.q_layer_norm.{wb}", "perceiver.attn.{p}.q_norm.{wb}", None, None),
+    ("model.perceiver_resampler.blocks.{p}.0.k_layer_norm.{wb}", "perceiver.attn.{p}.k_norm.{wb}", None, None),
+    ("model.perceiver_resampler.blocks.{p}.0.q_proj.weight", "perceiver.attn.{p}.wq.weight", None, None),
+    ("model.perceiver_resampler.blocks.{p}.0.k_proj.weight", "perceiver.attn.{p}.wkv.weight", ("part", 0, 2), None),
+    ("model.perceiver_resampler.blocks.{p}.0.v_proj.weight", "perceiver.attn.{p}.wkv.weight", ("part", 1, 2), None),
+    ("model.perceiver_resampler.blocks.{p}.0.output_proj.weight", "perceiver.attn.{p}.wo.weight", None, None),
+    ("model.perceiver_resampler.blocks.{p}.1.ln.{wb}", "perceiver.mlp.{p}.norm.{wb}", None, None),
+    ("model.perceiver_resampler.blocks.{p}.1.fc.weight", "perceiver.mlp.{p}.fc.weight", None, None),
+    ("model.perceiver_resampler.blocks.{p}.1.c_proj.weight", "perceiver.mlp.{p}.proj.weight", None, None),
 ]
 _GROUPS = {"i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)", "v": r"(?P<v>\d+)", "p": r"(?P<p>\d+)", "wb": r"(?P<wb>weight|bias)"}
-_COMPILED = [(re.compile(re.escape(name).replace(r"\{", "{").replace(r"\}", "}").format(**_GROUPS)), ours, slot)
-             for name, ours, slot in _TABLE]
+_COMPILED = [(re.compile(re.escape(name).replace(r"\{", "{").replace(r"\}", "}").format(**_GROUPS)), ours, slot, split)
+             for name, ours, slot, split in _TABLE]
 # Buffers some checkpoints carry that are recomputed here.
 _IGNORED = re.compile(r".*(position_ids|rotary_emb\.inv_freq)$")
 
 
 def map_name(name: str, config: IdeficsConfig) -> tuple[str, object] | None:
     """Checkpoint tensor name -> (our parameter name, slot), or None if it is not ours."""
-    for pattern, ours, slot in _COMPILED:
+    for pattern, ours, slot, _ in _COMPILED:
         m = pattern.fullmatch(name)
         if m:
             groups = m.groupdict()
@@ -100,6 +102,11 @@ def map_name(name: str, config: IdeficsConfig) -> tuple[str, object] | None:
     return None
 
 
+def split_dim(name: str) -> int | None:
+    """The dimension of checkpoint tensor `name` that tensor-parallel ranks divide, None if each holds it whole."""
+    return next((split for pattern, _, _, split in _COMPILED if pattern.fullmatch(name)), None)
+
+
 def checkpoint_tensors(model: IdeficsModel) -> dict[str, torch.Tensor]:
     """Our parameters under the reference's checkpoint names (what save_pretrained would write)."""
     c = model.config
@@ -107,7 +114,7 @@ def checkpoint_tensors(model: IdeficsModel) -> dict[str, torch.Tensor]:
               "p": range(c.perceiver.depth), "wb": ("weight", "bias")}
     params = dict(model.named_parameters())
     out = {}
-    for name, ours, slot in _TABLE:
+    for name, ours, slot, _ in _TABLE:
         keys = [k for k in ranges if "{" + k + "}" in name]
         for values in itertools.product(*(ranges[k] for k in keys)):
             groups = dict(zip(keys, values))
@@ -153,16 +160,30 @@ def weight_files(directory: Path) -> list[Path]:
     raise WeightsError(f"{directory}: no model weights (model.safetensors or pytorch_model.bin, or their index)")
 
 
-def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one at a time, on the CPU; a .bin shard is memory-mapped, never fully copied."""
+def read_tensors(files: list[Path], rank: int = 0, ranks: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time, on the CPU; a .bin shard is memory-mapped, never fully copied. With
+    ranks > 1, only tensor-parallel rank `rank`'s block of each divided tensor (split_dim) is read."""
     from safetensors import SafetensorError, safe_open
+
+    def block(name: str, shape) -> tuple[int, slice] | None:
+        """(dimension, rows or columns) of this rank's block, None for the whole tensor."""
+        d = split_dim(name) if ranks > 1 else None
+        if d is None:
+            return None
+        if shape[d] % ranks:
+            raise WeightsError(f"tensor '{name}' has {shape[d]} rows/columns along dim {d}: not divisible by "
+                               f"{ranks} tensor-parallel ranks")
+        n = shape[d] // ranks
+        return d, slice(rank * n, (rank + 1) * n)
 
     for f in files:
         if f.suffix == ".safetensors":
             try:
                 with safe_open(str(f), framework="pt", device="cpu") as st:
                     for name in st.keys():
-                        yield name, st.get_tensor(name)
+                        part = st.get_slice(name)
+                        b = block(name, part.get_shape())
+                        yield name, st.get_tensor(name) if b is None else part[b[1]] if b[0] == 0 else part[:, b[1]]
             except (SafetensorError, OSError) as e:
                 raise WeightsError(f"{f}: unreadable safetensors file ({e})") from None
         else:
@@ -171,7 +192,8 @@ def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             except Exception as e:  # torch raises many types for corrupt pickles / zips
                 raise WeightsError(f"{f}: unreadable PyTorch weights file ({e})") from None
             for name, t in state.items():
-                yield name, t
+                b = block(name, t.shape)
+                yield name, t if b is None else t.narrow(b[0], b[1].start, b[1].stop - b[1].start)
             del state
 
 

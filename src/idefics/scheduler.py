@@ -331,7 +331,7 @@ def capacity(engine: Engine, length: int, images: int, max_batch: int | None) ->
     context = m.config.max_position_embeddings
     longest = max((n for n in range(length, context + 1, LEN_RESERVE) if cache_bytes(m, slots, n, images) <= budget),
                   default=length)
-    return slots, max(length, min(longest, context))
+    return slots, longest
 
 
 def default_batch(engine: Engine) -> int:

@@ -3,8 +3,6 @@ fp8 kernels (Triton's interpreter) against the upcast product, the fused decode 
 and logits in fp8."""
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import pytest
 import torch
@@ -16,7 +14,6 @@ import idefics
 from checkpoints import make_checkpoint
 from idefics import fp8, fp8_gemm, kernels, quantize
 from idefics.cli import main
-from idefics.config import IdeficsConfig
 from idefics.demo import evaluate
 from idefics.engine import Engine, split_batch
 from idefics.errors import IdeficsError
@@ -24,7 +21,6 @@ from idefics.gemv import gemv
 from idefics.hub import DEMO_DIR
 from idefics.inputs import full_logits
 from idefics.layers import RMSNorm
-from idefics.weights import build_meta, load_weights, read_tensors, weight_files
 
 SAMPLE = 100  # held-out scenes per task, as tests/test_demo.py
 
@@ -97,22 +93,6 @@ def test_fp8_generates_and_says_so(models):
 def test_pass_on_built_model_equals_quantizing_while_loading(checkpoint, models):
     built = quantize.quantize(idefics.load(checkpoint, device="cpu").model, "fp8")
     assert torch.equal(full_logits(built, models[1].process(prompts())), models[1].logits(prompts()))
-
-
-def test_each_layer_is_freed_before_the_next_loads(checkpoint):
-    """A layer's float weights are gone once it is in fp8: loading never holds the whole unquantized model."""
-    model = build_meta(IdeficsConfig.from_file(checkpoint / "config.json"))
-    hook = quantize.while_loading(model, "fp8", torch.device("cpu"), torch.bfloat16)
-    quantized, leftovers = [], []
-
-    def ready(name, module):
-        leftovers.extend(name for name, ref in quantized if ref() is not None)
-        if quantize.is_target(name, module, quantize.METHODS["fp8"]):
-            quantized.append((name, weakref.ref(module.weight)))
-        hook(name, module)
-
-    load_weights(model, read_tensors(weight_files(checkpoint)), torch.device("cpu"), torch.bfloat16, ready)
-    assert len(quantized) == 26 and not leftovers
 
 
 def test_unknown_method_and_float16_are_one_line_errors(checkpoint):

@@ -59,20 +59,23 @@ def test_pass_on_built_model_equals_quantizing_while_loading(checkpoint, models)
                        models[1].logits(prompts()))
 
 
-def test_each_layer_is_freed_before_the_next_loads(checkpoint):
+@pytest.mark.parametrize("method, dtype", [("int8", torch.float32), ("fp8", torch.bfloat16)])
+def test_each_layer_is_freed_before_the_next_loads(checkpoint, method, dtype):
     """The unquantized weights of a layer are gone once it is quantized: loading never holds the whole model."""
     model = build_meta(IdeficsConfig.from_file(checkpoint / "config.json"))
-    hook = quantize.while_loading(model, "int8", torch.device("cpu"), torch.float32)
+    hook = quantize.while_loading(model, method, torch.device("cpu"), dtype)
     quantized, leftovers = [], []
 
     def ready(name, module):
         leftovers.extend(name for name, ref in quantized if ref() is not None)
-        if quantize.is_target(name, module, quantize.METHODS["int8"]):
+        if quantize.is_target(name, module, quantize.METHODS[method]):
             quantized.append((name, weakref.ref(module.weight)))
         hook(name, module)
 
-    load_weights(model, read_tensors(weight_files(checkpoint)), torch.device("cpu"), torch.float32, ready)
+    load_weights(model, read_tensors(weight_files(checkpoint)), torch.device("cpu"), dtype, ready)
     assert len(quantized) > 4 and not leftovers
+    if method == "fp8":  # every linear layer of the decoder's blocks
+        assert len(quantized) == 26
 
 
 def test_unknown_method_lists_the_valid_ones(checkpoint):

@@ -181,6 +181,7 @@ def test_a_token_merging_across_the_boundary_counts_as_the_continuations(setup):
     (lambda m: m.caption(None), "missing image"),
     (lambda m: m.caption([]), "no image given"),
     (lambda m: m.caption([A, None]), "image 1: missing image"),
+    (lambda m: m.classify([A, None], CATEGORIES), "image 1: missing image"),
     (lambda m: m.caption(3), "unsupported image"),
     (lambda m: m.ask(A, ""), "question"),
     (lambda m: m.ask(A, "Who is \ud83d?"), "question: text is not valid Unicode"),

@@ -19,7 +19,7 @@ from idefics.engine import Engine, check_room
 from idefics.generate import Completion, completion
 from idefics.errors import IdeficsError, ItemErrors
 from idefics.hub import resolve
-from idefics.images import ImageTransform, load_image
+from idefics.images import ImageTransform
 from idefics.inputs import full_logits
 from idefics.model import IdeficsModel
 from idefics.pipeline import check_decode, check_workers
@@ -301,8 +301,14 @@ class Idefics:
         if options:
             raise IdeficsError(f"ranked classification takes no generation options, got {', '.join(options)}")
         images, single = tasks.as_images(image)
-        # Each image appears once per label: load it once.
-        images = [self._load(x, "image" if single else f"image {i}") for i, x in enumerate(images)]
+        # Each image appears once per label: decode and resize each once, side by side in the pipeline's workers.
+        futures = [self.processor.images.submit(x, resized=True) for x in images]
+        images = []
+        for i, future in enumerate(futures):
+            try:
+                images.append(future.result())
+            except IdeficsError as e:
+                raise IdeficsError(f"{'image' if single else f'image {i}'}: {e}") from None
         prompts = [tasks.classify(im, labels) for im in images]
         ranked = rank(self, prompts, labels)  # tokenizes here; only the model's work goes to the engine thread
         return ranked[0] if single else ranked
@@ -336,12 +342,6 @@ class Idefics:
             raise e.map(lambda c: c.text.strip()) from None
         texts = [c.text.strip() for c in completions]
         return texts[0] if single else texts
-
-    def _load(self, source, where: str):
-        try:
-            return load_image(source, self.processor.limits)
-        except IdeficsError as e:
-            raise IdeficsError(f"{where}: {e}") from None
 
     def __repr__(self) -> str:
         c = self.config

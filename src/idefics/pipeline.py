@@ -96,15 +96,24 @@ class ImagePipeline:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
-    def submit(self, source) -> Future:
-        """Start on one image -> a Future of its (3, H, W) pixels, or of the IdeficsError that says why not."""
+    def submit(self, source, resized: bool = False) -> Future:
+        """Start on one image -> a Future of its (3, H, W) pixels (or, resized, of the image at the model's size), or
+        of the IdeficsError that says why not."""
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="idefics-images")
-            return self._pool.submit(self.pixels, source)
+            return self._pool.submit(self.resized if resized else self.pixels, source)
 
     def pixels(self, source) -> torch.Tensor:
         """Load, decode, resize and normalize one image, in the calling thread -> (3, H, W) float32."""
+        return self._load(source, self.transform.pixels)
+
+    def resized(self, source) -> Image.Image:
+        """Load, decode and resize one image, in the calling thread -> RGB at the model's size (what the processor
+        turns into the same pixels as the source)."""
+        return self._load(source, self.transform.resized)
+
+    def _load(self, source, finish):
         taken = []
         size = (self.transform.image_size,) * 2
 
@@ -115,7 +124,7 @@ class ImagePipeline:
 
         try:
             image = load_image(source, self.limits, prepare)  # (a PIL image given as such is decoded already)
-            return self.transform.pixels(image)
+            return finish(image)
         finally:
             image = None  # the full-size pixels go before the budget is given back
             for n in taken:

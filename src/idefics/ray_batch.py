@@ -199,9 +199,7 @@ def decode(row: dict, image_root: Path, defaults: dict, image_size: int | None =
     the line's error record. The images of few-shot examples and generate prompts stay as given (they belong to
     what batches lines together) and load in the replica. An image that fails to load stays as given too: the
     replica's call fails on it with the local mode's message."""
-    from PIL import Image
-
-    from idefics.images import load_image, to_rgb
+    from idefics.images import ImageTransform, load_image
 
     job = batch.prepare(pickle.loads(row["item"]), image_root, defaults)
     if isinstance(job, Job) and job.image is not None:
@@ -211,7 +209,7 @@ def decode(row: dict, image_root: Path, defaults: dict, image_size: int | None =
             pass
         else:
             if image_size:
-                image = to_rgb(image).resize((image_size, image_size), resample=Image.Resampling.BICUBIC)
+                image = ImageTransform(image_size=image_size).resized(image)
             job = replace(job, image=image)
     return {"line": row["line"], "item": pickle.dumps(job)}
 

@@ -223,3 +223,27 @@ def test_admission_takes_a_lone_arrival_at_once_and_groups_a_backlog(m):
     while s.busy:
         s.step()
     assert all(r.finish == "length" for r in long[:15] + backlog)
+
+
+def test_a_backlog_groups_the_oldest_with_the_closest_lengths_and_aborts_any_waiting_request(m):
+    """With more waiting than free slots, the oldest request is admitted with those whose prompts are closest to its
+    length (one prefill pads to its longest); a request waiting anywhere in the queue can be aborted."""
+    s = Scheduler(m.engine, m.tokenizer, max_batch=16)  # groups of 2
+    long = requests(m, PROMPTS * 4, max_new_tokens=8, eos_token_id=[])
+    for r in long[:14]:
+        s.add(r)
+    s.step()
+    backlog = requests(m, [PROMPTS[1], PROMPTS[2], PROMPTS[0], PROMPTS[3], PROMPTS[0]], max_new_tokens=3)
+    for r in backlog:
+        s.add(r)
+    s.abort(backlog[4].id)  # the last one waiting
+    s.step()
+    size = lambda r: r.prompt.ids.shape[0]  # noqa: E731
+    closest = min(backlog[1:4], key=lambda r: abs(size(r) - size(backlog[0])))
+    assert [r for r in backlog if r.slot is not None] == [backlog[0], closest]
+    assert backlog[4].finish == "abort"
+    while s.busy:
+        s.step()
+    assert all(r.finish == "length" for r in backlog[:4])
+    assert [r.generated for r in backlog[:4]] == [alone(m, p, max_new_tokens=3).token_ids for p in
+                                                   (PROMPTS[1], PROMPTS[2], PROMPTS[0], PROMPTS[3])]

@@ -4,8 +4,9 @@
 step, and `step()` admits waiting requests into free slots (one batched prefill), samples every running row's next
 token with that row's own options, launches the next decode step before reading those tokens on the host (so the
 host's bookkeeping overlaps the device's work) and returns each request's new token, text piece and finish
-reason. Admission is first come, first served, bounded by free slots and an images-per-step budget, so a request
-with many images delays the others by one prefill, not more. The engine (engine.py) executes; this file decides."""
+reason. Admission takes the oldest waiting request first (with a backlog, grouped with those closest to its length),
+bounded by free slots and an images-per-step budget, so a request with many images delays the others by one
+prefill, not more. The engine (engine.py) executes; this file decides."""
 from __future__ import annotations
 
 import itertools
@@ -28,6 +29,7 @@ LEN_RESERVE = 256  # the cache's length is reserved in multiples of this many to
 # once.
 ADMIT_GROUP = 8
 ADMIT_WAIT = 16
+ADMIT_LOOKAHEAD = 64  # with a backlog, a group is the oldest request and the closest in length among this many
 
 
 def default_eos(tokenizer: Tokenizer) -> list[int]:
@@ -57,7 +59,7 @@ class Output:
     completion: object = None  # the request's Completion, once it has ended
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: queues find and remove it by identity, not by comparing its tensors
 class Request:
     """One prompt to continue. Built by `Request.make`, which checks it against the model."""
 
@@ -262,7 +264,7 @@ class Scheduler:
         return out
 
     def _admit(self) -> tuple[list[Request], torch.Tensor | None]:
-        """Waiting requests, first come first served, into free slots -> those admitted and their first logits."""
+        """Waiting requests into free slots (in the order of _candidates) -> those admitted and their first logits."""
         if not self.waiting or self.hold:
             return [], None
         self._reserve()
@@ -277,24 +279,36 @@ class Scheduler:
             self.deferred += 1
             return [], None
         self.deferred = 0
-        while self.waiting and len(batch) < len(free) and len(self.running) + len(batch) < limit:
-            r = self.waiting[0]
+        for r in self._candidates(room):
             n = r.prompt.pixels.shape[0]
             if batch and images + n > self.images_per_step:
                 break
             if not self._fits(r):
                 break  # it waits for the running batch to drain, then the buffers grow (see _reserve)
-            self.waiting.popleft()
             batch.append(r)
             images += n
+            if len(batch) == room:
+                break
         if not batch:
             return [], None
+        for r in batch:
+            self.waiting.remove(r)
         for r, slot in zip(batch, free):
             r.slot = slot
             r.seed(self.engine.device)
             self.sampler.start(slot, r.prompt_ids)
         logits = self.engine.prefill_batch([r.prompt for r in batch], slots=[r.slot for r in batch])
         return batch, logits
+
+    def _candidates(self, room: int) -> list[Request]:
+        """The order admission considers waiting requests in: first come, first served; with a backlog, the oldest
+        first, then the next ADMIT_LOOKAHEAD by how close their prompts are to its length, since a prefill pads
+        every prompt to its group's longest. The oldest always goes first, so no request waits forever."""
+        if len(self.waiting) <= room:
+            return list(self.waiting)
+        head, *rest = itertools.islice(self.waiting, ADMIT_LOOKAHEAD)
+        n = head.prompt.ids.shape[0]
+        return [head] + sorted(rest, key=lambda r: abs(r.prompt.ids.shape[0] - n))
 
     def _fits(self, r: Request) -> bool:
         e = self.engine

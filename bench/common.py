@@ -9,6 +9,7 @@ from transformers.generation.streamers import BaseStreamer
 from idefics import parallel
 from idefics.config import IdeficsConfig, to_dict
 from idefics.engine import Engine, Prompt
+from idefics.graphs import Graphs
 from idefics.model import IdeficsModel
 from idefics.sampling import GenerationOptions
 from idefics.scheduler import Request, Scheduler
@@ -138,6 +139,13 @@ def run_reference(ref, prompts: list[Prompt], new_tokens: int) -> tuple[list[lis
                            pad_token_id=0, streamer=clock)
     sync()
     return out[:, inputs["input_ids"].shape[1]:].tolist(), clock.first - start, time.perf_counter() - start
+
+
+def replayed(fn):
+    """fn captured once as a CUDA graph (the engine's Graphs: warmed up on a side stream first) -> a function that
+    replays it."""
+    graphs = Graphs()
+    return lambda: graphs.run("bench", fn)
 
 
 def sync():

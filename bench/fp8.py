@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import random_model, random_tensor, run_engine, synthetic_prompts  # noqa: E402
+from common import random_model, random_tensor, replayed, run_engine, synthetic_prompts  # noqa: E402
 from gpu import decode_bytes  # noqa: E402
 from quant import cosine, teacher_forced  # noqa: E402
 
@@ -126,17 +126,7 @@ def matrix_times(model, rows: list[int], device: torch.device) -> dict:
                 for mod in mods:
                     mod(x)
 
-            step = run
-            if device.type == "cuda":
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    run()
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    run()
-                step = graph.replay
+            step = replayed(run) if device.type == "cuda" else run
             step()
             sync(device)
             start = time.perf_counter()

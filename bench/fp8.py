@@ -4,7 +4,7 @@
     PYTHONPATH=src python bench/fp8.py --small    # the same steps on a small config on the CPU (about a minute)
 
 1. idefics-9b shape, random weights: bfloat16 decode at each batch, then the same model quantized to fp8 in place
-   and decoded again with each product for rows > 1 (fp8.PRODUCT: "auto" picks by rows, "weight-only" is the
+   and decoded again with each product for rows > 1 (fp8.PRODUCT: "auto" is scaled_mm, "weight-only" the
    Triton GEMM, "scaled" torch._scaled_mm with fp8 activations). Per run: decode tokens/s over the tokens after
    the first, time to first token (image encoding included), peak memory, and the roofline: the card's copy
    bandwidth over the bytes a step reads, the weights (without the embedding table and the cross-attention
@@ -200,7 +200,7 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
 
     fid = results["fidelity_9b_random"] = {}
     got = {}
-    for product in ("auto", "weight-only"):  # the whole sequence at once: many rows, so "auto" is _scaled_mm
+    for product in ("auto", "weight-only"):  # the whole sequence at once: "auto" is _scaled_mm
         fp8.PRODUCT = product
         got[product] = teacher_forced(model, fidelity, tokens)
     fp8.PRODUCT = "auto"

@@ -1,11 +1,11 @@
 """FP8 weights: a linear layer stored as float8_e4m3fn with one float32 scale per output channel, and its products.
 
     rows == 1      gemv.gemv reads the fp8 weights itself (the fused decode step calls it with the norms folded in)
-    rows <= WEIGHT_ONLY_ROWS
-                   weight-only: a Triton GEMM converts each fp8 weight tile to bfloat16 in registers and multiplies
-                   on the tensor cores; memory-bound decoding reads half of bfloat16's bytes, activations untouched
     more rows      torch._scaled_mm: activations quantized to fp8 per token (one scale each), fp8 tensor cores at
-                   twice bfloat16's rate, the per-token and per-channel scales applied in its epilogue (prefill)
+                   twice bfloat16's rate, the per-token and per-channel scales applied in its epilogue
+    (PRODUCT = "weight-only": a Triton GEMM converting each fp8 weight tile to bfloat16 in registers instead, the
+                   activations untouched; on an H100 it reads 8-64 rows at about 1.1 TB/s, below bfloat16's cuBLAS,
+                   where scaled_mm's whole decode step is 1.15x bfloat16's: bench/fp8.py)
 
 Those kernels need Hopper (fp8 conversion in Triton and row-wise scaled_mm), bfloat16 activations and dimensions
 that are multiples of 16. Anywhere else (the CPU, older GPUs, float32) the layer upcasts: the fp8 weights are
@@ -21,9 +21,8 @@ from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3fn value: each row's largest weight maps onto it
-WEIGHT_ONLY_ROWS = 64
 PRODUCTS = ("auto", "weight-only", "scaled")
-PRODUCT = "auto"  # which product serves rows > 1 on Hopper; bench/fp8.py sets it to measure each
+PRODUCT = "auto"  # which product serves rows > 1 on Hopper ("auto": scaled); bench/fp8.py sets it to measure each
 _CHUNK = 2048  # rows quantized at a time: the float32 temporaries stay small next to the layer
 
 
@@ -80,7 +79,7 @@ class Fp8Linear(nn.Module):
             from idefics.gemv import gemv
 
             y = gemv(x.contiguous(), self.weight, scale=self.scale)
-        elif PRODUCT == "weight-only" or (PRODUCT == "auto" and x.shape[0] <= WEIGHT_ONLY_ROWS):
+        elif PRODUCT == "weight-only":
             from idefics.fp8_gemm import weight_only_mm
 
             y = weight_only_mm(x.contiguous(), self.weight, self.scale)

@@ -29,7 +29,8 @@ class EngineLoop:
 
     def submit(self, requests: list[Request], sinks: list | None = None) -> list:
         """Queue requests -> one queue of Outputs each, the last with its finish_reason set. sinks: where to put
-        each request's Outputs instead (anything with a thread-safe put(), e.g. one that hands them to asyncio)."""
+        each request's Outputs instead: anything with a put() (called on the engine thread), and optionally a flush()
+        called once after each step's puts (a sink for asyncio hands a whole step over at once)."""
         sinks = [queue.SimpleQueue() for _ in requests] if sinks is None else list(sinks)
         self.inbox.put(("add", list(zip(requests, sinks))))
         self._start()
@@ -87,12 +88,17 @@ class EngineLoop:
             except Exception as e:  # a fault of the engine, not of one request: fail those in flight, carry on
                 outputs = self._fail_all(e)
             self.generated_tokens += sum(o.token is not None for o in outputs)
+            flushes = set()  # a sink with flush() buffers its puts: flushed once per step (see server.runs)
             for o in outputs:
                 sink = self.sinks.get(o.id)
                 if sink is not None:
                     sink.put(o)
+                    if hasattr(sink, "flush"):
+                        flushes.add(sink.flush)
                     if o.finish_reason is not None:
                         del self.sinks[o.id]
+            for flush in flushes:
+                flush()
 
     def _take(self, block: bool):
         """Apply what callers sent: everything waiting, after waiting for one message if block."""

@@ -1,13 +1,15 @@
 """The choices of one HTTP request on the engine thread, read from the event loop.
 
-The engine loop (idefics.loop) puts each request's Outputs into a sink; here a sink hands them to the event loop
-with call_soon_threadsafe, so no handler ever waits on a thread. A Run's outputs are read as they come, from all
+The engine loop (idefics.loop) puts each request's Outputs into a sink; here the sinks of one event loop share a
+Channel that hands a whole engine step's outputs to that loop with one call_soon_threadsafe (one wakeup per step,
+not one per stream and token), so no handler ever waits on a thread. A Run's outputs are read as they come, from all
 its choices; leaving the read early (client gone, timeout, error) aborts the choices not finished, which frees
 their slots at the engine's next step."""
 from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from typing import AsyncIterator
 
 from idefics.errors import IdeficsError
@@ -16,16 +18,48 @@ from idefics.scheduler import Output, Request
 from idefics.server.protocol import APIError
 
 
+class Channel:
+    """The engine thread's outputs for one event loop: put() (engine thread) collects a step's outputs, flush() (the
+    engine loop calls it once per step) hands them to the event loop in one callback."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: list[tuple[asyncio.Queue, tuple[int, Output]]] = []
+
+    def put(self, queue: asyncio.Queue, item: tuple[int, Output]):
+        self.pending.append((queue, item))
+
+    def flush(self):
+        batch, self.pending = self.pending, []
+        if batch and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, tuple[int, Output]]]):
+    for queue, item in batch:
+        queue.put_nowait(item)
+
+
+_channels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its Channel
+
+
+def channel(loop: asyncio.AbstractEventLoop) -> Channel:
+    if loop not in _channels:
+        _channels[loop] = Channel(loop)
+    return _channels[loop]
+
+
 class Sink:
-    """Outputs of one choice from the engine thread -> (choice index, Output) on an asyncio queue."""
+    """Outputs of one choice from the engine thread -> (choice index, Output) on an asyncio queue, through its event
+    loop's Channel; `flush` tells the engine loop what to call after a step's puts."""
 
-    __slots__ = ("loop", "queue", "index")
+    __slots__ = ("channel", "queue", "index", "flush")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int):
-        self.loop, self.queue, self.index = loop, queue, index
+    def __init__(self, channel: Channel, queue: asyncio.Queue, index: int):
+        self.channel, self.queue, self.index, self.flush = channel, queue, index, channel.flush
 
     def put(self, output: Output):
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, output))
+        self.channel.put(self.queue, (self.index, output))
 
 
 class Admission:
@@ -74,7 +108,8 @@ class Run:
             return
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        self.model.loop.submit(self.requests, [Sink(loop, queue, i) for i in range(len(self.requests))])
+        sinks = [Sink(channel(loop), queue, i) for i in range(len(self.requests))]
+        self.model.loop.submit(self.requests, sinks)
         deadline = loop.time() + (self.deadline - time.monotonic())
         try:
             while self.open:

@@ -15,7 +15,6 @@ from checkpoints import make_checkpoint
 from idefics import fp8, fp8_gemm, kernels, quantize
 from idefics.cli import main
 from idefics.demo import evaluate
-from idefics.engine import Engine, split_batch
 from idefics.errors import IdeficsError
 from idefics.gemv import gemv
 from idefics.hub import DEMO_DIR
@@ -186,28 +185,6 @@ def test_scaled_product_of_fp8_tokens_is_close_to_the_upcast_one():
     got = fp8.scaled_mm(x, q, s)
     assert got.dtype == torch.bfloat16 and got.shape == (24, 64)
     assert F.cosine_similarity(got.float(), fp8.upcast_mm(x.float(), q, s), dim=-1).min() >= 0.998
-
-
-@pytest.mark.parametrize("batch", [1, 3])  # one sequence: the fp8 GEMV inside the fused step
-def test_fused_decode_steps_equal_the_plain_engine(checkpoint, batch):
-    model = idefics.load(checkpoint, quantize="fp8", device="cpu")
-    items = [[image(1), "This is an image of "], ["No image, just text."], ["User:", image(2), "And", image(3), "?"]]
-    batch_prompts = [split_batch(model.process([p]))[0] for p in items][-batch:]
-    runs = []
-    for fused in (False, True):
-        engine = Engine(model.model, fused=fused)
-        assert (engine.fused is not None) == fused
-        if fused:
-            assert sum(scale is not None for _, scale in engine.fused.streamed.values()) == 26  # every fp8 layer
-        engine.reserve(3, 64, 2)
-        tokens, steps = engine.prefill_batch(batch_prompts).argmax(-1), []
-        for _ in range(4):
-            logits = engine.decode(tokens)
-            steps.append(logits)
-            tokens = runs[0][len(steps) - 1].argmax(-1) if runs else logits.argmax(-1)
-        runs.append(steps)
-    for plain, fused in zip(*runs):
-        torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
 
 
 # The trained demo model

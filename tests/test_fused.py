@@ -11,7 +11,7 @@ from PIL import Image
 
 import idefics
 from checkpoints import make_checkpoint
-from idefics import kernels
+from idefics import fp8, kernels
 from idefics.gemv import gemv
 from idefics.engine import Engine, split_batch
 from idefics.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
@@ -146,11 +146,12 @@ def image(seed: int) -> Image.Image:
     return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (36, 44, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("name", [*CONFIGS, "int8"])
+@pytest.mark.parametrize("name", [*CONFIGS, "int8", "fp8"])
 @pytest.mark.parametrize("batch", [1, 3])  # one sequence: the matrix products go through gemv.py too
 def test_fused_decode_steps_equal_the_plain_engine(tmp_path, name, batch):
-    """int8: quantized layers run their own modules inside the fused step."""
-    quantize = "int8" if name == "int8" else None
+    """int8: quantized layers run their own modules inside the fused step. fp8: every fp8 layer is streamed by the
+    fused step's GEMV with its scales."""
+    quantize = name if name in ("int8", "fp8") else None
     model = idefics.load(make_checkpoint(tmp_path, **CONFIGS.get(name, {}))[0], quantize=quantize)
     items = [[image(1), "This is an image of "], ["No image, just text."], ["User:", image(2), "And", image(3), "?"]]
     prompts = [split_batch(model.process([p]))[0] for p in items][-batch:]
@@ -158,6 +159,9 @@ def test_fused_decode_steps_equal_the_plain_engine(tmp_path, name, batch):
     for fused in (False, True):
         engine = Engine(model.model, fused=fused)
         assert (engine.fused is not None) == fused
+        if fused and quantize == "fp8":
+            layers = sum(isinstance(m, fp8.Fp8Linear) for m in model.model.modules())
+            assert sum(scale is not None for _, scale in engine.fused.streamed.values()) == layers
         engine.reserve(3, 64, 2)
         tokens, steps = engine.prefill_batch(prompts).argmax(-1), []
         for _ in range(6):  # the same inputs for both: each step feeds the plain engine's choice

@@ -4,7 +4,6 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 from checkpoints import make_checkpoint
 from PIL import Image
 

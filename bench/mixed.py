@@ -1,13 +1,13 @@
 """Continuous batching against static batches, on idefics-9b-shaped random bfloat16 weights (GPU).
 
-    PYTHONPATH=src python bench/mixed.py [--requests 512] [--batch 64]
+    PYTHONPATH=src python bench/mixed.py [--requests 512] [--batch 64] [--groups 8 16]
 
 The workload: `--requests` requests, one image each, prompts of 20-200 text tokens and 10-200 new tokens (seeded
 draws), all submitted at once, greedy, no eos (each runs to its length). Static: groups of `--batch` in arrival
 order, each group prefilled together and decoded until its longest request ends before the next group starts (a
 fixed batch, as main ran them before the scheduler). Continuous: the scheduler admits a waiting request whenever
-a slot frees. Both run in the same process on the same engine and weights. Then the latency of a late arrival:
-63 requests decoding, one more added; its first token's delay is reported in decode steps of the running batch.
+a slot frees (with a backlog, in prefill groups: --groups runs it once per group size). Both run in the same
+process on the same engine and weights. Then the latency of a late arrival: 63 requests decoding, one more added; its first token's delay is reported in decode steps of the running batch.
 Writes $OUT/mixed.json when OUT is set."""
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import random_model, sync, synthetic_prompts  # noqa: E402
 
+from idefics import scheduler  # noqa: E402
 from idefics.config import idefics_9b  # noqa: E402
 from idefics.engine import Engine  # noqa: E402
 from idefics.sampling import GenerationOptions  # noqa: E402
@@ -109,6 +110,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=512)
     ap.add_argument("--batch", type=int, default=64)
+    defaults = scheduler.ADMIT_GROUP, scheduler.ADMIT_SHARE
+    ap.add_argument("--groups", type=int, nargs="+", default=[min(defaults[0], 64 // defaults[1])],
+                    help="continuous runs with these prefill group sizes under a backlog")
     args = ap.parse_args()
     config = idefics_9b()
     model = random_model(config, "cuda", torch.bfloat16)
@@ -120,16 +124,25 @@ def main():
     reqs = requests(config, work)
     static_tokens, static_s = drive(Scheduler(engine, None, max_batch=args.batch),
                                     [reqs[i : i + args.batch] for i in range(0, len(reqs), args.batch)])
-    engine.encoder.cache.clear()
-    reqs = requests(config, work)
-    cont_tokens, cont_s = drive(Scheduler(engine, None, max_batch=args.batch), [reqs])
-    assert cont_tokens == static_tokens
+    by_group = {}
+    for g in args.groups:  # the prefill group's size under a backlog (scheduler.ADMIT_GROUP); the first is reported
+        scheduler.ADMIT_GROUP, scheduler.ADMIT_SHARE = g, max(1, args.batch // g)
+        engine.encoder.cache.clear()
+        reqs = requests(config, work)
+        by_group[g] = drive(Scheduler(engine, None, max_batch=args.batch), [reqs])
+        assert by_group[g][0] == static_tokens
+        print(f"continuous, prefill groups of {g}: {by_group[g][1]:.2f} s, {static_s / by_group[g][1]:.3f}x static",
+              flush=True)
+    scheduler.ADMIT_GROUP, scheduler.ADMIT_SHARE = defaults
+    cont_tokens, cont_s = by_group[args.groups[0]]
     result = {
         "card": torch.cuda.get_device_name(), "requests": args.requests, "batch": args.batch, "tokens": cont_tokens,
         "static_s": static_s, "static_tok_s": static_tokens / static_s,
         "continuous_s": cont_s, "continuous_tok_s": cont_tokens / cont_s, "ratio": static_s / cont_s,
         "late_arrival": late_arrival(engine, config, args.batch),
     }
+    if len(args.groups) > 1:
+        result["continuous_s_by_prefill_group"] = {g: t for g, (_, t) in by_group.items()}
     print(json.dumps(result, indent=1))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "mixed.json").write_text(json.dumps(result, indent=1))

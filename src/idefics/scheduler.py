@@ -23,11 +23,12 @@ from idefics.tokenizer import Tokenizer
 
 IMAGES_PER_STEP = 64  # images a step's prefill may encode; a request with more is admitted alone
 LEN_RESERVE = 256  # the cache's length is reserved in multiples of this many tokens
-# With a backlog (more waiting than free slots), admission gathers free slots for one prefill (an eighth of the
+# With a backlog (more waiting than free slots), admission gathers free slots for one prefill (1/ADMIT_SHARE of the
 # batch, at most ADMIT_GROUP), waiting at most ADMIT_WAIT steps: a prefill reads every weight once however many
 # prompts it holds, so one prefill of 8 costs about what 3 of one cost. Without a backlog a request is admitted at
 # once.
 ADMIT_GROUP = 8
+ADMIT_SHARE = 8
 ADMIT_WAIT = 16
 ADMIT_LOOKAHEAD = 64  # with a backlog, a group is the oldest request and the closest in length among this many
 
@@ -274,7 +275,7 @@ class Scheduler:
         room = min(len(free), limit - len(self.running))
         if room <= 0:
             return [], None
-        group = max(1, min(ADMIT_GROUP, limit // 8))
+        group = max(1, min(ADMIT_GROUP, limit // ADMIT_SHARE))
         if self.running and len(self.waiting) > room and room < group and self.deferred < ADMIT_WAIT:
             self.deferred += 1
             return [], None

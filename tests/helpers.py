@@ -124,13 +124,26 @@ def reference_processor(path):
     return processor
 
 
+def redirect(location: str, status: int = 302):
+    """A serve() route answering with a redirect to `location`."""
+    def answer(handler):
+        handler.send_response(status)
+        handler.send_header("Location", location)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    return answer
+
+
 @contextmanager
-def serve(routes: dict, delay: float = 0.0):
+def serve(routes: dict, delay: float = 0.0, hits: list | None = None):
     """An HTTP server on 127.0.0.1 in a thread: path -> (content type, body), or a function that answers from
-    the request handler itself; 404 elsewhere. Each answer waits `delay` seconds first. Yields the base URL."""
+    the request handler itself (e.g. redirect()); 404 elsewhere. Each answer waits `delay` seconds first; `hits`,
+    if given, gets the path of every request. Yields the base URL."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
+            if hits is not None:
+                hits.append(self.path)
             time.sleep(delay)
             if self.path not in routes:
                 self.send_error(404)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_image_processor_config, make_processor_dir, serve
+from helpers import make_image_processor_config, make_processor_dir, redirect, serve
 from PIL import Image
 from transformers import IdeficsImageProcessorPil
 from transformers.image_utils import load_image as reference_load_image
@@ -283,15 +283,6 @@ def test_undecodable_file_names_still_load(tmp_path):
 
 
 # URLs: every redirect checked and counted, credentials redacted, one deadline for the whole fetch.
-
-def redirect(location: str, status: int = 302):
-    def answer(handler):
-        handler.send_response(status)
-        handler.send_header("Location", location)
-        handler.send_header("Content-Length", "0")
-        handler.end_headers()
-    return answer
-
 
 def test_redirects_are_followed_checked_and_counted():
     png = encoded(noise("RGB"))

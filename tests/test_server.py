@@ -12,12 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import openai
 import pytest
 import torch
+from helpers import redirect, reference_tokenizer, serve
 
 import idefics
 from idefics import tasks
@@ -70,41 +70,11 @@ def image_host():
     routes = {f"/{p.name}": ("image/png", p.read_bytes()) for p in paths()}
     routes["/page.html"] = ("text/html", b"<html></html>")
     routes["/big.png"] = ("image/png", b"\x89PNG" + b"\0" * (2 << 20))
-    redirects = {"/loop": "/loop", "/to-file": "file:///etc/passwd", "/moved.png": f"/{CIRCLE.name}"}
+    routes |= {"/loop": redirect("/loop"), "/to-file": redirect("file:///etc/passwd"),
+               "/moved.png": redirect(f"/{CIRCLE.name}")}
     hits = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            hits.append(self.path)
-            if self.path in redirects:
-                self.send_response(302)
-                self.send_header("Location", redirects[self.path])
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            if self.path not in routes:
-                self.send_error(404)
-                return
-            kind, body = routes[self.path]
-            self.send_response(200)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    host = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    host.daemon_threads = True
-    thread = threading.Thread(target=host.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{host.server_address[1]}", hits
-    finally:
-        host.shutdown()
-        host.server_close()
+    with serve(routes, hits=hits) as base:
+        yield base, hits
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +208,6 @@ def test_typed_special_tokens_stay_text(demo, client):
     t = demo.tokenizer
     assert not {t.image_id, t.fake_image_id, t.end_of_utterance_id} & set(ids[1:])
     assert t.decode(ids[1:]) == typed
-    from helpers import reference_tokenizer
 
     reference = reference_tokenizer(DEMO_DIR)(typed, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert ids[1:][1:] == reference[1:]  # the first piece differs only by the "▁" prepended at the start of a text

@@ -131,13 +131,18 @@ class Idefics:
                 raise IdeficsError(f"prompt {b} has {n} tokens; the model's context is {context}")
         return self.loop.call(lambda: self.engine.call(full_logits, batch).float())
 
+    def _options(self, options: dict, add_end_of_utterance_token) -> GenerationOptions:
+        """Generation options checked against this model; the processor's switch checked beside them."""
+        o = GenerationOptions.make(**options)
+        o.within_vocabulary(self.config.total_vocab_size)
+        _switches("process", dict(add_end_of_utterance_token=add_end_of_utterance_token), known=PROCESS_OPTIONS)
+        return o
+
     def requests(self, prompts, *, add_end_of_utterance_token: bool | None = None, logprobs: int | None = None,
                  **options) -> list[Request]:
         """Prompts -> checked requests for the scheduler (an error names the failing prompt; nothing is queued).
         Their images are decoded in parallel by the processor's pipeline."""
-        o = GenerationOptions.make(**options)
-        o.within_vocabulary(self.config.total_vocab_size)
-        _switches("process", dict(add_end_of_utterance_token=add_end_of_utterance_token), known=PROCESS_OPTIONS)
+        o = self._options(options, add_end_of_utterance_token)
         batch = as_batch(prompts)
         for b, prompt in enumerate(batch):
             _valid_texts(prompt, self.processor.where(b, len(batch)))
@@ -157,9 +162,7 @@ class Idefics:
         Completion (None where it failed) and `errors` each failure's message. Safe to call from several threads
         at once: concurrent calls share the running batch."""
         _switches("generate", dict(include_prompt=include_prompt), known=("include_prompt",))
-        o = GenerationOptions.make(**options)
-        o.within_vocabulary(self.config.total_vocab_size)
-        _switches("process", dict(add_end_of_utterance_token=add_end_of_utterance_token), known=PROCESS_OPTIONS)
+        o = self._options(options, add_end_of_utterance_token)
         eou = self.processor.end_of_utterance(add_end_of_utterance_token)
         batch = as_batch(prompts)
         results = self._run_prompts(batch, o, eou)

@@ -400,6 +400,11 @@ def open_job(source: str, output: Path):
         raise IdeficsError(f"{output}: cannot write ({reason_of(e)})") from None
 
 
+def said(error: str) -> str:
+    """A line's error as stderr shows it: a lone surrogate quoted from the line appears as its escape."""
+    return f"idefics: {error}".encode("utf-8", "backslashreplace").decode()
+
+
 def reason_of(e: Exception) -> str:
     return getattr(e, "strerror", None) or ("not a valid file name" if isinstance(e, ValueError) else str(e))
 
@@ -426,8 +431,8 @@ def run_file(source: str, output: Path, image_root: Path, defaults: dict, window
                 out.flush()  # a killed run loses no finished line
                 progress.done(images[record["line"]])
 
-            def report(message: str) -> None:  # a lone surrogate quoted from a line is shown as its escape
-                bar.write(f"idefics: {message}".encode("utf-8", "backslashreplace").decode(), file=sys.stderr)
+            def report(message: str) -> None:
+                bar.write(said(message), file=sys.stderr)
 
             failures = process(m, todo, image_root, defaults, window, write, report)
         except OSError as e:

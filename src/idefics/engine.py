@@ -30,14 +30,19 @@ class Prompt:
     image_mask: torch.Tensor
 
 
+def images_seen(image_mask: torch.Tensor) -> int:
+    """(S, N) which image each token sees -> how many image slots the prompt needs: up to the last one seen."""
+    used = image_mask.bool().any(dim=0)
+    return int(used.nonzero().max()) + 1 if used.any() else 0
+
+
 def split_batch(batch: dict[str, torch.Tensor]) -> list[Prompt]:
     """The processor's padded batch -> one Prompt per row: padding removed, image slots cut to its own images."""
     prompts = []
     for ids, am, pixels, iam in zip(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                     batch["image_attention_mask"]):
         keep = am.bool()
-        used = iam[keep].bool().any(dim=0)
-        n = int(used.nonzero().max()) + 1 if used.any() else 0
+        n = images_seen(iam[keep])
         prompts.append(Prompt(ids[keep], pixels[:n], iam[keep][:, :n]))
     return prompts
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from idefics.engine import Prompt
+from idefics.engine import Prompt, images_seen
 from idefics.errors import IdeficsError
 from idefics.images import ImageLimits, ImageTransform, is_image_reference, is_image_source
 from idefics.pipeline import ImagePipeline
@@ -88,8 +88,7 @@ class Pending:
         ids = torch.tensor(self.ids, dtype=torch.long)
         used = pixels[: int((ids == p.tokenizer.image_id).sum())]
         mask = image_attention_mask(ids[None], p.tokenizer.image_id, p.tokenizer.eos_id, max(1, len(used)))[0]
-        seen = mask.bool().any(dim=0)
-        n = int(seen.nonzero().max()) + 1 if seen.any() else 0
+        n = images_seen(mask)
         t = p.image_transform
         images = torch.stack(used[:n]) if n else torch.zeros(0, 3, t.image_size, t.image_size)
         return Prompt(ids, images, mask[:, :n])

@@ -129,8 +129,7 @@ def stream(ds, out, output: Path) -> int:
                 raise IdeficsError(f"{output}: cannot write ({batch.reason_of(e)})") from None
             if "error" in record:
                 failures += 1
-                message = f"idefics: {record['error']}"  # a lone surrogate quoted from a line shows as its escape
-                print(message.encode("utf-8", "backslashreplace").decode(), file=sys.stderr)
+                print(batch.said(record["error"]), file=sys.stderr)
     return failures
 
 

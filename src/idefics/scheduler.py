@@ -316,21 +316,20 @@ class Scheduler:
         return r.prompt.ids.shape[0] + r.budget <= e.max_len and r.prompt.pixels.shape[0] <= e.max_images
 
     def _reserve(self):
-        """Size the buffers when nothing runs (they only grow): the slots and length `capacity` gives, never less than
-        the waiting requests need; and the sampler's with them."""
+        """Size the buffers when nothing runs (the slots only grow): the slots and length `capacity` gives, never less
+        than the waiting requests need; and the sampler's with them."""
         e = self.engine
         if not (self.running or e.active):
             need = list(self.waiting)
             length = min(-(-max(r.prompt.ids.shape[0] + r.budget for r in need) // LEN_RESERVE) * LEN_RESERVE,
                          self.context)
             images = max(r.prompt.pixels.shape[0] for r in need)
-            slots, max_len = capacity(e, length, images, self.max_batch)
+            slots = capacity(e, length, images, self.max_batch)[0]
             if e.cache is None or e.slots < slots or not self._fits(need[0]):
                 # Growing the slots and the length separately could ask for their product (a 1-slot cache of
                 # the whole context, then 64 slots): the length is sized again for the slots kept.
                 slots, images = max(slots, e.slots), max(images, e.max_images)
-                slots, max_len = capacity(e, length, images, slots)
-                e.reserve(slots, max_len, images)
+                e.reserve(*capacity(e, length, images, slots), images)
                 e.warmup()
         if self.sampler is None or tuple(self.sampler.history.shape) != (e.slots, e.max_len):
             self.sampler = RowSampler(e.slots, e.max_len, e.device)

@@ -81,7 +81,7 @@ def kv_bytes(config: IdeficsConfig, batch: int, new_tokens: int, size: int) -> f
     return batch * per_position * (config.num_hidden_layers * mean_len + config.num_cross_layers * config.image_seq_len)
 
 
-REPEATS = 2
+REPEATS = 3
 
 
 def decode_run(engine: Engine, prompts, new_tokens: int, repeats: int | None = None) -> dict:
@@ -91,9 +91,10 @@ def decode_run(engine: Engine, prompts, new_tokens: int, repeats: int | None = N
     sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    runs = (run_engine(engine, prompts, new_tokens)[1:] for _ in range(repeats or REPEATS))
+    runs = [run_engine(engine, prompts, new_tokens)[1:] for _ in range(repeats or REPEATS)]
     first, total = min(runs, key=lambda r: r[1])
-    r = {"decode_tok_s": len(prompts) * (new_tokens - 1) / (total - first), "ttft_ms": first * 1e3}
+    # decoding from the fastest run; the first token, the fastest of all runs' (one prefill is noisier than 127 steps)
+    r = {"decode_tok_s": len(prompts) * (new_tokens - 1) / (total - first), "ttft_ms": min(r[0] for r in runs) * 1e3}
     if dev.type == "cuda":
         r["peak_gb"] = torch.cuda.max_memory_allocated() / GB
     return r

@@ -3,9 +3,10 @@ gemv.py over its block shapes, each timed as 20 back-to-back products in one CUD
 With --chain: 32 decoder layers' products at batch 1 in one CUDA graph, as a decode step runs them one after
 another, with the norms between them as separate kernels or folded into the products, launched with or without
 programmatic dependent launch and the L2 prefetch, and with other blocks per matrix. gemv.gemv's default
-blocks are the best of the chain on an H200.
+blocks are the best of the chain on an H200. With --chain --fp8: the same chain with the weights in float8_e4m3fn
+(fp8.Fp8Linear's layout), over the fp8 GEMV's blocks.
 
-    PYTHONPATH=src python bench/gemv_sweep.py [--chain]
+    PYTHONPATH=src python bench/gemv_sweep.py [--chain [--fp8]]
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from common import timed  # noqa: E402
 
-from idefics import gemv, kernels  # noqa: E402
+from idefics import fp8, gemv, kernels  # noqa: E402
 from idefics.config import idefics_9b  # noqa: E402
 
 
@@ -35,14 +36,34 @@ def graph_time(fn, copies: int) -> float:
     return min(timed(graph.replay)[0] for _ in range(3)) / (5 * copies)
 
 
+# Per-matrix launch shapes to try in the chain (the other matrices keep gemv.gemv's defaults).
+BF16_BLOCKS = (("qkv 4 rows", {"qkv": dict(block_n=4)}), ("qkv 16x512", {"qkv": dict(block_n=16, block_k=512)}),
+               ("wo 8 rows", {"wo": dict(block_n=8)}), ("wo 2x2048", {"wo": dict(block_n=2, block_k=2048)}),
+               ("w13 2 rows", {"w13": dict(block_n=2)}), ("w13 8x512", {"w13": dict(block_n=8, block_k=512)}),
+               ("w2 8 rows", {"w2": dict(block_n=8)}), ("w2 4x2048", {"w2": dict(block_n=4, block_k=2048)}),
+               ("8 warps", {m: dict(warps=8) for m in ("qkv", "wo", "w13", "w2")}))
+FP8_BLOCKS = tuple(
+    (f"{m} {bn}x{bk} w{w}", {m: dict(block_n=bn, block_k=bk, warps=w)})
+    for m, shapes in (("qkv", ((8, 256, 4), (16, 256, 4), (8, 512, 4), (4, 1024, 4))),
+                      ("wo", ((8, 1024, 4), (4, 1024, 4), (16, 512, 4), (8, 512, 4))),
+                      ("w13", ((8, 512, 4), (16, 512, 8), (4, 1024, 4), (4, 512, 4))),
+                      ("w2", ((8, 2048, 8), (4, 2048, 4), (16, 1024, 8), (4, 1024, 4))))
+    for bn, bk, w in shapes) + (("4 warps", {m: dict(warps=4) for m in ("qkv", "wo", "w13", "w2")}),)
+
+
 @torch.inference_mode()
-def chain():
+def chain(fp8_weights: bool = False):
     c = idefics_9b()
     d, f = c.hidden_size, c.intermediate_size
     dev, dt = "cuda", torch.bfloat16
     layers = [{name: torch.randn(n, k, device=dev, dtype=dt) * 0.02
                for name, (n, k) in (("qkv", (3 * d, d)), ("wo", (d, d)), ("w13", (2 * f, d)), ("w2", (d, f)))}
               for _ in range(c.num_hidden_layers)]
+    scales = [{} for _ in layers]  # fp8: each matrix's per-row scales
+    if fp8_weights:
+        for w, s in zip(layers, scales):
+            for name in list(w):
+                w[name], s[name] = fp8.quantize_weight(w[name])
     nw = torch.ones(d, device=dev, dtype=dt)
     x0 = torch.randn(1, d, device=dev, dtype=dt)
 
@@ -56,20 +77,17 @@ def chain():
 
     def folded_norms(cfg):
         x = gemv.Normed(x0, torch.full((512,), float(d) / 512, device=dev))
-        for w in layers:
-            a = gemv.gemv(x, w["qkv"], norm=(nw, 1e-6), **cfg.get("qkv", {}))[:, :d].contiguous()
-            x = gemv.gemv(a, w["wo"], residual=x.x, **cfg.get("wo", {}))
-            h = gemv.gemv(x, w["w13"], swiglu=True, norm=(nw, 1e-6), **cfg.get("w13", {}))
-            x = gemv.gemv(h, w["w2"], residual=x.x, **cfg.get("w2", {}))
+        for w, s in zip(layers, scales):
+            a = gemv.gemv(x, w["qkv"], norm=(nw, 1e-6), scale=s.get("qkv"), **cfg.get("qkv", {}))[:, :d].contiguous()
+            x = gemv.gemv(a, w["wo"], residual=x.x, scale=s.get("wo"), **cfg.get("wo", {}))
+            h = gemv.gemv(x, w["w13"], swiglu=True, norm=(nw, 1e-6), scale=s.get("w13"), **cfg.get("w13", {}))
+            x = gemv.gemv(h, w["w2"], residual=x.x, scale=s.get("w2"), **cfg.get("w2", {}))
 
-    runs = [("separate norms", separate_norms, {}, False, 0), ("separate norms, PDL", separate_norms, {}, True, 0),
-            ("folded norms", folded_norms, {}, False, 0), ("folded norms, PDL", folded_norms, {}, True, 0)]
+    runs = [] if fp8_weights else [("separate norms", separate_norms, {}, False, 0),
+                                   ("separate norms, PDL", separate_norms, {}, True, 0)]
+    runs += [("folded norms", folded_norms, {}, False, 0), ("folded norms, PDL", folded_norms, {}, True, 0)]
     runs += [(f"folded norms, PDL + prefetch {n} tiles", folded_norms, {}, True, n) for n in (1, 2, 4, 16)]
-    for name, cfg in (("qkv 4 rows", {"qkv": dict(block_n=4)}), ("qkv 16x512", {"qkv": dict(block_n=16, block_k=512)}),
-                      ("wo 8 rows", {"wo": dict(block_n=8)}), ("wo 2x2048", {"wo": dict(block_n=2, block_k=2048)}),
-                      ("w13 2 rows", {"w13": dict(block_n=2)}), ("w13 8x512", {"w13": dict(block_n=8, block_k=512)}),
-                      ("w2 8 rows", {"w2": dict(block_n=8)}), ("w2 4x2048", {"w2": dict(block_n=4, block_k=2048)}),
-                      ("8 warps", {k: dict(warps=8) for k in layers[0]})):
+    for name, cfg in FP8_BLOCKS if fp8_weights else BF16_BLOCKS:
         runs.append((f"folded norms, PDL + prefetch, {name}", folded_norms, cfg, True, 1))
     weight_bytes = sum(t.numel() * t.element_size() for w in layers for t in w.values())
     for name, fn, cfg, pdl, prefetch in runs:
@@ -88,9 +106,10 @@ def chain():
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--chain", action="store_true")
+    parser.add_argument("--fp8", action="store_true", help="with --chain: fp8 weights")
     args = parser.parse_args()
     if args.chain:
-        return chain()
+        return chain(args.fp8)
     c = idefics_9b()
     d, f = c.hidden_size, c.intermediate_size
     shapes = {"wqkv": (3 * d, d), "wo": (d, d), "w13": (2 * f, d), "w2": (d, f), "lm_head": (c.total_vocab_size, d)}

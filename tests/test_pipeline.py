@@ -127,6 +127,23 @@ def test_a_bad_image_in_a_list_fails_only_its_item(demo, tmp_path):
     assert not isinstance(single.value, ItemErrors)
 
 
+def test_the_prompts_of_one_call_enter_the_batch_in_one_prefill(demo, monkeypatch):
+    # Their images finish decoding one by one; the prompts ready first wait for the others (their images encoded
+    # meanwhile) instead of each starting a prefill that reads every weight.
+    some = sorted(DEMO_IMAGES.iterdir())[:4]
+    alone = [demo.caption(x, max_new_tokens=3) for x in some]
+    prefills, prefill = [], demo.engine.prefill_batch
+
+    def counted(prompts, *args, **kwargs):
+        prefills.append(len(prompts))
+        return prefill(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(demo.engine, "prefill_batch", counted)
+    demo.engine.encoder.cache.clear()
+    assert demo.caption(some * 3, max_new_tokens=3) == alone * 3
+    assert prefills == [12]
+
+
 def test_a_prompt_too_long_fails_alone_and_generate_gives_the_others_completions(demo):
     image = sorted(DEMO_IMAGES.iterdir())[0]
     long = "a red door, a pumpkin, a ghost. " * 200
@@ -165,7 +182,7 @@ def test_the_fast_path_decodes_jpegs_scaled_down_and_stays_close_to_the_exact_pi
     assert torch.equal(exact.pixels(png.getvalue()), fast.pixels(png.getvalue()))  # other formats: exact
 
 
-MEMORY_SCRIPT = textwrap.dedent("""
+MEMORY_SCRIPT = textwrap.dedent(r"""
     import re, sys
     from pathlib import Path
     from idefics import pipeline

@@ -60,6 +60,10 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
 
 PROCESS_OPTIONS = ("add_end_of_utterance_token",)
 WINDOW = 256  # prompts of one generate() call between the image workers and the end of their generation at once
+# A call's prompts whose images are ready wait for the others still loading, up to this many, to enter the running
+# batch in one prefill; their images are encoded meanwhile. (Prompts trickling in one by one as their images decode
+# would each start a prefill, and each prefill reads every weight of the model.)
+HOLD = 64
 
 
 def _switches(call: str, options: dict, known: tuple[str, ...]):
@@ -178,12 +182,15 @@ class Idefics:
         return results
 
     def _run_prompts(self, batch: list[list], o: GenerationOptions, eou: bool) -> list[Request | IdeficsError]:
-        """Each prompt through the image pipeline and, as soon as its images are ready, into the running batch
-        (beam search: only made ready, run by the caller), at most WINDOW prompts at a time -> each prompt's
-        finished Request or its error."""
+        """Each prompt through the image pipeline and, once its images are ready, into the running batch (with the
+        others of the call that are ready by then: see HOLD; beam search: only made ready, run by the caller), at most
+        WINDOW prompts at a time -> each prompt's finished Request or its error."""
         events: queue.SimpleQueue = queue.SimpleQueue()  # ("ready", b, Pending) from the workers; Outputs
         results: list = [None] * len(batch)
         running: dict = {}  # request id -> prompt index
+        held: list[tuple[int, Request]] = []  # ready, gathered to enter the batch together (one prefill)
+        ahead: queue.SimpleQueue = queue.SimpleQueue()  # held prompts' pixels, for the engine to encode meanwhile
+        group = min(HOLD, self.scheduler.max_batch or HOLD)
         started, finished = 0, 0
         window = WINDOW if o.num_beams == 1 else len(batch)
         context = self.config.max_position_embeddings
@@ -201,6 +208,12 @@ class Idefics:
                     pending.when_ready(lambda b=b, pending=pending: events.put(("ready", b, pending)))
                 if finished == len(batch):
                     break
+                loading = started - finished - len(running) - len(held)
+                if held and (not loading or len(held) >= group):
+                    for b, r in held:
+                        running[r.id] = b
+                    self.loop.submit([r for _, r in held], sinks=[events] * len(held))
+                    held.clear()
                 event = events.get()
                 if isinstance(event, Output):
                     if event.finish_reason is not None:
@@ -217,13 +230,24 @@ class Idefics:
                     continue
                 if o.num_beams > 1:
                     finished += 1
-                else:
-                    running[r.id] = b
-                    self.loop.submit([r], sinks=[events])
+                    continue
+                held.append((b, r))
+                if started - finished - len(running) - len(held) and len(held) < group and r.prompt.pixels.shape[0]:
+                    ahead.put(r.prompt.pixels)
+                    self.loop.post(lambda: self._encode_ahead(ahead))
         finally:  # an interrupted call leaves nothing behind
             for id in running:
                 self.loop.abort(id)
         return results
+
+    def _encode_ahead(self, ahead: queue.SimpleQueue):
+        """On the engine thread: encode the images of the prompts queued in ahead so far, into the encoder's cache,
+        where their prefill finds them (a few images cost little next to a prefill, which reads every weight)."""
+        pixels = []
+        while not ahead.empty():
+            pixels.append(ahead.get_nowait())
+        if pixels:
+            self.engine.encoder(torch.cat(pixels))
 
     def stream(self, prompt, *, add_end_of_utterance_token: bool | None = None, **options) -> Iterator[str]:
         """Yield the continuation of one prompt as text pieces, as tokens are decoded (never a broken character).

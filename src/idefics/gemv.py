@@ -136,10 +136,13 @@ def gemv(x: torch.Tensor | Normed, weight: torch.Tensor, swiglu: bool = False, n
     # 4 rows x 1024 columns per program (8 for matrices at least twice as tall as wide, as wqkv): many small
     # programs keep enough loads in flight. The best blocks for every idefics-9b matrix on an H200, timed as a
     # decode step runs them, one after another (bench/gemv_sweep.py --chain).
-    # fp8 (untuned): 8 rows x 1024 columns over 8 warps, as many bytes per program as bfloat16's widest tiles
-    # and as many sums per thread as its narrow ones.
-    if scale is not None:
-        block_n, warps = block_n or 8, warps or 8
+    # fp8: the best per matrix in the same chain with fp8 weights, on an H100 (bench/gemv_sweep.py --chain --fp8):
+    # 16 x 256 for wqkv, 4 x 512 (twice: gate and up rows) for w13, 8 x 1024 for wo, 4 x 1024 for w2, all over 4
+    # warps: a batch-1 fp8 decode step 11% faster than with 8 x 1024 over 8 warps everywhere (bench/fp8.py, one
+    # run after the other on one H100).
+    if scale is not None and block_n is None and block_k is None:
+        tall = 2 * k <= n and not swiglu
+        block_n, block_k = (16, 256) if tall else (4, 512) if swiglu else (8, 1024) if k <= n else (4, 1024)
     block_n = block_n or (8 if 2 * k <= n <= 16384 and not swiglu else 4)
     # At least 64: the prefetch loop splits a block into 128-byte lines of 64 columns (compiled even when unused).
     block_k = block_k or min(1024, max(64, triton.next_power_of_2(k)))

@@ -1,0 +1,105 @@
+"""Where one call of bench/job.py's captioning job spends its time: a timeline of the image workers, the engine
+thread's prefills, encodes and decode steps (host time, and device time between CUDA events recorded around each),
+for one m.caption call of --batch photos after a warm-up, in the exact and the fast decode.
+
+    PYTHONPATH=src python bench/job_trace.py [--batch 64] [--workers 16] [--small]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from job import NEW_TOKENS, PROMPT, ours, tiny_config, write_photos  # noqa: E402
+
+from idefics.config import idefics_9b  # noqa: E402
+from idefics.encoder import ImageEncoder  # noqa: E402
+from idefics.engine import Engine  # noqa: E402
+from idefics.pipeline import ImagePipeline, default_workers  # noqa: E402
+from idefics.scheduler import Scheduler  # noqa: E402
+
+EVENTS: list = []
+
+
+def traced(cls, name, label, extra=lambda *a: "", gpu=False):
+    fn = getattr(cls, name)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        ev = None
+        if gpu and torch.cuda.is_available():
+            ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            ev[0].record()
+        out = fn(*args, **kwargs)
+        if ev:
+            ev[1].record()
+        EVENTS.append((label, threading.current_thread().name, start, time.perf_counter(), extra(*args), ev))
+        return out
+
+    setattr(cls, name, wrapper)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def report(t0: float):
+    sync()
+    loads = [e for e in EVENTS if e[0] == "load"]
+    engine = sorted((e for e in EVENTS if e[0] != "load"), key=lambda e: e[2])
+    print(f"  images: {len(loads)} loaded, {1e3 * sum(e[3] - e[2] for e in loads) / max(1, len(loads)):.1f} ms each, "
+          f"first done at {1e3 * (min(e[3] for e in loads) - t0):.0f} ms, last at {1e3 * (max(e[3] for e in loads) - t0):.0f} ms")
+    totals: dict = {}
+    for label, thread, a, b, extra, ev in engine:
+        gpu = ev[0].elapsed_time(ev[1]) if ev else 0.0
+        tot = totals.setdefault(label, [0, 0.0, 0.0])
+        tot[0] += 1
+        tot[1] += 1e3 * (b - a)
+        tot[2] += gpu
+        if label != "step":
+            print(f"  {1e3 * (a - t0):8.1f} ms {label:8s} host {1e3 * (b - a):7.2f} ms device {gpu:7.2f} ms {extra}")
+    for label, (n, host, gpu) in totals.items():
+        print(f"  total {label}: {n} calls, host {host:.1f} ms, device {gpu:.1f} ms")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--small", action="store_true", help="the CPU and a tiny model (checks the script)")
+    args = parser.parse_args()
+    traced(ImagePipeline, "_load", "load")
+    traced(Engine, "prefill_batch", "prefill", lambda self, prompts, *a, **k: f"{len(prompts)} prompts "
+           f"{max(p.ids.shape[0] for p in prompts)} tokens", gpu=True)
+    traced(Engine, "decode", "decode", lambda self, tokens, *a, **k: f"{tokens.shape[0]} rows", gpu=True)
+    traced(ImageEncoder, "__call__", "encode", lambda self, pixels: f"{pixels.shape[0]} images", gpu=True)
+    traced(Scheduler, "step", "step")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_photos(Path(tmp), 2 * args.batch)
+        m = ours(tiny_config(), "cpu", torch.float32, args.workers, args.batch) if args.small else \
+            ours(idefics_9b(), "cuda", torch.bfloat16, args.workers, args.batch)
+        for decode in ("exact", "fast"):
+            m.processor.images.decode = decode
+            m.caption(files[args.batch:], PROMPT, max_new_tokens=NEW_TOKENS)
+            m.engine.encoder.cache.clear()
+            EVENTS.clear()
+            sync()
+            t0 = time.perf_counter()
+            m.caption(files[: args.batch], PROMPT, max_new_tokens=NEW_TOKENS)
+            sync()
+            wall = time.perf_counter() - t0
+            print(f"{decode}: {args.batch} images in {1e3 * wall:.0f} ms ({args.batch / wall:.1f} images/s)", flush=True)
+            report(t0)
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,9 @@ from idefics.images import ImageLimits
 
 CALLS_PER_REPLICA = 4  # batch_size-line calls a replica runs at once: its batch refills while results go back
 DECODE_MEMORY = ImageLimits.max_bytes + 3 * ImageLimits.max_pixels  # bytes: the encoded image and its RGB pixels
-LINES_PER_BLOCK = 128  # lines per decoding task: many tasks start at once, yet few enough that overhead stays small
+LINES_PER_BLOCK = 128  # lines per decoding task at most: many tasks start at once, yet few enough that overhead
+# stays small; a job of fewer lines than that per CPU of the cluster is split into one task per CPU instead (256
+# photos in 2 tasks would decode on 2 cores)
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,9 @@ def pipeline(ray, started: bool, todo: list, image_root: Path, defaults: dict, i
     """The pending lines -> a Ray dataset of their records (pickled), in the order they finish."""
     pool = size_pool(ray, started, replicas, gpus, cpus)
     rows = [{"line": line.number, "item": pickle.dumps(line)} for line in todo]
-    ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / LINES_PER_BLOCK))
+    cores = int(ray.cluster_resources().get("CPU", 1))
+    blocks = max(math.ceil(len(rows) / LINES_PER_BLOCK), min(len(rows), cores))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
     # Each decoding task asks for the memory of the largest image it may decode, a resource the replicas do not ask
     # for: so Ray places no more decodes on a node than its memory holds, and keeps them out of the replicas.
     ds = ds.map(decode, fn_kwargs=dict(image_root=image_root, defaults=defaults, image_size=image_size), num_cpus=1,

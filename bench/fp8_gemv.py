@@ -57,11 +57,10 @@ def _dot_kernel(X, W, S, Y, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     tl.store(Y + rn, y.to(tl.bfloat16))
 
 
-def run(kernel, x, w, s, bn, bk, warps, stages=None):
+def run(kernel, x, w, s, bn, bk, warps):
     n, k = w.shape
     y = torch.empty(1, n, device=x.device, dtype=torch.bfloat16)
-    extra = {"num_stages": stages} if stages else {}
-    kernel[(n // bn,)](x, w, s, y, n, k, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **extra)
+    kernel[(n // bn,)](x, w, s, y, n, k, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return y
 
 
@@ -93,7 +92,8 @@ def main():
                             continue
                         try:
                             if variant == "convert":
-                                fn = lambda i: gemv.gemv(x, q[i][0], scale=q[i][1], block_n=bn, block_k=bk, warps=warps)  # noqa: E731
+                                fn = lambda i: gemv.gemv(x, q[i][0], scale=q[i][1],  # noqa: E731
+                                                         block_n=bn, block_k=bk, warps=warps)
                             else:
                                 kern = _bits_kernel if variant == "bits" else _dot_kernel
                                 fn = lambda i: run(kern, x, q[i][0], q[i][1], bn, bk, warps)  # noqa: E731
@@ -106,8 +106,8 @@ def main():
         for variant in ("convert", "bits", "dot"):
             best = sorted(r for r in results if r[1] == variant)[:3]
             for t, v, bn, bk, warps, err in best:
-                print(f"  {v:8s} {bn:3d}x{bk:<5d} w{warps}: {t * 1e6:.1f} us {gb8 / t / 1e3:.2f} TB/s rel err {err:.2e}",
-                      flush=True)
+                print(f"  {v:8s} {bn:3d}x{bk:<5d} w{warps}: {t * 1e6:.1f} us {gb8 / t / 1e3:.2f} TB/s "
+                      f"rel err {err:.2e}", flush=True)
         wb = q = None  # the next shape's copies fit
         torch.cuda.empty_cache()
 

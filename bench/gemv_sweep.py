@@ -36,19 +36,20 @@ def graph_time(fn, copies: int) -> float:
     return min(timed(graph.replay)[0] for _ in range(3)) / (5 * copies)
 
 
+MATRICES = ("qkv", "wo", "w13", "w2")  # a decoder layer's products, in the chain's order
 # Per-matrix launch shapes to try in the chain (the other matrices keep gemv.gemv's defaults).
 BF16_BLOCKS = (("qkv 4 rows", {"qkv": dict(block_n=4)}), ("qkv 16x512", {"qkv": dict(block_n=16, block_k=512)}),
                ("wo 8 rows", {"wo": dict(block_n=8)}), ("wo 2x2048", {"wo": dict(block_n=2, block_k=2048)}),
                ("w13 2 rows", {"w13": dict(block_n=2)}), ("w13 8x512", {"w13": dict(block_n=8, block_k=512)}),
                ("w2 8 rows", {"w2": dict(block_n=8)}), ("w2 4x2048", {"w2": dict(block_n=4, block_k=2048)}),
-               ("8 warps", {m: dict(warps=8) for m in ("qkv", "wo", "w13", "w2")}))
+               ("8 warps", {m: dict(warps=8) for m in MATRICES}))
 FP8_BLOCKS = tuple(
     (f"{m} {bn}x{bk} w{w}", {m: dict(block_n=bn, block_k=bk, warps=w)})
     for m, shapes in (("qkv", ((8, 256, 4), (16, 256, 4), (8, 512, 4), (4, 1024, 4))),
                       ("wo", ((8, 1024, 4), (4, 1024, 4), (16, 512, 4), (8, 512, 4))),
                       ("w13", ((8, 512, 4), (16, 512, 8), (4, 1024, 4), (4, 512, 4))),
                       ("w2", ((8, 2048, 8), (4, 2048, 4), (16, 1024, 8), (4, 1024, 4))))
-    for bn, bk, w in shapes) + (("4 warps", {m: dict(warps=4) for m in ("qkv", "wo", "w13", "w2")}),)
+    for bn, bk, w in shapes) + (("4 warps", {m: dict(warps=4) for m in MATRICES}),)
 
 
 @torch.inference_mode()

@@ -10,13 +10,13 @@ import argparse
 import functools
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import sync  # noqa: E402
 from job import NEW_TOKENS, PROMPT, ours, tiny_config, write_photos  # noqa: E402
 
 from idefics.config import idefics_9b  # noqa: E402
@@ -41,25 +41,21 @@ def traced(cls, name, label, extra=lambda *a: "", gpu=False):
         out = fn(*args, **kwargs)
         if ev:
             ev[1].record()
-        EVENTS.append((label, threading.current_thread().name, start, time.perf_counter(), extra(*args), ev))
+        EVENTS.append((label, start, time.perf_counter(), extra(*args), ev))
         return out
 
     setattr(cls, name, wrapper)
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def report(t0: float):
     sync()
     loads = [e for e in EVENTS if e[0] == "load"]
-    engine = sorted((e for e in EVENTS if e[0] != "load"), key=lambda e: e[2])
-    print(f"  images: {len(loads)} loaded, {1e3 * sum(e[3] - e[2] for e in loads) / max(1, len(loads)):.1f} ms each, "
-          f"first done at {1e3 * (min(e[3] for e in loads) - t0):.0f} ms, last at {1e3 * (max(e[3] for e in loads) - t0):.0f} ms")
+    engine = sorted((e for e in EVENTS if e[0] != "load"), key=lambda e: e[1])
+    ends = [1e3 * (e[2] - t0) for e in loads]
+    print(f"  images: {len(loads)} loaded, {1e3 * sum(e[2] - e[1] for e in loads) / max(1, len(loads)):.1f} ms each, "
+          f"first done at {min(ends):.0f} ms, last at {max(ends):.0f} ms")
     totals: dict = {}
-    for label, thread, a, b, extra, ev in engine:
+    for label, a, b, extra, ev in engine:
         gpu = ev[0].elapsed_time(ev[1]) if ev else 0.0
         tot = totals.setdefault(label, [0, 0.0, 0.0])
         tot[0] += 1
@@ -97,7 +93,8 @@ def main():
             m.caption(files[: args.batch], PROMPT, max_new_tokens=NEW_TOKENS)
             sync()
             wall = time.perf_counter() - t0
-            print(f"{decode}: {args.batch} images in {1e3 * wall:.0f} ms ({args.batch / wall:.1f} images/s)", flush=True)
+            print(f"{decode}: {args.batch} images in {1e3 * wall:.0f} ms ({args.batch / wall:.1f} images/s)",
+                  flush=True)
             report(t0)
 
 

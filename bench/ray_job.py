@@ -138,7 +138,8 @@ def main() -> None:
         ready = min(map(float, marker.read_text().split()))  # the first replica's: its head start is counted
         result[f"ray_{replicas}"] = {
             "images_per_s": round(n / (end - ready), 2), "seconds": round(end - ready, 2),
-            "seconds_with_start_and_shutdown": round(finished - start, 2), "records_equal_local": round(same(records(out), expected), 3),
+            "seconds_with_start_and_shutdown": round(finished - start, 2),
+            "records_equal_local": round(same(records(out), expected), 3),
             "vs_local": round(n / (end - ready) / result["local"]["images_per_s"], 3),
             # the replicas' caption calls: start and end in seconds from the first replica's readiness, images
             "calls": sorted([round(float(a) - ready, 3), round(float(b) - ready, 3), int(c)]

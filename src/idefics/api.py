@@ -194,6 +194,10 @@ class Idefics:
         started, finished = 0, 0
         window = WINDOW if o.num_beams == 1 else len(batch)
         context = self.config.max_position_embeddings
+
+        def loading() -> int:  # prompts started whose images are not all ready yet
+            return started - finished - len(running) - len(held)
+
         try:
             while True:
                 while started < len(batch) and started - finished < window:
@@ -208,8 +212,7 @@ class Idefics:
                     pending.when_ready(lambda b=b, pending=pending: events.put(("ready", b, pending)))
                 if finished == len(batch):
                     break
-                loading = started - finished - len(running) - len(held)
-                if held and (not loading or len(held) >= group):
+                if held and (not loading() or len(held) >= group):
                     for b, r in held:
                         running[r.id] = b
                     self.loop.submit([r for _, r in held], sinks=[events] * len(held))
@@ -232,7 +235,7 @@ class Idefics:
                     finished += 1
                     continue
                 held.append((b, r))
-                if started - finished - len(running) - len(held) and len(held) < group and r.prompt.pixels.shape[0]:
+                if loading() and len(held) < group and r.prompt.pixels.shape[0]:
                     ahead.put(r.prompt.pixels)
                     self.loop.post(lambda: self._encode_ahead(ahead))
         finally:  # an interrupted call leaves nothing behind

@@ -5,6 +5,7 @@ import io
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 from transformers.image_utils import load_image as reference_load_image
 
 import idefics
+from idefics.encoder import ImageEncoder
 from idefics.engine import split_batch
 from idefics.errors import IdeficsError, ItemErrors
 from idefics.images import ImageTransform
@@ -142,6 +144,21 @@ def test_the_prompts_of_one_call_enter_the_batch_in_one_prefill(demo, monkeypatc
     demo.engine.encoder.cache.clear()
     assert demo.caption(some * 3, max_new_tokens=3) == alone * 3
     assert prefills == [12]
+
+
+def test_the_workers_hash_the_images_and_the_encoder_uses_their_keys(demo, monkeypatch):
+    images = sorted(DEMO_IMAGES.iterdir())[:2]
+    pending, ready = demo.processor.start([images[0], "One", images[1], "two"], False), threading.Event()
+    pending.when_ready(ready.set)  # (the keys come with readiness; a prompt taken before has none)
+    assert ready.wait(60)
+    prompt = pending.prompt()
+    assert prompt.keys == tuple(ImageEncoder.key(p) for p in prompt.pixels) and len(prompt.keys) == 2
+    hashed = []
+    monkeypatch.setattr(ImageEncoder, "key", staticmethod(lambda p: hashed.append(p) or b""))
+    demo.engine.encoder.cache.clear()
+    given = demo.engine.encoder([prompt.pixels], list(prompt.keys))
+    assert hashed == [] and given.shape[0] == 2
+    assert torch.equal(given, demo.model.encode_images(prompt.pixels))
 
 
 def test_a_prompt_too_long_fails_alone_and_generate_gives_the_others_completions(demo):

@@ -189,7 +189,7 @@ class Idefics:
         results: list = [None] * len(batch)
         running: dict = {}  # request id -> prompt index
         held: list[tuple[int, Request]] = []  # ready, gathered to enter the batch together (one prefill)
-        ahead: queue.SimpleQueue = queue.SimpleQueue()  # held prompts' pixels, for the engine to encode meanwhile
+        ahead: queue.SimpleQueue = queue.SimpleQueue()  # held prompts, whose images the engine encodes meanwhile
         group = min(HOLD, self.scheduler.max_batch or HOLD)
         started, finished = 0, 0
         window = WINDOW if o.num_beams == 1 else len(batch)
@@ -236,7 +236,7 @@ class Idefics:
                     continue
                 held.append((b, r))
                 if loading() and len(held) < group and r.prompt.pixels.shape[0]:
-                    ahead.put(r.prompt.pixels)
+                    ahead.put(r.prompt)
                     self.loop.post(lambda: self._encode_ahead(ahead))
         finally:  # an interrupted call leaves nothing behind
             for id in running:
@@ -246,11 +246,12 @@ class Idefics:
     def _encode_ahead(self, ahead: queue.SimpleQueue):
         """On the engine thread: encode the images of the prompts queued in ahead so far, into the encoder's cache,
         where their prefill finds them (a few images cost little next to a prefill, which reads every weight)."""
-        pixels = []
+        prompts = []
         while not ahead.empty():
-            pixels.append(ahead.get_nowait())
-        if pixels:
-            self.engine.encoder(torch.cat(pixels))
+            prompts.append(ahead.get_nowait())
+        if prompts:
+            keys = None if any(p.keys is None for p in prompts) else [k for p in prompts for k in p.keys]
+            self.engine.encoder([p.pixels for p in prompts], keys)
 
     def stream(self, prompt, *, add_end_of_utterance_token: bool | None = None, **options) -> Iterator[str]:
         """Yield the continuation of one prompt as text pieces, as tokens are decoded (never a broken character).

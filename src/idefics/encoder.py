@@ -36,14 +36,20 @@ class ImageEncoder:
 
     @staticmethod
     def key(pixels: torch.Tensor) -> bytes:
-        """pixels: one contiguous image on the CPU. hashlib reads the buffer in place and lets go of the GIL."""
-        return hashlib.blake2b(memoryview(pixels.numpy()).cast("B"), digest_size=16).digest()
+        """pixels: one image, (3, H, W). hashlib reads the buffer (C order) in place and lets go of the GIL."""
+        data = memoryview(pixels.detach().cpu().contiguous().numpy()).cast("B")
+        return hashlib.blake2b(data, digest_size=16).digest()
 
     @model_work
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (N, 3, H, W) -> features (N, T_img, D_img), encoding only images not seen recently."""
-        pixels = pixels.detach().cpu().contiguous()
-        keys = list(_hash_pool().map(self.key, pixels)) if len(pixels) > 1 else [self.key(p) for p in pixels]
+    def __call__(self, pixels: torch.Tensor | list[torch.Tensor], keys: list[bytes] | None = None) -> torch.Tensor:
+        """pixels (N, 3, H, W), or a list of such taken one after another -> features (N, T_img, D_img), encoding only
+        images not seen recently. keys: the images' `key`s where the caller has them (the image workers hash what
+        they make): then the engine's thread neither hashes the images nor copies those found in the cache."""
+        rows = list(pixels) if isinstance(pixels, torch.Tensor) else [row for part in pixels for row in part]
+        if keys is None:
+            rows = [row.detach().cpu().contiguous() for row in rows]
+            keys = list(_hash_pool().map(self.key, rows)) if len(rows) > 1 else [self.key(row) for row in rows]
+        assert len(keys) == len(rows), "one key per image"
         todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
         first = {k: keys.index(k) for k in todo}
         self.misses += len(todo)
@@ -51,7 +57,7 @@ class ImageEncoder:
         w = self.model.embed.weight
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i : i + self.batch_size]
-            x = pixels[[first[k] for k in chunk]].to(device=w.device).to(w.dtype)
+            x = torch.stack([rows[first[k]] for k in chunk]).to(device=w.device).to(w.dtype)
             for k, f in zip(chunk, self._encode(x)):
                 self.cache[k] = f.clone()
         out = [self.cache[k] for k in keys]

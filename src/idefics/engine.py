@@ -23,11 +23,13 @@ from idefics.runtime import model_work
 
 @dataclass
 class Prompt:
-    """One processed prompt, unpadded: ids (S,), pixels (N, 3, H, W) and image_mask (S, N) one-hot."""
+    """One processed prompt, unpadded: ids (S,), pixels (N, 3, H, W) and image_mask (S, N) one-hot; keys: each
+    image's content key for the encoder's cache (ImageEncoder.key), where the processor's workers computed them."""
 
     ids: torch.Tensor
     pixels: torch.Tensor
     image_mask: torch.Tensor
+    keys: tuple[bytes, ...] | None = None
 
 
 def images_seen(image_mask: torch.Tensor) -> int:
@@ -256,7 +258,8 @@ class Engine:
         self.pf_last[:b] = torch.tensor(lens, device=self.device) - 1
         self.pf_slots[:b] = self.index(slots)
         taken_index = self.index(taken)
-        feats = self.encoder(torch.cat([p.pixels for p in prompts]))  # (sum N, T, D)
+        keys = [k for p in prompts for k in p.keys] if all(p.keys is not None for p in prompts) else None
+        feats = self.encoder([p.pixels for p in prompts], keys)  # (sum N, T, D)
         self.pf_feats[:b, :t] = 0
         offset = 0
         for i, n in enumerate(n_images):

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from idefics.encoder import ImageEncoder
 from idefics.engine import Prompt, images_seen
 from idefics.errors import IdeficsError
 from idefics.images import ImageLimits, ImageTransform, is_image_reference, is_image_source
@@ -49,17 +50,27 @@ class Pending:
         self.ids = ids
         self.images = images  # (where, future of (3, H, W) pixels)
         self.left = len(images)
+        self.keys: dict[Future, bytes] = {}  # each image's key for the encoder's cache
         self.callbacks: list[Callable[[], None]] = []
         self.lock = threading.Lock()
         for _, future in images:
             future.add_done_callback(self._done)
 
     def _done(self, future: Future):
-        with self.lock:
-            self.left -= 1
-            callbacks = self.callbacks if self.left == 0 else []
-        for fn in callbacks:
-            fn()
+        # In the worker that made the pixels: their hash is not left to the engine's thread. (A raising callback would
+        # leave the prompt waiting forever: the count goes down whatever happens.)
+        key = None
+        try:
+            if not future.cancelled() and future.exception() is None and isinstance(future.result(), torch.Tensor):
+                key = ImageEncoder.key(future.result())
+        finally:
+            with self.lock:
+                if key is not None:
+                    self.keys[future] = key
+                self.left -= 1
+                callbacks = self.callbacks if self.left == 0 else []
+            for fn in callbacks:
+                fn()
 
     def when_ready(self, fn: Callable[[], None]):
         """Call fn() once every image is done (now if they are), in whichever thread finishes the last."""
@@ -91,7 +102,8 @@ class Pending:
         n = images_seen(mask)
         t = p.image_transform
         images = torch.stack(used[:n]) if n else torch.zeros(0, 3, t.image_size, t.image_size)
-        return Prompt(ids, images, mask[:, :n])
+        keys = tuple(self.keys.get(future) for _, future in self.images[:n])
+        return Prompt(ids, images, mask[:, :n], keys if None not in keys else None)
 
     def cancel(self):
         for _, future in self.images:

@@ -77,7 +77,7 @@ def main():
     traced(Engine, "prefill_batch", "prefill", lambda self, prompts, *a, **k: f"{len(prompts)} prompts "
            f"{max(p.ids.shape[0] for p in prompts)} tokens", gpu=True)
     traced(Engine, "decode", "decode", lambda self, tokens, *a, **k: f"{tokens.shape[0]} rows", gpu=True)
-    traced(ImageEncoder, "__call__", "encode", lambda self, pixels: f"{pixels.shape[0]} images", gpu=True)
+    traced(ImageEncoder, "__call__", "encode", lambda self, pixels, *a: f"{sum(map(len, pixels))} images", gpu=True)
     traced(Scheduler, "step", "step")
     with tempfile.TemporaryDirectory() as tmp:
         files = write_photos(Path(tmp), 2 * args.batch)

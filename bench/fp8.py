@@ -4,8 +4,8 @@
     PYTHONPATH=src python bench/fp8.py --small    # the same steps on a small config on the CPU (about a minute)
 
 1. idefics-9b shape, random weights: bfloat16 decode at each batch, then the same model quantized to fp8 in place
-   and decoded again with each product for rows > 1 (fp8.PRODUCT: "auto" is scaled_mm, "weight-only" the
-   Triton GEMM, "scaled" torch._scaled_mm with fp8 activations). Per run: decode tokens/s over the tokens after
+   and decoded again with each product for rows > 1 (fp8.PRODUCT: "auto" the Triton GEMM up to 16 rows and
+   scaled_mm above, "weight-only" the Triton GEMM, "scaled" torch._scaled_mm with fp8 activations). Per run: decode tokens/s over the tokens after
    the first, time to first token (image encoding included), peak memory, and the roofline: the card's copy
    bandwidth over the bytes a step reads, the weights (without the embedding table and the cross-attention
    key/value projections) plus the KV cache (self-attention at the run's mean length, and the image keys/values).

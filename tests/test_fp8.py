@@ -169,6 +169,39 @@ def test_weight_only_gemm_equals_the_upcast_product(dtype, m, k):
     torch.testing.assert_close(got.float(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m, n, k, split_k", [(5, 48, 512, 1), (5, 48, 512, 2), (5, 48, 512, 4), (33, 40, 320, 2),
+                                              (16, 32, 1100, 4), (33, 40, 192, 4)])
+def test_split_k_weight_only_gemm_equals_the_upcast_product(dtype, m, n, k, split_k):
+    """K in equal splits (512), a shorter last split (320: 3 + 2 tiles of 64; 192: 3 splits of one tile where 4 are
+    asked) and a ragged last tile (1100); 5 and 33 tokens fill part of a block of rows."""
+    q, s = fp8_weights(n, k)
+    x = torch.randn(m, k).to(dtype)
+    expected = fp8.upcast_mm(x.float(), q, s)
+    got = fp8_gemm.weight_only_mm(x, q, s, block_n=16, block_k=64, split_k=split_k)
+    assert got.dtype == dtype and got.shape == (m, n)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
+    again = fp8_gemm.weight_only_mm(x, q, s, block_n=16, block_k=64, split_k=split_k)
+    assert torch.equal(got, again)  # the splits are added in a fixed order: no atomics
+
+
+@pytest.mark.parametrize("n, k", [(12288, 4096), (22016, 4096), (4096, 4096), (4096, 11008), (48, 100)])
+@pytest.mark.parametrize("m", [2, 8, 33, 64, 500])
+def test_weight_only_launch_rule_splits_k_into_whole_tiles_none_empty(m, n, k):
+    for split_k in (None, 1, 3, 8, 64):
+        c = fp8_gemm.weight_only_config(m, n, k, split_k=split_k)
+        assert c["k_split"] % c["block_k"] == 0 and 1 <= c["split_k"] <= (split_k or 8)
+        assert (c["split_k"] - 1) * c["k_split"] < k <= c["split_k"] * c["k_split"]
+
+
+def test_weight_only_launch_rule_splits_k_only_for_few_tiles():
+    """wo (4096 x 4096) at 8 tokens: 64 tiles of 64 rows for 132 SMs; w13 (22016 x 4096): 344 of them."""
+    assert fp8_gemm.weight_only_config(8, 4096, 4096)["split_k"] > 1
+    assert fp8_gemm.weight_only_config(8, 22016, 4096)["split_k"] == 1
+    assert fp8_gemm.weight_only_config(2048, 4096, 4096)["split_k"] == 1  # prefill: tiles enough
+
+
 def test_token_quantization_kernel_equals_eager_bit_for_bit():
     torch.manual_seed(0)
     x = torch.randn(7, 1000) * torch.logspace(-3, 3, 7)[:, None]

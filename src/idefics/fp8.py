@@ -1,11 +1,18 @@
 """FP8 weights: a linear layer stored as float8_e4m3fn with one float32 scale per output channel, and its products.
 
     rows == 1      gemv.gemv reads the fp8 weights itself (the fused decode step calls it with the norms folded in)
+    2-16 rows      fp8_gemm.weight_only_mm: a Triton GEMM converting each fp8 weight tile to bfloat16 in registers,
+                   the activations untouched, K split over more programs where a matrix has few tiles of rows (the
+                   splits' float32 sums added by a second launch)
     more rows      torch._scaled_mm: activations quantized to fp8 per token (one scale each), fp8 tensor cores at
                    twice bfloat16's rate, the per-token and per-channel scales applied in its epilogue
-    (PRODUCT = "weight-only": a Triton GEMM converting each fp8 weight tile to bfloat16 in registers instead, the
-                   activations untouched; on an H100 it reads 8-64 rows at about 1.1 TB/s, below bfloat16's cuBLAS,
-                   where scaled_mm's whole decode step is 1.15x bfloat16's: bench/fp8.py)
+
+On an H100 (bench/fp8_gemm_sweep.py, one decoder layer's four products of the 9b) the weight-only GEMM takes 1.45x,
+1.40x and 1.33x less time than bfloat16's cuBLAS at 8, 16 and 32 rows, scaled_mm 1.16-1.19x; at 64 rows scaled_mm
+leads (1.28x against 1.17x). In the whole decode step (bench/fp8.py) the weight-only GEMM gains at batch 8 (1.23x
+bfloat16's tokens/s, scaled_mm 1.15x) but not at 32 (1.14x, scaled_mm 1.16x), hence the split at 16 rows; it also
+keeps the activations in bfloat16 (logits cosine 0.998 against the dequantized weights, scaled_mm 0.93, on random
+weights). PRODUCT forces one of them for every row count above one.
 
 Those kernels need Hopper (fp8 conversion in Triton and row-wise scaled_mm), bfloat16 activations and dimensions
 that are multiples of 16. Anywhere else (the CPU, older GPUs, float32) the layer upcasts: the fp8 weights are
@@ -22,7 +29,8 @@ from torch import nn
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3fn value: each row's largest weight maps onto it
 PRODUCTS = ("auto", "weight-only", "scaled")
-PRODUCT = "auto"  # which product serves rows > 1 on Hopper ("auto": scaled); bench/fp8.py sets it to measure each
+PRODUCT = "auto"  # which product serves rows > 1 on Hopper; bench/fp8.py sets it to measure each
+WEIGHT_ONLY_ROWS = 16  # "auto": the weight-only GEMM up to this many rows, scaled_mm above
 _CHUNK = 2048  # rows quantized at a time: the float32 temporaries stay small next to the layer
 
 
@@ -79,7 +87,7 @@ class Fp8Linear(nn.Module):
             from idefics.gemv import gemv
 
             y = gemv(x.contiguous(), self.weight, scale=self.scale)
-        elif PRODUCT == "weight-only":
+        elif PRODUCT == "weight-only" or (PRODUCT == "auto" and x.shape[0] <= WEIGHT_ONLY_ROWS):
             from idefics.fp8_gemm import weight_only_mm
 
             y = weight_only_mm(x.contiguous(), self.weight, self.scale)

@@ -3,6 +3,8 @@ the per-token quantization of activations that torch._scaled_mm multiplies. Runs
 under TRITON_INTERPRET=1 (the tests)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -10,21 +12,25 @@ import triton.language as tl
 from idefics.fp8 import FP8_MAX
 from idefics.kernels import INTERPRET, _launch, _wait_inputs, _warps
 
+H100_SMS = 132  # the streaming multiprocessors the launch rule plans for off CUDA (the interpreter)
+
 
 @triton.jit
-def _weight_only_kernel(X, W, S, Y, M, N, K, stride_x, stride_w, stride_y, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
-                        PDL: tl.constexpr):
+def _weight_only_kernel(X, W, S, Y, P, M, N, K, K_SPLIT, stride_x, stride_w, stride_y, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PARTIAL: tl.constexpr,
+                        DOT_F32: tl.constexpr, PDL: tl.constexpr):
     # The product is computed transposed, Y.T (N, M) = W (N, K) @ X.T (K, M): the weight rows fill the tensor
-    # cores' tall side, a few tokens their narrow side.
+    # cores' tall side, a few tokens their narrow side. Program (n, m, s) sums K[s * K_SPLIT, (s + 1) * K_SPLIT).
     dt = Y.dtype.element_ty
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     n_ok, m_ok = rn < N, rm < M
+    k_start = tl.program_id(2) * K_SPLIT
+    k_end = tl.minimum(k_start + K_SPLIT, K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     _wait_inputs(PDL)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
         if EVEN_K:
             w = tl.load(W + rn[:, None] * stride_w + kk[None, :], mask=n_ok[:, None], other=0.0)
@@ -37,28 +43,78 @@ def _weight_only_kernel(X, W, S, Y, M, N, K, stride_x, stride_w, stride_y, BLOCK
             acc += tl.dot(w.to(tl.float32), x.to(tl.float32), input_precision="ieee")
         else:  # fp8 -> bfloat16 is exact: the tensor cores see the stored weights
             acc = tl.dot(w.to(dt), x, acc)
-    y = acc * tl.load(S + rn, mask=n_ok, other=0.0)[:, None]
-    tl.store(Y + rm[None, :] * stride_y + rn[:, None], y.to(dt), mask=n_ok[:, None] & m_ok[None, :])
+    if PARTIAL:  # this split's float32 sums into P (splits, M, N); _sum_splits_kernel adds them and scales
+        p = P + tl.program_id(2) * M * N
+        tl.store(p + rm[None, :] * N + rn[:, None], acc, mask=n_ok[:, None] & m_ok[None, :])
+    else:
+        y = acc * tl.load(S + rn, mask=n_ok, other=0.0)[:, None]
+        tl.store(Y + rm[None, :] * stride_y + rn[:, None], y.to(dt), mask=n_ok[:, None] & m_ok[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(P, S, Y, M, N, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    # P (SPLIT_K, M, N) float32 -> Y (M, N) contiguous: the splits added in their order (the same sums every run),
+    # then scaled per channel
+    _wait_inputs(PDL)
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = r < M * N
+    acc = tl.load(P + r, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(P + s * M * N + r, mask=ok, other=0.0)
+    y = acc * tl.load(S + r % N, mask=ok, other=0.0)
+    tl.store(Y + r, y.to(Y.dtype.element_ty), mask=ok)
+
+
+@functools.cache
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H100_SMS
+
+
+def weight_only_config(m: int, n: int, k: int, sms: int = H100_SMS, block_n: int | None = None,
+                       block_k: int | None = None, split_k: int | None = None, warps: int | None = None,
+                       stages: int | None = None) -> dict:
+    """The launch shape of weight_only_mm for x (m, k) and a weight (n, k); arguments given are kept. Defaults, from
+    bench/fp8_gemm_sweep.py on an H100 (the 9b's four matrices at 8-64 rows): weight tiles of 64 x 128 (8 KB), 4
+    warps, 4 stages, and K split in 2 or 4 until there are 2 programs per SM, while each split keeps 4 tiles of K
+    at least (wqkv: 2 splits, w13: none, wo and w2: 4; each the best or within 5% of it up to 32 rows)."""
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    block_n = block_n or 64
+    block_k = block_k or min(128, triton.next_power_of_2(k))
+    if split_k is None:
+        tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+        split_k = 1
+        while split_k < 4 and tiles * split_k < 2 * sms and k // (2 * split_k * block_k) >= 4:
+            split_k *= 2
+    # Splits are whole tiles of K; none is left empty (the last may be shorter)
+    steps = triton.cdiv(k, block_k)
+    per_split = triton.cdiv(steps, min(split_k, steps))
+    return dict(block_m=block_m, block_n=block_n, block_k=block_k, split_k=triton.cdiv(steps, per_split),
+                k_split=per_split * block_k, warps=warps or 4, stages=stages or 4)
 
 
 def weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int | None = None,
-                   block_k: int | None = None, warps: int = 4, stages: int = 4) -> torch.Tensor:
+                   block_k: int | None = None, split_k: int | None = None, warps: int | None = None,
+                   stages: int | None = None) -> torch.Tensor:
     """x (M, K) bfloat16 or float32 @ (weight (N, K) float8_e4m3fn * scale (N,)[:, None]).T -> (M, N) in x's dtype,
-    float32 sums scaled once per channel. block_n, block_k, warps and stages override the launch shape."""
+    float32 sums scaled once per channel. The other arguments override weight_only_config's launch shape; with K
+    split, each split's sums go to a float32 workspace and a second launch adds them in a fixed order."""
     m, k = x.shape
     n = weight.shape[0]
     assert weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
+    c = weight_only_config(m, n, k, _sms(x.device), block_n, block_k, split_k, warps, stages)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m = min(64, max(16, triton.next_power_of_2(m)))
-    # Weight tiles of 8 KB either way. Narrow tiles for a few tokens: more programs keep more loads in flight;
-    # wide ones past 16 tokens, so that the tokens' tile is read from L2 fewer times.
-    block_n = block_n or (32 if m <= 16 else 64)
-    block_k = block_k or min(8192 // block_n, triton.next_power_of_2(k))
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _weight_only_kernel[grid](x, weight, scale, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-                              DOT_F32=INTERPRET or x.dtype == torch.float32, num_warps=warps, num_stages=stages,
-                              **_launch(x))
+    partial = c["split_k"] > 1
+    p = torch.empty(c["split_k"], m, n, dtype=torch.float32, device=x.device) if partial else y
+    grid = (triton.cdiv(n, c["block_n"]), triton.cdiv(m, c["block_m"]), c["split_k"])
+    _weight_only_kernel[grid](x, weight, scale, y, p, m, n, k, c["k_split"], x.stride(0), weight.stride(0),
+                              y.stride(0), BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"],
+                              EVEN_K=k % c["block_k"] == 0, PARTIAL=partial,
+                              DOT_F32=INTERPRET or x.dtype == torch.float32, num_warps=c["warps"],
+                              num_stages=c["stages"], **_launch(x))
+    if partial:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](p, scale, y, m, n, SPLIT_K=c["split_k"], BLOCK=block,
+                                                         num_warps=4, **_launch(x))
     return y
 
 

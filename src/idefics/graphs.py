@@ -36,6 +36,8 @@ class Graphs:
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # Only this thread's calls are checked during the capture: the image workers go on resizing on their own
+        # streams (resize.py), which capturing the model's stream does not involve.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn()
         return graph, out

@@ -1,7 +1,6 @@
 """Where one call of bench/job.py's captioning job spends its time: a timeline of the image workers, the engine
 thread's prefills, encodes and decode steps (host time, and device time between CUDA events recorded around each),
-for one m.caption call of --batch photos after a warm-up, in the exact decode (photos resized on the model's
-device, then by Pillow in the workers) and the fast one.
+for one m.caption call of --batch photos after a warm-up, in the exact and the fast decode.
 
     PYTHONPATH=src python bench/job_trace.py [--batch 64] [--workers 16] [--small]
 """
@@ -84,11 +83,8 @@ def main():
         files = write_photos(Path(tmp), 2 * args.batch)
         m = ours(tiny_config(), "cpu", torch.float32, args.workers, args.batch) if args.small else \
             ours(idefics_9b(), "cuda", torch.bfloat16, args.workers, args.batch)
-        device = m.processor.images.resize_device  # (the model's GPU: photos resized there)
-        for decode, resize_device in (("exact", device), ("exact", None), ("fast", device)):
-            m.processor.images.decode, m.processor.images.resize_device = decode, resize_device
-            if resize_device is None and device is not None:
-                decode = "exact, resized by Pillow"
+        for decode in ("exact", "fast"):
+            m.processor.images.decode = decode
             m.caption(files[args.batch:], PROMPT, max_new_tokens=NEW_TOKENS)
             m.engine.encoder.cache.clear()
             EVENTS.clear()

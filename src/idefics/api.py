@@ -89,8 +89,6 @@ class Idefics:
         options = engine_options(quantize)
         self.engine = Engine(model, **options) if team is None else team.leader(model, **options)
         self.scheduler = Scheduler(self.engine, tokenizer)
-        if self.engine.device.type == "cuda" and processor.images.resize_device is None:
-            processor.images.resize_device = self.engine.device  # photos resized there, the same bytes (resize.py)
         # One thread runs the model; every call, from any thread, goes through it.
         self.loop = EngineLoop(self.scheduler)
         if team is not None:  # collected without close(): the engine thread stops the workers between steps

@@ -36,8 +36,6 @@ class Graphs:
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        # Only this thread's calls are checked during the capture: the image workers go on resizing on their own
-        # streams (resize.py), which capturing the model's stream does not involve.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self.pool):
             out = fn()
         return graph, out

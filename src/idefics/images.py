@@ -228,24 +228,18 @@ class ImageTransform:
         """-> (N, 3, image_size, image_size) float32."""
         return torch.stack([self.pixels(im) for im in images])
 
-    @staticmethod
-    def rgb(image: Image.Image) -> Image.Image:
-        """The image in RGB, as the reference converts it (converting what is RGB already would only copy it)."""
-        return to_rgb(image) if image.mode != "RGB" or image.info.get("transparency") is not None else image
-
     def resized(self, image: Image.Image) -> Image.Image:
         """One image -> RGB, image_size x image_size, as the reference resizes it: PIL's bicubic resize on uint8 RGB,
         as transformers' resize() does. (Resizing the result again is a copy: the same pixels.)"""
-        return self.rgb(image).resize((self.image_size,) * 2, resample=Image.Resampling.BICUBIC)
+        if image.mode != "RGB" or image.info.get("transparency") is not None:
+            image = to_rgb(image)  # (converting what is RGB already would only copy it)
+        return image.resize((self.image_size,) * 2, resample=Image.Resampling.BICUBIC)
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """One image -> (3, image_size, image_size) float32."""
-        return self.normalized(np.asarray(self.resized(image)))
-
-    def normalized(self, x: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8, resized -> (3, H, W) float32, rescaled and normalized."""
+        x = np.asarray(self.resized(image))  # (H, W, 3) uint8
         # One look-up per pixel, in numpy: single-threaded, as many of these run side by side in worker threads.
-        return torch.from_numpy(self._table[_CHANNELS, x.transpose(2, 0, 1)])
+        return torch.from_numpy(self._table[_CHANNELS, x.transpose(2, 0, 1)])  # (3, H, W) float32
 
     @functools.cached_property
     def _table(self) -> np.ndarray:

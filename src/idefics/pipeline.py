@@ -5,10 +5,6 @@ and resizes, so threads run in parallel), and its decoded pixels are dropped as 
 holds one full-size image at a time, and all workers together at most `memory` bytes of them (an image larger
 than that is decoded alone).
 
-With resize_device set (a CUDA device: the model's, by default), a worker hands a large decoded image to that device
-to be resized (resize.py: Pillow's arithmetic as float64 matrix products, the same bytes) instead of resizing it on
-its core, which takes longer than decoding a photo does.
-
 decode "exact" gives the reference processor's pixel values bit for bit. decode "fast" lets JPEG decoding scale
 the picture down by 2, 4 or 8 in the DCT (Pillow's draft mode) to the smallest size still at least the target on
 both sides, before the same resize: several times less work on photos, slightly different pixels (measured in
@@ -24,10 +20,8 @@ from PIL import Image
 
 from idefics.errors import IdeficsError
 from idefics.images import ImageLimits, ImageTransform, load_image
-from idefics.resize import agrees_with_pillow, resize
 
 DECODES = ("exact", "fast")
-DEVICE_RESIZE_PIXELS = 512 * 512  # smaller images resize on the worker's core in less than a trip to the device
 MEMORY = 1 << 29  # bytes of decoded images the workers may hold at once (512 MiB)
 PILLOW_BLOCK = 1 << 30  # see _return_freed_images
 
@@ -92,9 +86,8 @@ class ImagePipeline:
     """Worker threads that turn image sources into (3, H, W) float32 pixel tensors."""
 
     def __init__(self, transform: ImageTransform, limits: ImageLimits = ImageLimits(), workers: int | None = None,
-                 decode: str = "exact", memory: int | None = None, resize_device: torch.device | str | None = None):
+                 decode: str = "exact", memory: int | None = None):
         self.transform = transform
-        self.resize_device = resize_device  # where large images are resized (None: by Pillow, in the worker)
         self.limits = limits
         self.workers = check_workers(workers)
         self.decode = check_decode(decode)
@@ -113,14 +106,7 @@ class ImagePipeline:
 
     def pixels(self, source) -> torch.Tensor:
         """Load, decode, resize and normalize one image, in the calling thread -> (3, H, W) float32."""
-        return self._load(source, self._pixels)
-
-    def _pixels(self, image: Image.Image) -> torch.Tensor:
-        t, device = self.transform, self.resize_device
-        width, height = image.size
-        if device is None or width * height < DEVICE_RESIZE_PIXELS or not agrees_with_pillow(t.image_size):
-            return t.pixels(image)
-        return t.normalized(resize(t.rgb(image), t.image_size, device))
+        return self._load(source, self.transform.pixels)
 
     def resized(self, source) -> Image.Image:
         """Load, decode and resize one image, in the calling thread -> RGB at the model's size (what the processor

@@ -10,7 +10,9 @@ captions every file with "This is an image of " and max_new_tokens=10, timed fro
   batch         idefics batch over a tasks.jsonl, one line per file (its run_file, in this process: the weights
                 are random, so there is no checkpoint to load)
   transformers  IdeficsProcessor + IdeficsForVisionText2Text.generate in batches of 64, the guide's way, on the
-                same weights (copied into transformers' model) and files
+                same weights (copied into transformers' model) and files: with transformers' default image
+                processor (torchvision's backend, where installed), and again with the PIL one (what the guide's
+                transformers 4.37.2 has)
   api_fast      the api run with image_decode="fast" (JPEGs decoded at a reduced scale first)
 Reports images/s of each and their ratio to transformers, how often our captions equal transformers', and the
 fast path's fidelity: pixel differences and the cosine of its last-position logits against the exact path's."""
@@ -124,15 +126,20 @@ def run_batch(m: Idefics, files: list[Path], root: Path) -> list[str]:
     return [results[f.name]["result"] for f in files]
 
 
-def reference_processor():
-    """The guide's processor on our tokenizer files; the default image processor (torchvision's backend where
-    it is installed), else the PIL one."""
+def reference_processor(pil: bool = False):
+    """The guide's processor on our tokenizer files: the default image processor (torchvision's backend where it
+    is installed, else the PIL one), or with pil the PIL one, which is what transformers 4.37.2 (the guide's) has:
+    PIL's resize and numpy's arithmetic, image by image."""
     from transformers import IdeficsProcessor, LlamaTokenizerFast
 
-    try:
-        from transformers import IdeficsImageProcessor
-        images = IdeficsImageProcessor()
-    except (ImportError, ValueError):
+    images = None
+    if not pil:
+        try:
+            from transformers import IdeficsImageProcessor
+            images = IdeficsImageProcessor()
+        except (ImportError, ValueError):
+            pass
+    if images is None:
         from transformers import IdeficsImageProcessorPil
         images = IdeficsImageProcessorPil()
     return IdeficsProcessor(images, LlamaTokenizerFast.from_pretrained(str(TOKENIZER)))
@@ -226,8 +233,13 @@ def main(argv=None) -> int:
             seconds, theirs = timed(lambda: run_reference(ref, processor, files, batch))
             result["transformers_images_s"] = n / seconds
             result["captions_equal_transformers"] = sum(a == b for a, b in zip(api, theirs)) / n
+            pil = reference_processor(pil=True)  # the guide's version's image processor
+            run_reference(ref, pil, warmup, batch)
+            seconds, _ = timed(lambda: run_reference(ref, pil, files, batch))
+            result["transformers_pil_images_s"] = n / seconds
             for name in ("api", "batch", "api_fast"):
                 result[f"{name}_vs_transformers"] = result[f"{name}_images_s"] / result["transformers_images_s"]
+                result[f"{name}_vs_transformers_pil"] = result[f"{name}_images_s"] / result["transformers_pil_images_s"]
 
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -14,7 +14,7 @@ from idefics.graphs import Graphs
 from idefics.model import IdeficsModel
 from idefics.runtime import model_work
 
-SMALL_IMAGE_BATCH = 8
+GRAPHED_IMAGES = 64  # the largest image batch captured; n images run as the powers of two that add up to n
 
 
 @functools.cache
@@ -71,20 +71,29 @@ class ImageEncoder:
         return torch.stack(out)
 
     def warmup(self):
-        """Capture the small-batch encoders now (see Engine.warmup)."""
+        """Capture the encoders now (see Engine.warmup): one per power of two up to GRAPHED_IMAGES."""
         if self.graphs is None:
             return
         w, size = self.model.embed.weight, self.model.config.vision.image_size
-        for n in (1 << i for i in range(SMALL_IMAGE_BATCH.bit_length())):
+        for n in (1 << i for i in range(GRAPHED_IMAGES.bit_length())):
             self._encode(torch.zeros(n, 3, size, size, dtype=w.dtype, device=w.device))
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        """A few images (the latency case) through a captured graph; larger batches keep the GPU busy anyway."""
+        """x (n, 3, H, W), n <= batch_size, through captured graphs: 13 images run as 8 + 4 + 1, no padding. The
+        engine's thread, which launches them, shares the interpreter with the image workers: a replay is a few
+        calls where an eager encoder is hundreds, each waiting its turn while the workers decode."""
         n = x.shape[0]
-        if self.graphs is None or n > SMALL_IMAGE_BATCH:
+        if self.graphs is None or n > GRAPHED_IMAGES:
             return self.model.encode_images(x)
         if self.pixels is None:
-            self.pixels = torch.zeros(SMALL_IMAGE_BATCH, *x.shape[1:], dtype=x.dtype, device=x.device)
-        m = 1 << (n - 1).bit_length()  # power-of-two bucket
-        self.pixels[:n] = x
-        return self.graphs.run(("encode", m), lambda: self.model.encode_images(self.pixels[:m]))[:n]
+            self.pixels = torch.zeros(GRAPHED_IMAGES, *x.shape[1:], dtype=x.dtype, device=x.device)
+        out, start = [], 0
+        for m in (1 << i for i in reversed(range(n.bit_length()))):
+            if n & m:
+                self.pixels[:m] = x[start : start + m]
+                features = self.graphs.run(("encode", m), lambda m=m: self.model.encode_images(self.pixels[:m]))
+                # Copied before the next replay: graphs share one memory pool, so another graph's replay may write
+                # where this one's output lies.
+                out.append(features.clone())
+                start += m
+        return out[0] if len(out) == 1 else torch.cat(out)

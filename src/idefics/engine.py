@@ -199,9 +199,10 @@ class Engine:
 
     @model_work
     def warmup(self):
-        """Capture now, while no sequence is live, the decode step for every slot bucket, the image encoder for small
-        batches and the prefill of one prompt with one image for every length bucket up to WARM_PREFILL, so that no
-        request joining a running batch waits for a capture (tens of milliseconds each, several decode steps)."""
+        """Capture now, while no sequence is live, the decode step for every slot bucket, the image encoders
+        (ImageEncoder.warmup) and the prefill of one prompt with one image for every length bucket up to
+        WARM_PREFILL, so that no request joining a running batch waits for a capture (tens of milliseconds each,
+        several decode steps)."""
         if self.graphs is None or self.fused is None or self.cache is None:
             return  # the plain step's graphs are keyed by attention length too: they are captured as they come
         self.encoder.warmup()

@@ -225,3 +225,25 @@ def test_progress_shows_images_and_tokens_per_second(model, tmp_path, capsys):
     assert batch(model, tasks, out) == 0
     err = capsys.readouterr().err
     assert re.search(r"6/6 .*\d+(\.\d+)? images/s, \d+ tokens/s", err), err
+
+
+def test_the_lines_enter_the_batch_together_and_give_what_they_give_alone(model, tmp_path, monkeypatch):
+    """Each line is a call of its own; while the lines run they share one gate (Idefics.gather), so their prompts
+    wait for each other's images and enter the running batch in a few prefills, not one each as their photos
+    decode (each prefill reads every weight). Their captions are those of the lines run one at a time."""
+    from test_pipeline import jpeg, photo
+
+    for i in range(12):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg(photo(1600, 1067, i)))
+    lines = [{"task": "caption", "id": i, "image": f"{i}.jpg", "prompt": f"Picture {i}:"} for i in range(12)]
+    tasks = write_lines(tmp_path / "tasks.jsonl", lines)
+    alone, together = tmp_path / "alone.jsonl", tmp_path / "together.jsonl"
+    assert run_file(str(tasks), alone, tmp_path, {"max_new_tokens": 2}, 1, lambda: model) == 0
+    prefills = []
+    real = model.engine.prefill_batch
+    monkeypatch.setattr(model.engine, "prefill_batch", lambda prompts, *a, **k: prefills.append(len(prompts))
+                        or real(prompts, *a, **k))
+    assert run_file(str(tasks), together, tmp_path, {"max_new_tokens": 2}, 12, lambda: model) == 0
+    assert sorted(records(together), key=lambda r: r["id"]) == records(alone)
+    assert sum(prefills) == 12 and len(prefills) <= 2, prefills
+    assert model.gather is False  # (on only while the lines run)

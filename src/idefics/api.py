@@ -18,6 +18,7 @@ from idefics.beam import beam_search
 from idefics.engine import Engine, check_room
 from idefics.generate import Completion, completion
 from idefics.errors import IdeficsError, ItemErrors
+from idefics.gate import Gate
 from idefics.hub import resolve
 from idefics.images import ImageTransform
 from idefics.inputs import full_logits
@@ -60,10 +61,7 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
 
 PROCESS_OPTIONS = ("add_end_of_utterance_token",)
 WINDOW = 256  # prompts of one generate() call between the image workers and the end of their generation at once
-# A call's prompts whose images are ready wait for the others still loading, up to this many, to enter the running
-# batch in one prefill; their images are encoded meanwhile. (Prompts trickling in one by one as their images decode
-# would each start a prefill, and each prefill reads every weight of the model.)
-HOLD = 64
+HOLD = 64  # ready prompts waiting for others still loading, at most, before they enter the batch (gate.py)
 
 
 def _switches(call: str, options: dict, known: tuple[str, ...]):
@@ -91,6 +89,10 @@ class Idefics:
         self.scheduler = Scheduler(self.engine, tokenizer)
         # One thread runs the model; every call, from any thread, goes through it.
         self.loop = EngineLoop(self.scheduler)
+        # Whether calls wait for each other's prompts at one gate (gate.py), for throughput: `idefics batch` turns
+        # it on while its lines run, each line a call of its own. Off, a call's prompts wait only for each other.
+        self.gather = False
+        self._gate = Gate(self.loop.submit, HOLD)
         if team is not None:  # collected without close(): the engine thread stops the workers between steps
             team.post = self.loop.post
             weakref.finalize(self, team.retire)
@@ -182,24 +184,24 @@ class Idefics:
         return results
 
     def _run_prompts(self, batch: list[list], o: GenerationOptions, eou: bool) -> list[Request | IdeficsError]:
-        """Each prompt through the image pipeline and, once its images are ready, into the running batch (with the
-        others of the call that are ready by then: see HOLD; beam search: only made ready, run by the caller), at most
+        """Each prompt through the image pipeline and, once its images are ready, into the running batch (through a
+        gate, with the others ready by then: gate.py; beam search: only made ready, run by the caller), at most
         WINDOW prompts at a time -> each prompt's finished Request or its error."""
         events: queue.SimpleQueue = queue.SimpleQueue()  # ("ready", b, Pending) from the workers; Outputs
         results: list = [None] * len(batch)
-        running: dict = {}  # request id -> prompt index
-        held: list[tuple[int, Request]] = []  # ready, gathered to enter the batch together (one prefill)
-        ahead: queue.SimpleQueue = queue.SimpleQueue()  # held prompts, whose images the engine encodes meanwhile
+        running: dict = {}  # request id -> prompt index, from the gate on
+        ahead: queue.SimpleQueue = queue.SimpleQueue()  # prompts waiting at the gate, their images encoded meanwhile
         group = min(HOLD, self.scheduler.max_batch or HOLD)
-        started, finished = 0, 0
+        if self.gather:
+            gate = self._gate
+            gate.group = group
+        else:
+            gate = Gate(self.loop.submit, group)
+        started, finished, loading = 0, 0, 0  # loading: this call's prompts whose images are not all ready
         window = WINDOW if o.num_beams == 1 else len(batch)
         context = self.config.max_position_embeddings
-
-        def loading() -> int:  # prompts started whose images are not all ready yet
-            return started - finished - len(running) - len(held)
-
         try:
-            while True:
+            while finished < len(batch):
                 while started < len(batch) and started - finished < window:
                     b, started = started, started + 1
                     try:
@@ -209,14 +211,11 @@ class Idefics:
                     except IdeficsError as e:
                         results[b], finished = e, finished + 1
                         continue
+                    gate.started()
+                    loading += 1
                     pending.when_ready(lambda b=b, pending=pending: events.put(("ready", b, pending)))
                 if finished == len(batch):
                     break
-                if held and (not loading() or len(held) >= group):
-                    for b, r in held:
-                        running[r.id] = b
-                    self.loop.submit([r for _, r in held], sinks=[events] * len(held))
-                    held.clear()
                 event = events.get()
                 if isinstance(event, Output):
                     if event.finish_reason is not None:
@@ -226,20 +225,23 @@ class Idefics:
                         finished += 1
                     continue
                 _, b, pending = event
+                loading -= 1
                 try:
                     results[b] = r = Request.make(pending.prompt(), o, self.tokenizer, context, where=f"prompt {b}")
                 except IdeficsError as e:
                     results[b], finished = e, finished + 1
+                    gate.loaded()
                     continue
                 if o.num_beams > 1:
                     finished += 1
+                    gate.loaded()
                     continue
-                held.append((b, r))
-                if loading() and len(held) < group and r.prompt.pixels.shape[0]:
+                running[r.id] = b
+                if gate.loaded(r, events) and r.prompt.pixels.shape[0]:
                     ahead.put(r.prompt)
                     self.loop.post(lambda: self._encode_ahead(ahead))
         finally:  # an interrupted call leaves nothing behind
-            for id in running:
+            for id in gate.leave(set(running), loading):
                 self.loop.abort(id)
         return results
 

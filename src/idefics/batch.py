@@ -317,6 +317,7 @@ def process(m, todo: list[Line], image_root: Path, defaults: dict, window: int,
     failures = 0
     lines = iter(todo)
     pool = ThreadPoolExecutor(window, thread_name_prefix="idefics-batch")
+    gather, m.gather = m.gather, True  # the lines' prompts wait for each other to enter the batch together (gate.py)
     try:
         running = {pool.submit(run_line, m, line, image_root, defaults) for line in itertools.islice(lines, window)}
         while running:
@@ -332,6 +333,7 @@ def process(m, todo: list[Line], image_root: Path, defaults: dict, window: int,
                     break
     finally:  # interrupted: what has not started never will; lines still running finish in the background
         pool.shutdown(wait=False, cancel_futures=True)
+        m.gather = gather
     return failures
 
 

@@ -2,7 +2,7 @@
 thread's prefills, encodes and decode steps (host time, and device time between CUDA events recorded around each),
 for one m.caption call of --batch photos after a warm-up, in the exact and the fast decode.
 
-    PYTHONPATH=src python bench/job_trace.py [--batch 64] [--workers 16] [--small]
+    PYTHONPATH=src python bench/job_trace.py [--batch 64] [--workers 16] [--path api|batch] [--small]
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import sync  # noqa: E402
-from job import NEW_TOKENS, PROMPT, ours, tiny_config, write_photos  # noqa: E402
+from job import NEW_TOKENS, PROMPT, ours, run_batch, tiny_config, write_photos  # noqa: E402
 
 from idefics.config import idefics_9b  # noqa: E402
 from idefics.encoder import ImageEncoder  # noqa: E402
@@ -72,6 +72,8 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--small", action="store_true", help="the CPU and a tiny model (checks the script)")
+    parser.add_argument("--path", choices=["api", "batch"], default="api",
+                        help="one m.caption call of the photos, or idefics batch over one line per photo")
     args = parser.parse_args()
     traced(ImagePipeline, "_load", "load")
     traced(Engine, "prefill_batch", "prefill", lambda self, prompts, *a, **k: f"{len(prompts)} prompts "
@@ -83,18 +85,24 @@ def main():
         files = write_photos(Path(tmp), 2 * args.batch)
         m = ours(tiny_config(), "cpu", torch.float32, args.workers, args.batch) if args.small else \
             ours(idefics_9b(), "cuda", torch.bfloat16, args.workers, args.batch)
+        if args.path == "batch":  # the same photos as lines of a tasks.jsonl, through idefics batch
+            def job(photos):
+                run_batch(m, photos, Path(tmp))
+        else:
+            def job(photos):
+                m.caption(photos, PROMPT, max_new_tokens=NEW_TOKENS)
         for decode in ("exact", "fast"):
             m.processor.images.decode = decode
-            m.caption(files[args.batch:], PROMPT, max_new_tokens=NEW_TOKENS)
+            job(files[args.batch:])
             m.engine.encoder.cache.clear()
             EVENTS.clear()
             sync()
             t0 = time.perf_counter()
-            m.caption(files[: args.batch], PROMPT, max_new_tokens=NEW_TOKENS)
+            job(files[: args.batch])
             sync()
             wall = time.perf_counter() - t0
-            print(f"{decode}: {args.batch} images in {1e3 * wall:.0f} ms ({args.batch / wall:.1f} images/s)",
-                  flush=True)
+            print(f"{decode} ({args.path}): {args.batch} images in {1e3 * wall:.0f} ms ({args.batch / wall:.1f} "
+                  "images/s)", flush=True)
             report(t0)
 
 

@@ -252,8 +252,7 @@ class Idefics:
         while not ahead.empty():
             prompts.append(ahead.get_nowait())
         if prompts:
-            keys = None if any(p.keys is None for p in prompts) else [k for p in prompts for k in p.keys]
-            self.engine.encoder([p.pixels for p in prompts], keys)
+            self.engine.encoder.of_prompts(prompts)
 
     def stream(self, prompt, *, add_end_of_utterance_token: bool | None = None, **options) -> Iterator[str]:
         """Yield the continuation of one prompt as text pieces, as tokens are decoded (never a broken character).

@@ -7,12 +7,16 @@ import hashlib
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 
 from idefics.graphs import Graphs
 from idefics.model import IdeficsModel
 from idefics.runtime import model_work
+
+if TYPE_CHECKING:
+    from idefics.engine import Prompt
 
 GRAPHED_IMAGES = 64  # the largest image batch captured; n images run as the powers of two that add up to n
 
@@ -69,6 +73,12 @@ class ImageEncoder:
             c = self.model.config
             return torch.zeros(0, c.image_seq_len, c.image_dim, dtype=w.dtype, device=w.device)
         return torch.stack(out)
+
+    def of_prompts(self, prompts: list[Prompt]) -> torch.Tensor:
+        """The images of prompts, one prompt's after another -> features (sum N, T_img, D_img), given their keys
+        where every prompt carries them."""
+        keys = None if any(p.keys is None for p in prompts) else [k for p in prompts for k in p.keys]
+        return self([p.pixels for p in prompts], keys)
 
     def warmup(self):
         """Capture the encoders now (see Engine.warmup): one per power of two up to GRAPHED_IMAGES."""

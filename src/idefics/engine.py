@@ -259,8 +259,7 @@ class Engine:
         self.pf_last[:b] = torch.tensor(lens, device=self.device) - 1
         self.pf_slots[:b] = self.index(slots)
         taken_index = self.index(taken)
-        keys = [k for p in prompts for k in p.keys] if all(p.keys is not None for p in prompts) else None
-        feats = self.encoder([p.pixels for p in prompts], keys)  # (sum N, T, D)
+        feats = self.encoder.of_prompts(prompts)  # (sum N, T, D)
         self.pf_feats[:b, :t] = 0
         offset = 0
         for i, n in enumerate(n_images):

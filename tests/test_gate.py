@@ -47,3 +47,18 @@ def test_a_call_that_leaves_early_takes_its_waiting_requests_and_is_no_longer_wa
     assert not g.loaded(request(4), "C")  # nothing else loading: in at once
     assert entered[-1] == [(4, "C")]
     assert g.leave({4}, loading=0) == {4}  # had entered: its call aborts it
+
+
+def test_a_calls_thread_gets_only_the_outputs_that_end_its_requests():
+    import queue
+
+    from idefics.api import _Ends
+    from idefics.scheduler import Output
+
+    events = queue.SimpleQueue()
+    ends = _Ends(events)
+    for output in (Output(1, 5, "a"), Output(1, 6, "b"), Output(2, None, "", "error", error="bad"),
+                   Output(1, 7, "c", "length")):
+        ends.put(output)
+    got = [events.get_nowait() for _ in range(events.qsize())]
+    assert [(o.id, o.finish_reason) for o in got] == [(2, "error"), (1, "length")]

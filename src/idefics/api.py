@@ -64,6 +64,19 @@ WINDOW = 256  # prompts of one generate() call between the image workers and the
 HOLD = 64  # ready prompts waiting for others still loading, at most, before they enter the batch (gate.py)
 
 
+class _Ends:
+    """A call's sink of outputs (put() on the engine's thread) that passes on only those ending a request: the call
+    waits for those alone, and each step's others would wake its thread for nothing, once per request per step
+    (with `idefics batch`, a thread per line)."""
+
+    def __init__(self, events: queue.SimpleQueue):
+        self.events = events
+
+    def put(self, output: Output):
+        if output.finish_reason is not None:
+            self.events.put(output)
+
+
 def _switches(call: str, options: dict, known: tuple[str, ...]):
     """Keyword options that are switches: each one known, and True, False or None (the default)."""
     for name, value in options.items():
@@ -188,6 +201,7 @@ class Idefics:
         gate, with the others ready by then: gate.py; beam search: only made ready, run by the caller), at most
         WINDOW prompts at a time -> each prompt's finished Request or its error."""
         events: queue.SimpleQueue = queue.SimpleQueue()  # ("ready", b, Pending) from the workers; Outputs
+        ends = _Ends(events)  # where the requests' outputs go: only those that end a request reach this thread
         results: list = [None] * len(batch)
         running: dict = {}  # request id -> prompt index, from the gate on
         ahead: queue.SimpleQueue = queue.SimpleQueue()  # prompts waiting at the gate, their images encoded meanwhile
@@ -217,12 +231,11 @@ class Idefics:
                 if finished == len(batch):
                     break
                 event = events.get()
-                if isinstance(event, Output):
-                    if event.finish_reason is not None:
-                        b = running.pop(event.id)
-                        if event.error is not None:
-                            results[b] = IdeficsError(event.error)
-                        finished += 1
+                if isinstance(event, Output):  # (one that ends its request)
+                    b = running.pop(event.id)
+                    if event.error is not None:
+                        results[b] = IdeficsError(event.error)
+                    finished += 1
                     continue
                 _, b, pending = event
                 loading -= 1
@@ -237,7 +250,7 @@ class Idefics:
                     gate.loaded()
                     continue
                 running[r.id] = b
-                if gate.loaded(r, events) and r.prompt.pixels.shape[0]:
+                if gate.loaded(r, ends) and r.prompt.pixels.shape[0]:
                     ahead.put(r.prompt)
                     self.loop.post(lambda: self._encode_ahead(ahead))
         finally:  # an interrupted call leaves nothing behind

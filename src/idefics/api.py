@@ -105,7 +105,11 @@ class Idefics:
         # Whether calls wait for each other's prompts at one gate (gate.py), for throughput: `idefics batch` turns
         # it on while its lines run, each line a call of its own. Off, a call's prompts wait only for each other.
         self.gather = False
-        self._gate = Gate(self.loop.submit, HOLD)
+        self._gate = Gate(self.loop.submit, HOLD, self.loop.when_idle)
+        # Prompts waiting at a gate, of every call: their images are encoded meanwhile, in as few encoder calls as
+        # the engine thread's pace allows (one posted at a time), not one call per prompt.
+        self._ahead: queue.SimpleQueue = queue.SimpleQueue()
+        self._ahead_posted = False
         if team is not None:  # collected without close(): the engine thread stops the workers between steps
             team.post = self.loop.post
             weakref.finalize(self, team.retire)
@@ -204,13 +208,12 @@ class Idefics:
         ends = _Ends(events)  # where the requests' outputs go: only those that end a request reach this thread
         results: list = [None] * len(batch)
         running: dict = {}  # request id -> prompt index, from the gate on
-        ahead: queue.SimpleQueue = queue.SimpleQueue()  # prompts waiting at the gate, their images encoded meanwhile
         group = min(HOLD, self.scheduler.max_batch or HOLD)
         if self.gather:
             gate = self._gate
             gate.group = group
         else:
-            gate = Gate(self.loop.submit, group)
+            gate = Gate(self.loop.submit, group, self.loop.when_idle)
         started, finished, loading = 0, 0, 0  # loading: this call's prompts whose images are not all ready
         window = WINDOW if o.num_beams == 1 else len(batch)
         context = self.config.max_position_embeddings
@@ -251,19 +254,22 @@ class Idefics:
                     continue
                 running[r.id] = b
                 if gate.loaded(r, ends) and r.prompt.pixels.shape[0]:
-                    ahead.put(r.prompt)
-                    self.loop.post(lambda: self._encode_ahead(ahead))
+                    self._ahead.put(r.prompt)
+                    if not self._ahead_posted:  # (else the one posted, not run yet, takes this prompt too)
+                        self._ahead_posted = True
+                        self.loop.post(self._encode_ahead)
         finally:  # an interrupted call leaves nothing behind
             for id in gate.leave(set(running), loading):
                 self.loop.abort(id)
         return results
 
-    def _encode_ahead(self, ahead: queue.SimpleQueue):
-        """On the engine thread: encode the images of the prompts queued in ahead so far, into the encoder's cache,
+    def _encode_ahead(self):
+        """On the engine thread: encode the images of the prompts queued ahead so far, into the encoder's cache,
         where their prefill finds them (a few images cost little next to a prefill, which reads every weight)."""
+        self._ahead_posted = False  # (before taking: a prompt queued from now on posts a call of its own)
         prompts = []
-        while not ahead.empty():
-            prompts.append(ahead.get_nowait())
+        while not self._ahead.empty():
+            prompts.append(self._ahead.get_nowait())
         if prompts:
             self.engine.encoder.of_prompts(prompts)
 

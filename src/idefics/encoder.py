@@ -3,7 +3,6 @@ image seen again (a second label, a resumed chat, a repeated photo) is not encod
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from idefics.graphs import Graphs
+from idefics.images import pixel_key
 from idefics.model import IdeficsModel
 from idefics.runtime import model_work
 
@@ -40,9 +40,8 @@ class ImageEncoder:
 
     @staticmethod
     def key(pixels: torch.Tensor) -> bytes:
-        """pixels: one image, (3, H, W). hashlib reads the buffer (C order) in place and lets go of the GIL."""
-        data = memoryview(pixels.detach().cpu().contiguous().numpy()).cast("B")
-        return hashlib.blake2b(data, digest_size=16).digest()
+        """pixels: one image, (3, H, W) -> its images.pixel_key."""
+        return pixel_key(pixels.detach().cpu().contiguous().numpy())
 
     @model_work
     def __call__(self, pixels: torch.Tensor | list[torch.Tensor], keys: list[bytes] | None = None) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
 import io
 import json
 import os
@@ -226,7 +227,7 @@ class ImageTransform:
 
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
         """-> (N, 3, image_size, image_size) float32."""
-        return torch.stack([self.pixels(im) for im in images])
+        return torch.from_numpy(np.stack([self.pixels(im) for im in images]))
 
     def resized(self, image: Image.Image) -> Image.Image:
         """One image -> RGB, image_size x image_size, as the reference resizes it: PIL's bicubic resize on uint8 RGB,
@@ -235,11 +236,11 @@ class ImageTransform:
             image = to_rgb(image)  # (converting what is RGB already would only copy it)
         return image.resize((self.image_size,) * 2, resample=Image.Resampling.BICUBIC)
 
-    def pixels(self, image: Image.Image) -> torch.Tensor:
+    def pixels(self, image: Image.Image) -> np.ndarray:
         """One image -> (3, image_size, image_size) float32."""
         x = np.asarray(self.resized(image))  # (H, W, 3) uint8
-        # One look-up per pixel, in numpy: single-threaded, as many of these run side by side in worker threads.
-        return torch.from_numpy(self._table[_CHANNELS, x.transpose(2, 0, 1)])  # (3, H, W) float32
+        # One look-up per pixel, in numpy: single-threaded, as many of these run side by side in the workers.
+        return self._table[_CHANNELS, x.transpose(2, 0, 1)]
 
     @functools.cached_property
     def _table(self) -> np.ndarray:
@@ -252,6 +253,12 @@ class ImageTransform:
 
 
 _CHANNELS = np.arange(3).reshape(3, 1, 1)
+
+
+def pixel_key(pixels: np.ndarray) -> bytes:
+    """One image's (3, H, W) float32 pixels -> the key the encoder's cache knows it by. hashlib reads the buffer (C
+    order) in place and lets go of the GIL."""
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(pixels)).cast("B"), digest_size=16).digest()
 
 
 def _json_object(file: Path) -> dict:

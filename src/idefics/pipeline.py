@@ -1,9 +1,16 @@
-"""Images -> pixel tensors in a pool of worker threads, ahead of the model and overlapped with its work.
+"""Images -> pixel tensors in a pool of worker processes, ahead of the model and overlapped with its work.
 
-Each image is read, decoded, resized and normalized by one worker (Pillow lets go of the GIL while it decodes
-and resizes, so threads run in parallel), and its decoded pixels are dropped as soon as it is resized: a worker
-holds one full-size image at a time, and all workers together at most `memory` bytes of them (an image larger
-than that is decoded alone).
+Each image is read, decoded, resized, normalized and hashed (its key for the encoder's cache) by one worker, and
+its decoded pixels are dropped as soon as it is resized: a worker holds one full-size image at a time, and all
+workers together at most `memory` bytes of them (an image larger than that is decoded alone).
+
+Workers are processes, not threads: the engine's thread launches the GPU's work from this interpreter, and while
+sixteen decoding threads shared it, every launch waited its turn (an encoder call of one image took 10 to 50 ms
+while photos loaded, against 2 ms after: bench/job_trace.py). The processes are forked when the first image comes,
+so they start at once and never import the caller's script again; they run only Pillow and numpy code and return
+each image's pixels (600 kB) and key. Images given as PIL images are already decoded: they are resized in a thread
+of this process instead. A worker that dies (a decoder crash, the out-of-memory killer) fails the images it had in
+hand, and the next image starts a fresh pool.
 
 decode "exact" gives the reference processor's pixel values bit for bit. decode "fast" lets JPEG decoding scale
 the picture down by 2, 4 or 8 in the DCT (Pillow's draft mode) to the smallest size still at least the target on
@@ -11,27 +18,37 @@ both sides, before the same resize: several times less work on photos, slightly 
 bench/job.py and in tests/test_pipeline.py). Other formats decode as in "exact"."""
 from __future__ import annotations
 
+import gc
+import multiprocessing
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import weakref
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import NamedTuple
 
 import torch
 from PIL import Image
 
 from idefics.errors import IdeficsError
-from idefics.images import ImageLimits, ImageTransform, load_image
+from idefics.images import ImageLimits, ImageTransform, load_image, pixel_key
 
 DECODES = ("exact", "fast")
 MEMORY = 1 << 29  # bytes of decoded images the workers may hold at once (512 MiB)
 PILLOW_BLOCK = 1 << 30  # see _return_freed_images
 
 
+class Pixels(NamedTuple):
+    pixels: torch.Tensor  # (3, H, W) float32
+    key: bytes  # images.pixel_key of the pixels
+
+
 def _return_freed_images():
     """Pillow allocates an image's pixels in blocks (16 MiB by default); glibc serves blocks under its mmap
     threshold (which rises up to 32 MiB as large blocks are freed) from per-thread heaps that keep what is freed, so
-    each worker thread would go on holding a large photo's worth of memory after dropping it. With blocks larger
-    than any image under the pixel limit, a large image is one block above that threshold: mapped for it alone and
-    given back to the system when it is freed."""
+    each worker would go on holding a large photo's worth of memory after dropping it. With blocks larger than any
+    image under the pixel limit, a large image is one block above that threshold: mapped for it alone and given
+    back to the system when it is freed."""
     if Image.core.get_block_size() < PILLOW_BLOCK:
         Image.core.set_block_size(PILLOW_BLOCK)
 
@@ -55,24 +72,24 @@ def check_decode(decode) -> str:
 
 
 class Budget:
-    """Bytes that threads take before a large allocation and give back after; a request larger than the whole
-    budget waits until nothing else is taken, then runs alone."""
+    """Bytes that workers take before a large allocation and give back after; a request larger than the whole
+    budget waits until nothing else is taken, then runs alone. Shared by the processes forked after it is made."""
 
     def __init__(self, total: int):
         self.total = total
-        self.free = total
-        self.changed = threading.Condition()
+        self.free = multiprocessing.get_context("fork").Value("q", total)  # (its lock is a process-shared one)
+        self.changed = multiprocessing.get_context("fork").Condition(self.free.get_lock())
 
     def take(self, n: int) -> int:
         n = min(n, self.total)
         with self.changed:
-            self.changed.wait_for(lambda: self.free >= n)
-            self.free -= n
+            self.changed.wait_for(lambda: self.free.value >= n)
+            self.free.value -= n
         return n
 
     def give(self, n: int):
         with self.changed:
-            self.free += n
+            self.free.value += n
             self.changed.notify_all()
 
 
@@ -82,8 +99,43 @@ def decoded_bytes(image: Image.Image) -> int:
     return image.size[0] * image.size[1] * per_pixel
 
 
+def prepare(source, transform: ImageTransform, limits: ImageLimits, decode: str, resized: bool = False,
+            budget: Budget | None = None):
+    """Load, decode, resize and normalize one image, in the calling thread or process -> ((3, H, W) float32 numpy
+    pixels, their key); resized: the image at the model's size instead (what the processor turns into the same
+    pixels as the source). budget: the pipeline's (in a worker process: the one it was started with)."""
+    budget = budget or _worker_budget
+    taken = []
+    size = (transform.image_size,) * 2
+
+    def opened(image: Image.Image):
+        if decode == "fast":
+            image.draft(None, size)  # JPEG only: the largest DCT scaling that keeps both sides >= size
+        taken.append(budget.take(decoded_bytes(image)))
+
+    try:
+        image = load_image(source, limits, opened)  # (a PIL image given as such is decoded already)
+        if resized:
+            return transform.resized(image)
+        x = transform.pixels(image)
+        return x, pixel_key(x)
+    finally:
+        image = None  # the full-size pixels go before the budget is given back
+        for n in taken:
+            budget.give(n)
+
+
+_worker_budget: Budget | None = None  # in a worker process, its pipeline's budget
+
+
+def _worker_started(budget: Budget):
+    global _worker_budget
+    _worker_budget = budget  # (handed over at the fork: a shared lock and counter cannot travel with each image)
+    _return_freed_images()
+
+
 class ImagePipeline:
-    """Worker threads that turn image sources into (3, H, W) float32 pixel tensors."""
+    """Worker processes (and, for images given decoded, threads) that turn image sources into Pixels."""
 
     def __init__(self, transform: ImageTransform, limits: ImageLimits = ImageLimits(), workers: int | None = None,
                  decode: str = "exact", memory: int | None = None):
@@ -93,45 +145,87 @@ class ImagePipeline:
         self.decode = check_decode(decode)
         self.budget = Budget(MEMORY if memory is None else memory)
         _return_freed_images()
-        self._pool: ThreadPoolExecutor | None = None
+        self._processes: ProcessPoolExecutor | None = None
+        self._threads: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        weakref.finalize(self, _shut, self.__dict__)
 
     def submit(self, source, resized: bool = False) -> Future:
-        """Start on one image -> a Future of its (3, H, W) pixels (or, resized, of the image at the model's size), or
-        of the IdeficsError that says why not."""
+        """Start on one image -> a Future of its Pixels (or, resized, of the PIL image at the model's size), or of
+        the IdeficsError that says why not."""
+        args = (source, self.transform, self.limits, self.decode, resized)
+        if isinstance(source, Image.Image) or resized:
+            with self._pool_lock:
+                if self._threads is None:
+                    self._threads = ThreadPoolExecutor(self.workers, thread_name_prefix="idefics-images")
+                future = self._threads.submit(prepare, *args, self.budget)
+            return future if resized else _then(future, _as_pixels)
         with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="idefics-images")
-            return self._pool.submit(self.resized if resized else self.pixels, source)
+            if self._processes is not None:
+                try:
+                    return _then(self._processes.submit(prepare, *args), _as_pixels)
+                except BrokenProcessPool:  # a worker died since the last image: a fresh pool for this one
+                    self._processes.shutdown(wait=False, cancel_futures=True)
+            self._processes = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"),
+                                                  initializer=_worker_started, initargs=(self.budget,))
+            # The first submit forks every worker. Objects frozen then are left alone by the workers' garbage
+            # collector, which would otherwise write to the pages holding them and so copy much of the interpreter
+            # into each worker (tests/test_pipeline.py's twelve photos: 1.33 GB, against 0.86 frozen); the caller's
+            # collector gets them back at once.
+            gc.freeze()
+            try:
+                return _then(self._processes.submit(prepare, *args), _as_pixels)
+            finally:
+                gc.unfreeze()
 
     def pixels(self, source) -> torch.Tensor:
         """Load, decode, resize and normalize one image, in the calling thread -> (3, H, W) float32."""
-        return self._load(source, self.transform.pixels)
-
-    def resized(self, source) -> Image.Image:
-        """Load, decode and resize one image, in the calling thread -> RGB at the model's size (what the processor
-        turns into the same pixels as the source)."""
-        return self._load(source, self.transform.resized)
-
-    def _load(self, source, finish):
-        taken = []
-        size = (self.transform.image_size,) * 2
-
-        def prepare(image: Image.Image):
-            if self.decode == "fast":
-                image.draft(None, size)  # JPEG only: the largest DCT scaling that keeps both sides >= size
-            taken.append(self.budget.take(decoded_bytes(image)))
-
-        try:
-            image = load_image(source, self.limits, prepare)  # (a PIL image given as such is decoded already)
-            return finish(image)
-        finally:
-            image = None  # the full-size pixels go before the budget is given back
-            for n in taken:
-                self.budget.give(n)
+        x, _ = prepare(source, self.transform, self.limits, self.decode, budget=self.budget)
+        return torch.from_numpy(x)
 
     def close(self):
-        with self._pool_lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
+        _shut(self.__dict__)
+
+
+def _shut(state: dict):
+    with state["_pool_lock"]:
+        for name in ("_processes", "_threads"):
+            if state[name] is not None:
+                state[name].shutdown(wait=False, cancel_futures=True)
+                state[name] = None
+
+
+def _as_pixels(result) -> Pixels:
+    x, key = result
+    return Pixels(torch.from_numpy(x), key)
+
+
+class _Then(Future):
+    """A Future of fn(inner's result), whose cancel() cancels the inner one (if it has not started)."""
+
+    def __init__(self, inner: Future, fn):
+        super().__init__()
+        self.inner = inner
+        inner.add_done_callback(lambda f: self._finish(f, fn))
+
+    def cancel(self) -> bool:
+        self.inner.cancel()
+        return super().cancel()
+
+    def _finish(self, f: Future, fn):
+        if self.cancelled():
+            return
+        if f.cancelled():
+            super().cancel()
+            return
+        error = f.exception()
+        if isinstance(error, BrokenProcessPool):  # a worker that died is one image's one-line error
+            error = IdeficsError("the image worker decoding it stopped (it crashed or ran out of memory)")
+        if error is not None:
+            self.set_exception(error)
+        else:
+            self.set_result(fn(f.result()))
+
+
+def _then(future: Future, fn) -> Future:
+    return _Then(future, fn)

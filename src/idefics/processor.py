@@ -8,7 +8,6 @@ from typing import Callable
 
 import torch
 
-from idefics.encoder import ImageEncoder
 from idefics.engine import Prompt, images_seen
 from idefics.errors import IdeficsError
 from idefics.images import ImageLimits, ImageTransform, is_image_reference, is_image_source
@@ -48,7 +47,7 @@ class Pending:
     def __init__(self, processor: Processor, ids: list[int], images: list[tuple[str, Future]]):
         self.processor = processor
         self.ids = ids
-        self.images = images  # (where, future of (3, H, W) pixels)
+        self.images = images  # (where, future of pipeline.Pixels)
         self.left = len(images)
         self.keys: dict[Future, bytes] = {}  # each image's key for the encoder's cache
         self.callbacks: list[Callable[[], None]] = []
@@ -57,12 +56,11 @@ class Pending:
             future.add_done_callback(self._done)
 
     def _done(self, future: Future):
-        # In the worker that made the pixels: their hash is not left to the engine's thread. (A raising callback would
-        # leave the prompt waiting forever: the count goes down whatever happens.)
+        # The workers hashed the pixels they made: the key is not left to the engine's thread. (A raising callback
+        # would leave the prompt waiting forever: the count goes down whatever happens.)
         key = None
         try:
-            if not future.cancelled() and future.exception() is None and isinstance(future.result(), torch.Tensor):
-                key = ImageEncoder.key(future.result())
+            key = future.result().key if not future.cancelled() and future.exception() is None else None
         finally:
             with self.lock:
                 if key is not None:
@@ -85,7 +83,7 @@ class Pending:
         out = []
         for where, future in self.images:
             try:
-                out.append(future.result())
+                out.append(future.result().pixels)
             except IdeficsError as e:
                 self.cancel()
                 raise type(e)(f"{where}: {e}") from None  # (a TooLarge stays one: the server's 413)

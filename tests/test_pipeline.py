@@ -2,6 +2,7 @@
 workers; each prompt, prepared alone, equals its row of the batch; a bad image in a list fails only its item; a
 prompt of 12 large photos stays under 1 GB; the fast JPEG path stays close to the exact one."""
 import io
+import os
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,7 @@ from idefics.encoder import ImageEncoder
 from idefics.engine import split_batch
 from idefics.errors import IdeficsError, ItemErrors
 from idefics.images import ImageTransform
-from idefics.pipeline import ImagePipeline
+from idefics.pipeline import ImagePipeline, prepare
 from idefics.processor import Processor
 
 DEMO_IMAGES = Path(idefics.__file__).parent / "demo" / "images"
@@ -170,6 +171,28 @@ def test_a_prompt_too_long_fails_alone_and_generate_gives_the_others_completions
     assert list(e.errors) == [1] and "prompt 1 has" in e.errors[1] and "context" in e.errors[1]
     assert e.results[0] == demo.generate([[image, "This is"]], max_new_tokens=2)[0]
     assert e.results[2] == demo.generate([[image, "A"]], max_new_tokens=2)[0]
+
+
+def dies_on_crash(source, *args, **kwargs):
+    """pipeline.prepare, but a worker given b"crash" ends at once, as a decoder's segmentation fault or the
+    out-of-memory killer would end it. (At module level: the workers are handed it by name.)"""
+    if source == b"crash":
+        os._exit(1)
+    return prepare(source, *args, **kwargs)
+
+
+def test_a_worker_process_that_dies_fails_its_image_in_one_line_and_the_next_image_gets_a_fresh_pool(monkeypatch):
+    from idefics import pipeline
+
+    monkeypatch.setattr(pipeline, "prepare", dies_on_crash)  # (before the workers are forked: theirs too)
+    t = ImageTransform()
+    p = ImagePipeline(t, workers=1)
+    data = jpeg(photo(300, 200, 0))
+    with pytest.raises(IdeficsError, match=r"^the image worker decoding it stopped \(it crashed or ran out of memory\)$"):
+        p.submit(b"crash").result(60)
+    got = p.submit(data).result(60)
+    assert torch.equal(got.pixels, p.pixels(data)) and got.key == ImageEncoder.key(got.pixels)
+    p.close()
 
 
 def test_bad_pipeline_settings_are_one_line_errors():

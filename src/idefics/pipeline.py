@@ -9,8 +9,8 @@ sixteen decoding threads shared it, every launch waited its turn (an encoder cal
 while photos loaded, against 2 ms after: bench/job_trace.py). The processes are forked when the first image comes,
 so they start at once and never import the caller's script again; they run only Pillow and numpy code and return
 each image's pixels (600 kB) and key. Images given as PIL images are already decoded: they are resized in a thread
-of this process instead. A worker that dies (a decoder crash, the out-of-memory killer) fails the images it had in
-hand, and the next image starts a fresh pool.
+of this process instead. A worker that dies (a decoder crash, the out-of-memory killer) fails the images then in
+flight, each with a one-line error, and the next image starts a fresh pool.
 
 decode "exact" gives the reference processor's pixel values bit for bit. decode "fast" lets JPEG decoding scale
 the picture down by 2, 4 or 8 in the DCT (Pillow's draft mode) to the smallest size still at least the target on

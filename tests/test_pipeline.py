@@ -195,6 +195,31 @@ def test_a_worker_process_that_dies_fails_its_image_in_one_line_and_the_next_ima
     p.close()
 
 
+def test_the_workers_hold_none_of_the_sockets_open_when_they_were_forked():
+    """A server that closes a connection must close it for good: the workers forked from it drop its sockets."""
+    import socket
+
+    if not Path("/proc/self/fd").exists():
+        pytest.skip("lists descriptors in /proc")
+
+    def sockets(pid) -> set:
+        links = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                links.add(os.readlink(fd))
+            except OSError:  # closed since listed
+                pass
+        return {link for link in links if link.startswith("socket:")}
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        p = ImagePipeline(ImageTransform(), workers=2)
+        p.submit(jpeg(photo(300, 200, 0))).result(60)
+        workers = list(p._processes._processes)
+        assert len(workers) == 2 and sockets(os.getpid()) >= {os.readlink(f"/proc/self/fd/{server.fileno()}")}
+        assert all(not sockets(pid) for pid in workers)
+    p.close()
+
+
 def test_bad_pipeline_settings_are_one_line_errors():
     for workers in (0, -2, 1.5, "4", True):
         with pytest.raises(IdeficsError, match="workers must be a positive integer"):

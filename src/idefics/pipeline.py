@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import stat
 import threading
 import weakref
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -132,6 +133,26 @@ def _worker_started(budget: Budget):
     global _worker_budget
     _worker_budget = budget  # (handed over at the fork: a shared lock and counter cannot travel with each image)
     _return_freed_images()
+    _drop_inherited_sockets()
+
+
+def _drop_inherited_sockets():
+    """A forked worker holds a copy of every descriptor its parent had open: a server's listening socket and its
+    clients' connections would stay open in the workers after the server closed them (a client would never see its
+    connection end). The workers use none of them (the pool talks through pipes): each is pointed at /dev/null,
+    which keeps its number taken, so that nothing still holding the number closes another file by it."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc (not Linux)
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in fds:
+        try:
+            if fd != null and stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.dup2(null, fd)
+        except OSError:  # (the descriptor that listed the directory, closed since)
+            pass
+    os.close(null)
 
 
 class ImagePipeline:

@@ -179,7 +179,7 @@ class Idefics:
         top_k, top_p, repetition_penalty, num_beams, length_penalty, early_stopping, eos_token_id, stop, seed,
         banned_token_ids. <image> and <fake_token_around_image> are never generated unless you say otherwise.
         add_end_of_utterance_token: as the processor's (None: true for instruct tokenizers, as transformers 4.37.2).
-        Each prompt's images are decoded by the processor's worker threads and the prompt joins the running batch
+        Each prompt's images are decoded by the processor's worker processes and the prompt joins the running batch
         as soon as they are ready. A prompt that fails (a bad image, too long for the context) fails alone: with
         several prompts the others still run, and the call raises ItemErrors, whose `results` hold every prompt's
         Completion (None where it failed) and `errors` each failure's message. Safe to call from several threads
@@ -433,7 +433,7 @@ def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, qua
          workers: int | None = None, image_decode: str = "exact", tensor_parallel: int = 1) -> Idefics:
     """Load an IDEFICS checkpoint: a hub id ("HuggingFaceM4/idefics-9b"), a local directory, or None for the
     embedded demo model. dtype defaults to bfloat16 on CUDA and float32 on the CPU. quantize: one of QUANTIZE
-    (see idefics.quantize), applied layer by layer while loading. workers: threads that decode images (default:
+    (see idefics.quantize), applied layer by layer while loading. workers: processes that decode images (default:
     one per core, at most 16). image_decode: "exact" (the reference's pixels) or "fast" (JPEGs decoded at a
     reduced scale first; see idefics.pipeline). tensor_parallel: split the decoder over this many GPUs from
     `device` on (or ranks on the CPU), each in its own process, spawned here (see idefics.ranks); close() the

@@ -132,7 +132,7 @@ def parser() -> Parser:
                    help="JSONL results, never the input; an existing file is resumed (only appended to)")
     p.add_argument("--window", type=int, default=256,
                    help="lines in flight at once; the next starts as soon as one ends (default 256)")
-    p.add_argument("--workers", type=int, help="threads that decode images (default: one per core, at most 16)")
+    p.add_argument("--workers", type=int, help="processes that decode images (default: one per core, at most 16)")
     p.add_argument("--image-decode", choices=["exact", "fast"], default="exact",
                    help="exact: the reference's pixels (default); fast: JPEGs decoded at a reduced scale first")
     p.add_argument("--image-root", default=".", help="directory that relative image paths start from")

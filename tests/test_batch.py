@@ -230,9 +230,7 @@ def test_progress_shows_images_and_tokens_per_second(model, tmp_path, capsys):
 def test_the_lines_enter_the_batch_together_and_give_what_they_give_alone(model, tmp_path, monkeypatch):
     """Each line is a call of its own; while the lines run they share one gate (Idefics.gather), so their prompts
     wait for each other's images and enter the running batch in a few prefills, not one each as their photos
-    decode (each prefill reads every weight). Their captions are those of the lines run one at a time. (The gate
-    also lets waiting prompts in whenever the engine falls idle: test_gate.py. A tiny model on the CPU is idle
-    between any two photos, so that is turned off here, to see the lines wait for each other.)"""
+    decode (each prefill reads every weight). Their captions are those of the lines run one at a time."""
     from test_pipeline import jpeg, photo
 
     for i in range(12):
@@ -245,7 +243,6 @@ def test_the_lines_enter_the_batch_together_and_give_what_they_give_alone(model,
     real = model.engine.prefill_batch
     monkeypatch.setattr(model.engine, "prefill_batch", lambda prompts, *a, **k: prefills.append(len(prompts))
                         or real(prompts, *a, **k))
-    monkeypatch.setattr(model._gate, "when_idle", None)
     assert run_file(str(tasks), together, tmp_path, {"max_new_tokens": 2}, 12, lambda: model) == 0
     assert sorted(records(together), key=lambda r: r["id"]) == records(alone)
     assert sum(prefills) == 12 and len(prefills) <= 2, prefills

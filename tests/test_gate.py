@@ -1,5 +1,5 @@
-"""gate.py: ready requests wait while others are loading and enter together, or at once when the engine has nothing
-to do; a call that ends early takes its own away and stops being waited for."""
+"""gate.py: ready requests wait while others are loading and enter together; a call that ends early takes its own
+away and stops being waited for."""
 from types import SimpleNamespace
 
 from idefics.gate import Gate
@@ -47,25 +47,6 @@ def test_a_call_that_leaves_early_takes_its_waiting_requests_and_is_no_longer_wa
     assert not g.loaded(request(4), "C")  # nothing else loading: in at once
     assert entered[-1] == [(4, "C")]
     assert g.leave({4}, loading=0) == {4}  # had entered: its call aborts it
-
-
-def test_waiting_requests_enter_when_the_engine_falls_idle_and_ask_to_be_told_once():
-    asked = []
-    entered = []
-    g = Gate(lambda requests, sinks: entered.append([r.id for r in requests]), 64, asked.append)
-    for _ in range(4):
-        g.started()
-    g.loaded(request(1), "a")
-    g.loaded(request(2), "b")
-    assert entered == [] and asked == [g.idle]  # (asked once, however many wait)
-    asked.pop()()  # the engine has nothing to do: the two go in without waiting for the others
-    assert entered == [[1, 2]]
-    g.loaded(request(3), "c")
-    assert entered == [[1, 2]] and asked == [g.idle]  # asked again for the next
-    assert not g.loaded(request(4), "d")  # the last one: all in, whether or not the engine is idle
-    assert entered == [[1, 2], [3, 4]]
-    asked.pop()()  # told after all went in: nothing to do
-    assert entered == [[1, 2], [3, 4]]
 
 
 def test_a_calls_thread_gets_only_the_outputs_that_end_its_requests():

@@ -139,20 +139,6 @@ def test_a_stream_closed_early_aborts_its_request(m):
     assert m.engine.active == 0 and not m.scheduler.running
 
 
-def test_the_engine_loop_runs_an_idle_call_once_nothing_else_runs(m):
-    import threading
-
-    seen, called = [], threading.Event()
-    [r] = requests(m, [PROMPTS[0]], max_new_tokens=6, min_new_tokens=6)
-    [sink] = m.loop.submit([r])
-    m.loop.when_idle(lambda: seen.append((len(m.scheduler.running), sink.qsize())) or called.set())
-    assert called.wait(60)
-    assert seen == [(0, 6)]  # after the request's six tokens, with none running
-    called.clear()
-    m.loop.when_idle(called.set)  # idle already: at once
-    assert called.wait(60)
-
-
 def test_a_bad_request_fails_alone(m):
     with pytest.raises(IdeficsError, match="prompt 0 has .* tokens"):
         m.generate([["word " * 400]], max_new_tokens=4)

@@ -105,7 +105,7 @@ class Idefics:
         # Whether calls wait for each other's prompts at one gate (gate.py), for throughput: `idefics batch` turns
         # it on while its lines run, each line a call of its own. Off, a call's prompts wait only for each other.
         self.gather = False
-        self._gate = Gate(self.loop.submit, HOLD, self.loop.when_idle)
+        self._gate = Gate(self.loop.submit, HOLD)
         # Prompts waiting at a gate, of every call: their images are encoded meanwhile, in as few encoder calls as
         # the engine thread's pace allows (one posted at a time), not one call per prompt.
         self._ahead: queue.SimpleQueue = queue.SimpleQueue()
@@ -213,7 +213,7 @@ class Idefics:
             gate = self._gate
             gate.group = group
         else:
-            gate = Gate(self.loop.submit, group, self.loop.when_idle)
+            gate = Gate(self.loop.submit, group)
         started, finished, loading = 0, 0, 0  # loading: this call's prompts whose images are not all ready
         window = WINDOW if o.num_beams == 1 else len(batch)
         context = self.config.max_position_embeddings

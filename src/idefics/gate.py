@@ -2,10 +2,9 @@
 
 A prompt is ready once its images are decoded. Prompts trickling in one by one would each start a prefill, and
 each prefill reads every weight of the model; so ready prompts wait while others they can join are still loading,
-and enter in one prefill once none is loading or `group` of them are waiting, or as soon as the engine has nothing
-to do: waiting then only leaves the GPU idle, while the first prompts' prefill and decoding can run in the shadow of
-the others' loading. Each generate() call has a gate of its own (its prompts wait only for each other); calls made
-to fill one job, such as `idefics batch`'s lines, share one (Idefics.gather)."""
+and enter in one prefill once none is loading or `group` of them are waiting. Each generate() call has a gate of
+its own (its prompts wait only for each other); calls made to fill one job, such as `idefics batch`'s lines, share
+one (Idefics.gather)."""
 from __future__ import annotations
 
 import threading
@@ -15,12 +14,9 @@ from idefics.scheduler import Request
 
 
 class Gate:
-    def __init__(self, submit: Callable[[list[Request], list], object], group: int,
-                 when_idle: Callable[[Callable[[], None]], None] | None = None):
+    def __init__(self, submit: Callable[[list[Request], list], object], group: int):
         self.submit = submit  # (requests, sinks): into the running batch
         self.group = group
-        self.when_idle = when_idle  # (fn): fn() called once the engine next has nothing to do (EngineLoop.when_idle)
-        self.asked = False  # whether when_idle has a call of ours pending
         self.lock = threading.Lock()
         self.loading = 0  # prompts started whose images are not ready yet
         self.held: list[tuple[Request, object]] = []  # (request, where its outputs go)
@@ -49,16 +45,7 @@ class Gate:
             self._release()
         return ids - gone
 
-    def idle(self):
-        """The engine has nothing to do: whatever waits goes in."""
-        with self.lock:
-            self.asked = False
-            self._release(now=True)
-
-    def _release(self, now: bool = False):  # (under the lock: two releases never interleave their requests)
-        if self.held and (now or self.loading <= 0 or len(self.held) >= self.group):
+    def _release(self):  # (under the lock: two releases never interleave their requests)
+        if self.held and (self.loading <= 0 or len(self.held) >= self.group):
             held, self.held = self.held, []
             self.submit([r for r, _ in held], [s for _, s in held])
-        elif self.held and self.when_idle is not None and not self.asked:
-            self.asked = True
-            self.when_idle(self.idle)

@@ -23,7 +23,6 @@ class EngineLoop:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.sinks: dict[object, object] = {}  # request id -> its outputs
         self.calls: list[tuple[Callable, Future]] = []  # waiting to run between steps
-        self.idle_calls: list[Callable] = []  # waiting to run once there is nothing else to do
         self.thread: threading.Thread | None = None
         self.start_lock = threading.Lock()
         self.generated_tokens = 0  # by every request so far (progress reports read it)
@@ -54,12 +53,6 @@ class EngineLoop:
         self.inbox.put(("call", (fn, Future())))
         self._start()
 
-    def when_idle(self, fn: Callable[[], None]):
-        """Run fn() on the engine thread once it next has nothing to do: no request running or waiting, no call (at
-        once, when that is so already)."""
-        self.inbox.put(("idle", fn))
-        self._start()
-
     def outputs(self, sink: queue.SimpleQueue, id) -> Iterator[Output]:
         """A request's outputs as they come; closing the iterator early aborts the request."""
         finished = False
@@ -85,12 +78,8 @@ class EngineLoop:
     def _run(self):
         s = self.scheduler
         while True:
-            self._take(block=not s.busy and not self.calls and not self.idle_calls)
+            self._take(block=not s.busy and not self.calls)
             self._run_calls()
-            if self.idle_calls and not s.busy and not self.calls and self.inbox.empty():
-                idle, self.idle_calls = self.idle_calls, []
-                for fn in idle:
-                    fn()  # (a gate's: it may submit requests, which the next _take applies)
             s.hold = bool(self.calls)  # a call waiting for room: admit no one until it has run
             if not s.busy:
                 continue
@@ -125,8 +114,6 @@ class EngineLoop:
                     self.scheduler.add(request)
             elif kind == "abort":
                 self.scheduler.abort(item)
-            elif kind == "idle":
-                self.idle_calls.append(item)
             else:
                 self.calls.append(item)
 

@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="CPU, tiny model, 16 photos in batches of 8")
     parser.add_argument("--images", type=int, help="photos to caption (default 256; 16 with --small)")
     parser.add_argument("--batch", type=int, help="images per call (default 64; 8 with --small)")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="image decoding threads")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="image decoding processes")
     parser.add_argument("--skip-reference", action="store_true", help="no transformers run")
     args = parser.parse_args(argv)
     n = args.images or (16 if args.small else 256)

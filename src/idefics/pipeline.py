@@ -9,8 +9,9 @@ sixteen decoding threads shared it, every launch waited its turn (an encoder cal
 while photos loaded, against 2 ms after: bench/job_trace.py). The processes are forked when the first image comes,
 so they start at once and never import the caller's script again; they run only Pillow and numpy code and return
 each image's pixels (600 kB) and key. Images given as PIL images are already decoded: they are resized in a thread
-of this process instead. A worker that dies (a decoder crash, the out-of-memory killer) fails the images then in
-flight, each with a one-line error, and the next image starts a fresh pool.
+of this process instead, as are images asked for only resized (ranked classification's). A worker that dies (a
+decoder crash, the out-of-memory killer) fails the images then in flight, each with a one-line error, and the next
+image starts a fresh pool.
 
 decode "exact" gives the reference processor's pixel values bit for bit. decode "fast" lets JPEG decoding scale
 the picture down by 2, 4 or 8 in the DCT (Pillow's draft mode) to the smallest size still at least the target on
@@ -78,8 +79,9 @@ class Budget:
 
     def __init__(self, total: int):
         self.total = total
-        self.free = multiprocessing.get_context("fork").Value("q", total)  # (its lock is a process-shared one)
-        self.changed = multiprocessing.get_context("fork").Condition(self.free.get_lock())
+        fork = multiprocessing.get_context("fork")
+        self.free = fork.Value("q", total)  # (its lock is a process-shared one)
+        self.changed = fork.Condition(self.free.get_lock())
 
     def take(self, n: int) -> int:
         n = min(n, self.total)
@@ -180,11 +182,11 @@ class ImagePipeline:
                 if self._threads is None:
                     self._threads = ThreadPoolExecutor(self.workers, thread_name_prefix="idefics-images")
                 future = self._threads.submit(prepare, *args, self.budget)
-            return future if resized else _then(future, _as_pixels)
+            return future if resized else _Then(future, _as_pixels)
         with self._pool_lock:
             if self._processes is not None:
                 try:
-                    return _then(self._processes.submit(prepare, *args), _as_pixels)
+                    return _Then(self._processes.submit(prepare, *args), _as_pixels)
                 except BrokenProcessPool:  # a worker died since the last image: a fresh pool for this one
                     self._processes.shutdown(wait=False, cancel_futures=True)
             self._processes = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"),
@@ -195,7 +197,7 @@ class ImagePipeline:
             # collector gets them back at once.
             gc.freeze()
             try:
-                return _then(self._processes.submit(prepare, *args), _as_pixels)
+                return _Then(self._processes.submit(prepare, *args), _as_pixels)
             finally:
                 gc.unfreeze()
 
@@ -246,7 +248,3 @@ class _Then(Future):
             self.set_exception(error)
         else:
             self.set_result(fn(f.result()))
-
-
-def _then(future: Future, fn) -> Future:
-    return _Then(future, fn)

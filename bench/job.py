@@ -37,6 +37,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from common import random_model, reference_from  # noqa: E402
 
+from idefics import api as api_module  # noqa: E402
 from idefics.api import Idefics  # noqa: E402
 from idefics.batch import run_file  # noqa: E402
 from idefics.config import IdeficsConfig, PerceiverConfig, VisionConfig, idefics_9b  # noqa: E402
@@ -187,7 +188,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, help="images per call (default 64; 8 with --small)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="image decoding processes")
     parser.add_argument("--skip-reference", action="store_true", help="no transformers run")
+    parser.add_argument("--ahead", type=int, nargs="+", default=[api_module.AHEAD_IMAGES],
+                        help="images encoded ahead at once, at least (api.AHEAD_IMAGES): the API and idefics batch "
+                             "run once with each, the first reported")
     args = parser.parse_args(argv)
+    api_module.AHEAD_IMAGES = args.ahead[0]
     n = args.images or (16 if args.small else 256)
     batch = args.batch or (8 if args.small else 64)
     device = "cpu" if args.small else "cuda"
@@ -217,6 +222,15 @@ def main(argv=None) -> int:
         # weights leave greedy choices close enough for that to flip some.
         result["batch_captions_equal_api"] = sum(a == b for a, b in zip(batched, api)) / n
         assert dtype != torch.float32 or batched == api, "idefics batch and the API gave different captions"
+        if len(args.ahead) > 1:
+            result["by_ahead"] = {args.ahead[0]: {"api": result["api_images_s"], "batch": result["batch_images_s"]}}
+            for ahead in args.ahead[1:]:
+                api_module.AHEAD_IMAGES = ahead
+                by = result["by_ahead"][ahead] = {}
+                by["api"] = n / timed(lambda: run_api(m, files, batch))[0]
+                by["batch"] = n / timed(lambda: run_batch(m, files, root))[0]
+                print(f"ahead {ahead}: {by}", file=sys.stderr, flush=True)
+            api_module.AHEAD_IMAGES = args.ahead[0]
 
         m.processor.images.decode = "fast"
         m.caption(warmup, PROMPT, max_new_tokens=NEW_TOKENS)

@@ -2,7 +2,7 @@
 thread's prefills, encodes and decode steps (host time, and device time between CUDA events recorded around each),
 for one m.caption call of --batch photos after a warm-up, in the exact and the fast decode.
 
-    PYTHONPATH=src python bench/job_trace.py [--batch 64] [--workers 16] [--path api|batch] [--small]
+    PYTHONPATH=src python bench/job_trace.py [--batch 64] [--workers 16] [--path api|batch] [--ahead 16] [--small]
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import sync  # noqa: E402
 from job import NEW_TOKENS, PROMPT, ours, run_batch, tiny_config, write_photos  # noqa: E402
 
+from idefics import api  # noqa: E402
 from idefics.config import idefics_9b  # noqa: E402
 from idefics.encoder import ImageEncoder  # noqa: E402
 from idefics.engine import Engine  # noqa: E402
@@ -89,7 +90,10 @@ def main():
     parser.add_argument("--small", action="store_true", help="the CPU and a tiny model (checks the script)")
     parser.add_argument("--path", choices=["api", "batch"], default="api",
                         help="one m.caption call of the photos, or idefics batch over one line per photo")
+    parser.add_argument("--ahead", type=int, default=api.AHEAD_IMAGES, help="images encoded ahead at once, at least")
+    parser.add_argument("--decodes", nargs="+", default=["exact", "fast"], choices=["exact", "fast"])
     args = parser.parse_args()
+    api.AHEAD_IMAGES = args.ahead
     trace_images()
     traced(Engine, "prefill_batch", "prefill", lambda self, prompts, *a, **k: f"{len(prompts)} prompts "
            f"{max(p.ids.shape[0] for p in prompts)} tokens", gpu=True)
@@ -106,7 +110,7 @@ def main():
         else:
             def job(photos):
                 m.caption(photos, PROMPT, max_new_tokens=NEW_TOKENS)
-        for decode in ("exact", "fast"):
+        for decode in args.decodes:
             m.processor.images.decode = decode
             job(files[args.batch:])
             m.engine.encoder.cache.clear()

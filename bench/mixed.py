@@ -7,7 +7,9 @@ draws), all submitted at once, greedy, no eos (each runs to its length). Static:
 order, each group prefilled together and decoded until its longest request ends before the next group starts (a
 fixed batch, as main ran them before the scheduler). Continuous: the scheduler admits a waiting request whenever
 a slot frees (with a backlog, in prefill groups: --groups runs it once per group size). Both run in the same
-process on the same engine and weights. Then the latency of a late arrival: 63 requests decoding, one more added; its first token's delay is reported in decode steps of the running batch.
+process on the same engine and weights. Then the latency of a late arrival: 63 requests decoding, one more added;
+its first token's delay is reported in decode steps of the running batch. Each run also reports its steps that
+admitted requests (a prefill and a decode) apart from those that only decoded.
 Writes $OUT/mixed.json when OUT is set."""
 from __future__ import annotations
 
@@ -45,16 +47,29 @@ def requests(config, work):
                          config.max_position_embeddings) for p, k in work]
 
 
-def drive(scheduler: Scheduler, groups: list[list[Request]]) -> tuple[int, float]:
-    """Run the groups one after another (one group: continuous batching) -> (tokens generated, seconds)."""
+def drive(scheduler: Scheduler, groups: list[list[Request]], steps: dict | None = None) -> tuple[int, float]:
+    """Run the groups one after another (one group: continuous batching) -> (tokens generated, seconds). steps: filled
+    with where the time went, steps that admitted (prefilled) requests apart from those that only decoded. A step
+    returns once its tokens are on the host, so its time is the device's for its prefill and the decode before."""
     sync()
     start = time.perf_counter()
+    admit, plain = [0, 0.0, 0, 0], [0, 0.0, 0]  # [steps, seconds, rows(, prompt tokens)]
     for group in groups:
         for r in group:
             scheduler.add(r)
         while scheduler.busy:
-            scheduler.step()
+            t, waiting = time.perf_counter(), len(scheduler.waiting)
+            rows = len(scheduler.step())
+            kind = admit if waiting > len(scheduler.waiting) else plain
+            kind[0], kind[1], kind[2] = kind[0] + 1, kind[1] + time.perf_counter() - t, kind[2] + rows
+            if kind is admit:
+                admit[3] += sum(r.prompt.ids.shape[0] for r in scheduler.running if len(r.generated) == 1)
     sync()
+    if steps is not None:
+        steps.update({"admitting_steps": admit[0], "admitting_s": admit[1],
+                      "admitting_mean_rows": admit[2] / max(1, admit[0]), "prompt_tokens_admitted": admit[3],
+                      "decode_only_steps": plain[0], "decode_only_s": plain[1],
+                      "decode_only_mean_rows": plain[2] / max(1, plain[0])})
     return sum(len(r.generated) for g in groups for r in g), time.perf_counter() - start
 
 
@@ -122,23 +137,27 @@ def main():
     drive(Scheduler(engine, None, max_batch=args.batch), [requests(config, [(p, 4) for p, _ in work[: args.batch]])])
     engine.encoder.cache.clear()
     reqs = requests(config, work)
+    static_steps, steps = {}, {}
     static_tokens, static_s = drive(Scheduler(engine, None, max_batch=args.batch),
-                                    [reqs[i : i + args.batch] for i in range(0, len(reqs), args.batch)])
+                                    [reqs[i : i + args.batch] for i in range(0, len(reqs), args.batch)], static_steps)
+    print(f"static: {static_s:.2f} s", json.dumps(static_steps), flush=True)
     by_group = {}
     for g in args.groups:  # the prefill group's size under a backlog (scheduler.ADMIT_GROUP); the first is reported
         scheduler.ADMIT_GROUP, scheduler.ADMIT_SHARE = g, max(1, args.batch // g)
         engine.encoder.cache.clear()
         reqs = requests(config, work)
-        by_group[g] = drive(Scheduler(engine, None, max_batch=args.batch), [reqs])
+        steps[g] = {}
+        by_group[g] = drive(Scheduler(engine, None, max_batch=args.batch), [reqs], steps[g])
         assert by_group[g][0] == static_tokens
         print(f"continuous, prefill groups of {g}: {by_group[g][1]:.2f} s, {static_s / by_group[g][1]:.3f}x static",
-              flush=True)
+              json.dumps(steps[g]), flush=True)
     scheduler.ADMIT_GROUP, scheduler.ADMIT_SHARE = defaults
     cont_tokens, cont_s = by_group[args.groups[0]]
     result = {
         "card": torch.cuda.get_device_name(), "requests": args.requests, "batch": args.batch, "tokens": cont_tokens,
         "static_s": static_s, "static_tok_s": static_tokens / static_s,
         "continuous_s": cont_s, "continuous_tok_s": cont_tokens / cont_s, "ratio": static_s / cont_s,
+        "static_steps": static_steps, "continuous_steps": steps[args.groups[0]],
         "late_arrival": late_arrival(engine, config, args.batch),
     }
     if len(args.groups) > 1:

@@ -17,6 +17,7 @@ from PIL import Image
 from transformers.image_utils import load_image as reference_load_image
 
 import idefics
+from idefics import api
 from idefics.encoder import ImageEncoder
 from idefics.engine import split_batch
 from idefics.errors import IdeficsError, ItemErrors
@@ -145,6 +146,27 @@ def test_the_prompts_of_one_call_enter_the_batch_in_one_prefill(demo, monkeypatc
     demo.engine.encoder.cache.clear()
     assert demo.caption(some * 3, max_new_tokens=3) == alone * 3
     assert prefills == [12]
+
+
+def test_images_ahead_of_their_prefill_are_encoded_several_at_a_time_and_once(demo, monkeypatch):
+    monkeypatch.setattr(api, "AHEAD_IMAGES", 3)
+    images = sorted(DEMO_IMAGES.iterdir())[:4]
+    requests = demo.requests([[image, "This is"] for image in images] + [[images[0], "Here is"]])
+    encoded, encode = [], demo.engine.encoder._encode
+    monkeypatch.setattr(demo.engine.encoder, "_encode", lambda x: encoded.append(x.shape[0]) or encode(x))
+    demo.engine.encoder.cache.clear()
+    demo._ahead.extend(requests[:2])
+    demo._encode_ahead()
+    assert encoded == [] and list(demo._ahead) == requests[:2]  # two images wait for a third
+    requests[1].finish = "abort"  # ended while waiting: dropped, not encoded
+    demo._ahead.extend(requests[2:4])
+    demo._encode_ahead()
+    assert encoded == [3] and not demo._ahead
+    requests[4].slot = 0  # admitted meanwhile: its prefill encoded it
+    demo._ahead.extend(requests[:1] + requests[4:])
+    demo._encode_ahead()
+    assert encoded == [3] and list(demo._ahead) == requests[:1]  # the first waits on (its image is in the cache)
+    demo._ahead.clear()
 
 
 def test_the_workers_hash_the_images_and_the_encoder_uses_their_keys(demo, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import queue
 import weakref
+from collections import deque
 from contextlib import closing
 from typing import Iterator
 from pathlib import Path
@@ -62,6 +63,10 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
 PROCESS_OPTIONS = ("add_end_of_utterance_token",)
 WINDOW = 256  # prompts of one generate() call between the image workers and the end of their generation at once
 HOLD = 64  # ready prompts waiting for others still loading, at most, before they enter the batch (gate.py)
+# Images waiting at a gate are encoded ahead of their prefill once this many have gathered (the prefill encodes any
+# left): an encoder call of 1 image keeps the GPU about as long as one of 16, and while a batch decodes, every such
+# call delays its next step.
+AHEAD_IMAGES = 16
 
 
 class _Ends:
@@ -106,9 +111,9 @@ class Idefics:
         # it on while its lines run, each line a call of its own. Off, a call's prompts wait only for each other.
         self.gather = False
         self._gate = Gate(self.loop.submit, HOLD)
-        # Prompts waiting at a gate, of every call: their images are encoded meanwhile, in as few encoder calls as
-        # the engine thread's pace allows (one posted at a time), not one call per prompt.
-        self._ahead: queue.SimpleQueue = queue.SimpleQueue()
+        # Requests waiting at a gate, of every call: their images are encoded meanwhile, AHEAD_IMAGES or more at a
+        # time (one encoder call posted at a time), not one call per prompt.
+        self._ahead: deque[Request] = deque()
         self._ahead_posted = False
         if team is not None:  # collected without close(): the engine thread stops the workers between steps
             team.post = self.loop.post
@@ -254,7 +259,7 @@ class Idefics:
                     continue
                 running[r.id] = b
                 if gate.loaded(r, ends) and r.prompt.pixels.shape[0]:
-                    self._ahead.put(r.prompt)
+                    self._ahead.append(r)
                     if not self._ahead_posted:  # (else the one posted, not run yet, takes this prompt too)
                         self._ahead_posted = True
                         self.loop.post(self._encode_ahead)
@@ -264,14 +269,18 @@ class Idefics:
         return results
 
     def _encode_ahead(self):
-        """On the engine thread: encode the images of the prompts queued ahead so far, into the encoder's cache,
-        where their prefill finds them (a few images cost little next to a prefill, which reads every weight)."""
-        self._ahead_posted = False  # (before taking: a prompt queued from now on posts a call of its own)
-        prompts = []
-        while not self._ahead.empty():
-            prompts.append(self._ahead.get_nowait())
-        if prompts:
-            self.engine.encoder.of_prompts(prompts)
+        """On the engine thread: encode the images of the requests queued ahead and still waiting, into the encoder's
+        cache where their prefill finds them, once AHEAD_IMAGES have gathered; fewer stay queued."""
+        self._ahead_posted = False  # (before taking: a request queued from now on posts a call of its own)
+        waiting = []
+        while self._ahead:
+            r = self._ahead.popleft()
+            if r.slot is None and r.finish is None:  # not admitted (its prefill encoded its images), not ended
+                waiting.append(r)
+        if sum(r.prompt.pixels.shape[0] for r in waiting) < AHEAD_IMAGES:
+            self._ahead.extendleft(reversed(waiting))
+        elif waiting:
+            self.engine.encoder.of_prompts([r.prompt for r in waiting])
 
     def stream(self, prompt, *, add_end_of_utterance_token: bool | None = None, **options) -> Iterator[str]:
         """Yield the continuation of one prompt as text pieces, as tokens are decoded (never a broken character).

@@ -13,7 +13,7 @@ import torch
 from idefics.graphs import Graphs
 from idefics.images import pixel_key
 from idefics.model import IdeficsModel
-from idefics.runtime import model_work
+from idefics.runtime import model_work, to_device
 
 if TYPE_CHECKING:
     from idefics.engine import Prompt
@@ -60,7 +60,7 @@ class ImageEncoder:
         w = self.model.embed.weight
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i : i + self.batch_size]
-            x = torch.stack([rows[first[k]] for k in chunk]).to(device=w.device).to(w.dtype)
+            x = to_device(torch.stack([rows[first[k]] for k in chunk]), w.device).to(w.dtype)
             for k, f in zip(chunk, self._encode(x)):
                 self.cache[k] = f.clone()
         out = [self.cache[k] for k in keys]

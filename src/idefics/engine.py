@@ -18,7 +18,7 @@ from idefics.graphs import Graphs, slot_bucket
 from idefics.layers import rope_cos_sin
 from idefics.model import IdeficsModel
 from idefics.parallel import heads
-from idefics.runtime import model_work
+from idefics.runtime import model_work, to_device
 
 
 @dataclass
@@ -216,14 +216,12 @@ class Engine:
 
     def index(self, slots: list[int]) -> torch.Tensor:
         """A list of slots as a device tensor, copied once per distinct list (a running batch keeps its list for many
-        steps). The copy goes through pinned memory so that it does not wait for the device's queue."""
+        steps)."""
         key = tuple(slots)
         if key not in self._index:
             if len(self._index) > 4096:
                 self._index.clear()
-            host = torch.tensor(key, dtype=torch.long)
-            self._index[key] = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
-                else host
+            self._index[key] = to_device(torch.tensor(key, dtype=torch.long), self.device)
         return self._index[key]
 
     def prefill(self, prompt: Prompt, copies: int = 1) -> torch.Tensor:
@@ -247,16 +245,16 @@ class Engine:
         n_images = [p.pixels.shape[0] for p in prompts]
         s = _round_up(max(lens), LEN_BUCKET) if self.graphs is not None and b == 1 else max(lens)
         t = max(n_images) * t_img
-        # Every host-to-device copy first, padded on the host, one per tensor: a copy from pageable host memory
-        # waits for the device's queue, so a copy issued after the image encoder would stall the host behind it.
+        # Padded on the host, one copy per tensor, through pinned memory (runtime.to_device): the host goes on
+        # launching the prefill while the decode step before it runs.
         ids = torch.zeros(b, s, dtype=torch.long)
         image_mask = torch.zeros(b, s, max(n_images), dtype=torch.bool)  # per image; per image token below
         for i, p in enumerate(prompts):
             ids[i, : lens[i]] = p.ids
             image_mask[i, : lens[i], : n_images[i]] = p.image_mask.bool()
-        self.pf_ids[:b, :s] = ids.to(self.device)
-        self.pf_image_mask[:b, :s, :t] = image_mask.to(self.device).repeat_interleave(t_img, -1)
-        self.pf_last[:b] = torch.tensor(lens, device=self.device) - 1
+        self.pf_ids[:b, :s] = to_device(ids, self.device)
+        self.pf_image_mask[:b, :s, :t] = to_device(image_mask, self.device).repeat_interleave(t_img, -1)
+        self.pf_last[:b] = to_device(torch.tensor(lens), self.device) - 1
         self.pf_slots[:b] = self.index(slots)
         taken_index = self.index(taken)
         feats = self.encoder.of_prompts(prompts)  # (sum N, T, D)

@@ -1,4 +1,5 @@
-"""How the model's work runs: without autograd, and with attention kernels that need no plan per shape."""
+"""How the model's work runs: without autograd, with attention kernels that need no plan per shape, and with inputs
+copied to the device without waiting for its queue."""
 from __future__ import annotations
 
 import functools
@@ -19,3 +20,12 @@ def model_work(fn):
         with torch.inference_mode(), sdpa_kernel(ATTENTION):
             return fn(*args, **kwargs)
     return run
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device, copied through pinned memory: a copy from pageable memory waits for everything
+    queued on the device before it, which would hold the host (and the launches it has still to make) behind a
+    running decode step."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

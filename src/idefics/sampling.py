@@ -9,6 +9,7 @@ import torch
 
 from idefics.checks import FieldError, check, limited, show
 from idefics.errors import IdeficsError
+from idefics.runtime import to_device
 
 
 MAX_BEAMS = 64  # the reference takes any number, but beams past a few dozen gain nothing and each holds a cache row
@@ -182,7 +183,7 @@ class RowSampler:
     def start(self, slot: int, ids: list[int]):
         row = torch.full((self.history.shape[1],), ids[0], dtype=torch.long)
         row[: len(ids)] = torch.tensor(ids)
-        self.history[slot] = _to_device(row, self.device)
+        self.history[slot] = to_device(row, self.device)
 
     def append(self, slots: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor):
         """slots, positions, tokens (B,) device tensors: each row's new token at its position."""
@@ -196,7 +197,7 @@ class RowSampler:
         penalties = [r.options.repetition_penalty for r in rows]
         if any(p != 1.0 for p in penalties):
             seen = self.history[slots]  # (B, max_len)
-            p = _to_device(torch.tensor(penalties, dtype=torch.float32)[:, None], self.device)
+            p = to_device(torch.tensor(penalties, dtype=torch.float32)[:, None], self.device)
             s = scores.gather(1, seen)
             scores.scatter_(1, seen, torch.where(s < 0, s * p, s / p))  # p = 1: s * 1 and s / 1 are exact
         for ids, where in _groups(rows, lambda r: tuple(r.banned)).items():
@@ -221,7 +222,7 @@ class RowSampler:
         if key not in self.masks:
             mask = torch.zeros(scores.shape[-1], dtype=torch.bool)
             mask[[i for i in ids if 0 <= i < scores.shape[-1]]] = True
-            self.masks[key] = _to_device(mask, self.device)
+            self.masks[key] = to_device(mask, self.device)
         if len(where) == n:
             scores.masked_fill_(self.masks[key], -float("inf"))
         else:
@@ -242,13 +243,5 @@ def _groups(rows: list, key) -> dict:
     return out
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on the device, copied through pinned memory: a copy from pageable memory waits for the device's
-    queue, which would stall decoding that runs a step ahead."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def _rows(index: list[int], device: torch.device) -> torch.Tensor:
-    return _to_device(torch.tensor(index, dtype=torch.long), device)
+    return to_device(torch.tensor(index, dtype=torch.long), device)

@@ -3,13 +3,14 @@
     PYTHONPATH=src python bench/mixed.py [--requests 512] [--batch 64] [--groups 8 16]
 
 The workload: `--requests` requests, one image each, prompts of 20-200 text tokens and 10-200 new tokens (seeded
-draws), all submitted at once, greedy, no eos (each runs to its length). Static: groups of `--batch` in arrival
-order, each group prefilled together and decoded until its longest request ends before the next group starts (a
-fixed batch, as main ran them before the scheduler). Continuous: the scheduler admits a waiting request whenever
-a slot frees (with a backlog, in prefill groups: --groups runs it once per group size). Both run in the same
-process on the same engine and weights. Then the latency of a late arrival: 63 requests decoding, one more added;
-its first token's delay is reported in decode steps of the running batch. Each run also reports its steps that
-admitted requests (a prefill and a decode) apart from those that only decoded.
+draws), each prompt with its image's key as the image workers give it, all submitted at once, greedy, no eos (each
+runs to its length). Static: groups of `--batch` in arrival order, each group prefilled together and decoded until
+its longest request ends before the next group starts (a fixed batch, as main ran them before the scheduler).
+Continuous: the scheduler admits a waiting request whenever a slot frees (with a backlog, in prefill groups:
+--groups runs it once per group size). Both run in the same process on the same engine and weights. Then the latency
+of a late arrival: 63 requests decoding, one more added; its first token's delay is reported in decode steps of the
+running batch. Each run also reports its steps that admitted requests (a prefill and a decode) apart from those
+that only decoded.
 Writes $OUT/mixed.json when OUT is set."""
 from __future__ import annotations
 
@@ -28,16 +29,19 @@ from common import random_model, sync, synthetic_prompts  # noqa: E402
 
 from idefics import scheduler  # noqa: E402
 from idefics.config import idefics_9b  # noqa: E402
+from idefics.encoder import ImageEncoder  # noqa: E402
 from idefics.engine import Engine  # noqa: E402
 from idefics.sampling import GenerationOptions  # noqa: E402
 from idefics.scheduler import Request, Scheduler  # noqa: E402
 
 
 def workload(config, n: int, seed: int = 0):
+    """n (prompt, new tokens) pairs; each prompt carries its image's key, as the processor's image workers give it."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         [p] = synthetic_prompts(config, 1, text_tokens=rng.randint(20, 200), seed=seed * 100_000 + i)
+        p.keys = (ImageEncoder.key(p.pixels[0]),)
         out.append((p, rng.randint(10, 200)))
     return out
 

@@ -191,8 +191,12 @@ def main(argv=None) -> int:
     parser.add_argument("--ahead", type=int, nargs="+", default=[api_module.AHEAD_IMAGES],
                         help="images encoded ahead at once, at least (api.AHEAD_IMAGES): the API and idefics batch "
                              "run once with each, the first reported")
+    parser.add_argument("--switch-interval", type=float, nargs="+", default=[sys.getswitchinterval()],
+                        help="the interpreter's thread switch interval in seconds (sys.setswitchinterval): the API and "
+                             "idefics batch run once with each after the first, which the rest of the job uses")
     args = parser.parse_args(argv)
     api_module.AHEAD_IMAGES = args.ahead[0]
+    sys.setswitchinterval(args.switch_interval[0])
     n = args.images or (16 if args.small else 256)
     batch = args.batch or (8 if args.small else 64)
     device = "cpu" if args.small else "cuda"
@@ -231,6 +235,16 @@ def main(argv=None) -> int:
                 by["batch"] = n / timed(lambda: run_batch(m, files, root))[0]
                 print(f"ahead {ahead}: {by}", file=sys.stderr, flush=True)
             api_module.AHEAD_IMAGES = args.ahead[0]
+        if len(args.switch_interval) > 1:
+            first = args.switch_interval[0]
+            result["by_switch_interval"] = {first: {"api": result["api_images_s"], "batch": result["batch_images_s"]}}
+            for interval in args.switch_interval[1:]:
+                sys.setswitchinterval(interval)
+                by = result["by_switch_interval"][interval] = {}
+                by["api"] = n / timed(lambda: run_api(m, files, batch))[0]
+                by["batch"] = n / timed(lambda: run_batch(m, files, root))[0]
+                print(f"switch interval {interval}: {by}", file=sys.stderr, flush=True)
+            sys.setswitchinterval(first)
 
         m.processor.images.decode = "fast"
         m.caption(warmup, PROMPT, max_new_tokens=NEW_TOKENS)

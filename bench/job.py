@@ -37,7 +37,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from common import random_model, reference_from  # noqa: E402
 
-from idefics import api as api_module  # noqa: E402
+from idefics import api as api_module, pipeline  # noqa: E402
 from idefics.api import Idefics  # noqa: E402
 from idefics.batch import run_file  # noqa: E402
 from idefics.config import IdeficsConfig, PerceiverConfig, VisionConfig, idefics_9b  # noqa: E402
@@ -188,15 +188,22 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, help="images per call (default 64; 8 with --small)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="image decoding processes")
     parser.add_argument("--skip-reference", action="store_true", help="no transformers run")
+    # Settings tried side by side: the API and idefics batch run once more with each value after the first, which
+    # the rest of the job uses.
     parser.add_argument("--ahead", type=int, nargs="+", default=[api_module.AHEAD_IMAGES],
-                        help="images encoded ahead at once, at least (api.AHEAD_IMAGES): the API and idefics batch "
-                             "run once with each, the first reported")
+                        help="images encoded ahead at once, at least (api.AHEAD_IMAGES)")
     parser.add_argument("--switch-interval", type=float, nargs="+", default=[sys.getswitchinterval()],
-                        help="the interpreter's thread switch interval in seconds (sys.setswitchinterval): the API and "
-                             "idefics batch run once with each after the first, which the rest of the job uses")
+                        help="the interpreter's thread switch interval in seconds (sys.setswitchinterval)")
+    parser.add_argument("--nice", type=int, nargs="+", default=[pipeline.WORKER_NICE],
+                        help="the image worker processes' niceness above this process's (pipeline.WORKER_NICE)")
     args = parser.parse_args(argv)
-    api_module.AHEAD_IMAGES = args.ahead[0]
-    sys.setswitchinterval(args.switch_interval[0])
+    settings = {  # name -> (values, apply)
+        "ahead": (args.ahead, lambda v: setattr(api_module, "AHEAD_IMAGES", v)),
+        "switch_interval": (args.switch_interval, sys.setswitchinterval),
+        "nice": (args.nice, lambda v: setattr(pipeline, "WORKER_NICE", v)),
+    }
+    for values, apply in settings.values():
+        apply(values[0])
     n = args.images or (16 if args.small else 256)
     batch = args.batch or (8 if args.small else 64)
     device = "cpu" if args.small else "cuda"
@@ -226,25 +233,17 @@ def main(argv=None) -> int:
         # weights leave greedy choices close enough for that to flip some.
         result["batch_captions_equal_api"] = sum(a == b for a, b in zip(batched, api)) / n
         assert dtype != torch.float32 or batched == api, "idefics batch and the API gave different captions"
-        if len(args.ahead) > 1:
-            result["by_ahead"] = {args.ahead[0]: {"api": result["api_images_s"], "batch": result["batch_images_s"]}}
-            for ahead in args.ahead[1:]:
-                api_module.AHEAD_IMAGES = ahead
-                by = result["by_ahead"][ahead] = {}
-                by["api"] = n / timed(lambda: run_api(m, files, batch))[0]
-                by["batch"] = n / timed(lambda: run_batch(m, files, root))[0]
-                print(f"ahead {ahead}: {by}", file=sys.stderr, flush=True)
-            api_module.AHEAD_IMAGES = args.ahead[0]
-        if len(args.switch_interval) > 1:
-            first = args.switch_interval[0]
-            result["by_switch_interval"] = {first: {"api": result["api_images_s"], "batch": result["batch_images_s"]}}
-            for interval in args.switch_interval[1:]:
-                sys.setswitchinterval(interval)
-                by = result["by_switch_interval"][interval] = {}
-                by["api"] = n / timed(lambda: run_api(m, files, batch))[0]
-                by["batch"] = n / timed(lambda: run_batch(m, files, root))[0]
-                print(f"switch interval {interval}: {by}", file=sys.stderr, flush=True)
-            sys.setswitchinterval(first)
+        for name, (values, apply) in settings.items():
+            if len(values) == 1:
+                continue
+            by = result[f"by_{name}"] = {values[0]: {"api": result["api_images_s"], "batch": result["batch_images_s"]}}
+            for value in values[1:] + values[:1]:  # (back to the first)
+                apply(value)
+                m.processor.images.close()  # the next image forks new workers (at the niceness set)
+                if value != values[0]:
+                    by[value] = {"api": n / timed(lambda: run_api(m, files, batch))[0],
+                                 "batch": n / timed(lambda: run_batch(m, files, root))[0]}
+                    print(f"{name} {value}: {by[value]}", file=sys.stderr, flush=True)
 
         m.processor.images.decode = "fast"
         m.caption(warmup, PROMPT, max_new_tokens=NEW_TOKENS)

@@ -129,11 +129,16 @@ def prepare(source, transform: ImageTransform, limits: ImageLimits, decode: str,
 
 
 _worker_budget: Budget | None = None  # in a worker process, its pipeline's budget
+# The image workers' niceness above the process's: with every core decoding, the thread that launches the GPU's work
+# gets a core first (a worker is a process of its own, so it holds no lock the engine's thread waits for).
+WORKER_NICE = 0
 
 
-def _worker_started(budget: Budget):
+def _worker_started(budget: Budget, nice: int):
     global _worker_budget
     _worker_budget = budget  # (handed over at the fork: a shared lock and counter cannot travel with each image)
+    if nice:
+        os.nice(nice)
     _return_freed_images()
     _drop_inherited_sockets()
 
@@ -190,7 +195,7 @@ class ImagePipeline:
                 except BrokenProcessPool:  # a worker died since the last image: a fresh pool for this one
                     self._processes.shutdown(wait=False, cancel_futures=True)
             self._processes = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"),
-                                                  initializer=_worker_started, initargs=(self.budget,))
+                                                  initializer=_worker_started, initargs=(self.budget, WORKER_NICE))
             # The first submit forks every worker. Objects frozen then are left alone by the workers' garbage
             # collector, which would otherwise write to the pages holding them and so copy much of the interpreter
             # into each worker (tests/test_pipeline.py's twelve photos: 1.33 GB, against 0.86 frozen); the caller's

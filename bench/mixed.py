@@ -1,6 +1,6 @@
 """Continuous batching against static batches, on idefics-9b-shaped random bfloat16 weights (GPU).
 
-    PYTHONPATH=src python bench/mixed.py [--requests 512] [--batch 64] [--groups 8 16]
+    PYTHONPATH=src python bench/mixed.py [--requests 512] [--batch 64] [--groups 8 16] [--waits 16 24]
 
 The workload: `--requests` requests, one image each, prompts of 20-200 text tokens and 10-200 new tokens (seeded
 draws), each prompt with its image's key as the image workers give it, all submitted at once, greedy, no eos (each
@@ -15,6 +15,7 @@ Writes $OUT/mixed.json when OUT is set."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -129,9 +130,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=512)
     ap.add_argument("--batch", type=int, default=64)
-    defaults = scheduler.ADMIT_GROUP, scheduler.ADMIT_SHARE
+    defaults = scheduler.ADMIT_GROUP, scheduler.ADMIT_SHARE, scheduler.ADMIT_WAIT
     ap.add_argument("--groups", type=int, nargs="+", default=[min(defaults[0], 64 // defaults[1])],
-                    help="continuous runs with these prefill group sizes under a backlog")
+                    help="continuous runs with these prefill group sizes under a backlog (scheduler.ADMIT_GROUP)")
+    ap.add_argument("--waits", type=int, nargs="+", default=[defaults[2]],
+                    help="and with these waits for a group, in steps (scheduler.ADMIT_WAIT); the first of each reported")
     args = ap.parse_args()
     config = idefics_9b()
     model = random_model(config, "cuda", torch.bfloat16)
@@ -145,27 +148,29 @@ def main():
     static_tokens, static_s = drive(Scheduler(engine, None, max_batch=args.batch),
                                     [reqs[i : i + args.batch] for i in range(0, len(reqs), args.batch)], static_steps)
     print(f"static: {static_s:.2f} s", json.dumps(static_steps), flush=True)
-    by_group = {}
-    for g in args.groups:  # the prefill group's size under a backlog (scheduler.ADMIT_GROUP); the first is reported
-        scheduler.ADMIT_GROUP, scheduler.ADMIT_SHARE = g, max(1, args.batch // g)
+    by_run = {}
+    for g, w in itertools.product(args.groups, args.waits):
+        scheduler.ADMIT_GROUP, scheduler.ADMIT_SHARE, scheduler.ADMIT_WAIT = g, max(1, args.batch // g), w
         engine.encoder.cache.clear()
         reqs = requests(config, work)
-        steps[g] = {}
-        by_group[g] = drive(Scheduler(engine, None, max_batch=args.batch), [reqs], steps[g])
-        assert by_group[g][0] == static_tokens
-        print(f"continuous, prefill groups of {g}: {by_group[g][1]:.2f} s, {static_s / by_group[g][1]:.3f}x static",
-              json.dumps(steps[g]), flush=True)
-    scheduler.ADMIT_GROUP, scheduler.ADMIT_SHARE = defaults
-    cont_tokens, cont_s = by_group[args.groups[0]]
+        steps[g, w] = {}
+        by_run[g, w] = drive(Scheduler(engine, None, max_batch=args.batch), [reqs], steps[g, w])
+        assert by_run[g, w][0] == static_tokens
+        print(f"continuous, prefill groups of {g}, waiting up to {w} steps: {by_run[g, w][1]:.2f} s, "
+              f"{static_s / by_run[g, w][1]:.3f}x static", json.dumps(steps[g, w]), flush=True)
+    scheduler.ADMIT_GROUP, scheduler.ADMIT_SHARE, scheduler.ADMIT_WAIT = defaults
+    first = args.groups[0], args.waits[0]
+    cont_tokens, cont_s = by_run[first]
     result = {
         "card": torch.cuda.get_device_name(), "requests": args.requests, "batch": args.batch, "tokens": cont_tokens,
         "static_s": static_s, "static_tok_s": static_tokens / static_s,
         "continuous_s": cont_s, "continuous_tok_s": cont_tokens / cont_s, "ratio": static_s / cont_s,
-        "static_steps": static_steps, "continuous_steps": steps[args.groups[0]],
+        "prefill_group": first[0], "admit_wait": first[1],
+        "static_steps": static_steps, "continuous_steps": steps[first],
         "late_arrival": late_arrival(engine, config, args.batch),
     }
-    if len(args.groups) > 1:
-        result["continuous_s_by_prefill_group"] = {g: t for g, (_, t) in by_group.items()}
+    if len(by_run) > 1:
+        result["continuous_s_by_run"] = {f"groups of {g}, wait {w}": t for (g, w), (_, t) in by_run.items()}
     print(json.dumps(result, indent=1))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "mixed.json").write_text(json.dumps(result, indent=1))

@@ -239,7 +239,8 @@ def main(argv=None) -> int:
             by = result[f"by_{name}"] = {values[0]: {"api": result["api_images_s"], "batch": result["batch_images_s"]}}
             for value in values[1:] + values[:1]:  # (back to the first)
                 apply(value)
-                m.processor.images.close()  # the next image forks new workers (at the niceness set)
+                m.processor.images.close()  # new workers (at the niceness set), forked by a warm-up call
+                m.caption(warmup, PROMPT, max_new_tokens=NEW_TOKENS)
                 if value != values[0]:
                     by[value] = {"api": n / timed(lambda: run_api(m, files, batch))[0],
                                  "batch": n / timed(lambda: run_batch(m, files, root))[0]}

@@ -37,7 +37,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from common import random_model, reference_from  # noqa: E402
 
-from idefics import api as api_module, pipeline  # noqa: E402
+from idefics import api as api_module  # noqa: E402
 from idefics.api import Idefics  # noqa: E402
 from idefics.batch import run_file  # noqa: E402
 from idefics.config import IdeficsConfig, PerceiverConfig, VisionConfig, idefics_9b  # noqa: E402
@@ -194,13 +194,10 @@ def main(argv=None) -> int:
                         help="images encoded ahead at once, at least (api.AHEAD_IMAGES)")
     parser.add_argument("--switch-interval", type=float, nargs="+", default=[sys.getswitchinterval()],
                         help="the interpreter's thread switch interval in seconds (sys.setswitchinterval)")
-    parser.add_argument("--nice", type=int, nargs="+", default=[pipeline.WORKER_NICE],
-                        help="the image worker processes' niceness above this process's (pipeline.WORKER_NICE)")
     args = parser.parse_args(argv)
     settings = {  # name -> (values, apply)
         "ahead": (args.ahead, lambda v: setattr(api_module, "AHEAD_IMAGES", v)),
         "switch_interval": (args.switch_interval, sys.setswitchinterval),
-        "nice": (args.nice, lambda v: setattr(pipeline, "WORKER_NICE", v)),
     }
     for values, apply in settings.values():
         apply(values[0])
@@ -239,7 +236,6 @@ def main(argv=None) -> int:
             by = result[f"by_{name}"] = {values[0]: {"api": result["api_images_s"], "batch": result["batch_images_s"]}}
             for value in values[1:] + values[:1]:  # (back to the first)
                 apply(value)
-                m.processor.images.close()  # new workers (at the niceness set), forked by a warm-up call
                 m.caption(warmup, PROMPT, max_new_tokens=NEW_TOKENS)
                 if value != values[0]:
                     by[value] = {"api": n / timed(lambda: run_api(m, files, batch))[0],

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +241,36 @@ def test_the_workers_hold_none_of_the_sockets_open_when_they_were_forked():
         assert len(workers) == 2 and sockets(os.getpid()) >= {os.readlink(f"/proc/self/fd/{server.fileno()}")}
         assert all(not sockets(pid) for pid in workers)
     p.close()
+
+
+def test_the_workers_end_when_their_process_is_killed_outright(tmp_path):
+    """A job killed with SIGKILL (or by the out-of-memory killer) runs no cleanup: its workers end on their own."""
+    script = tmp_path / "killed.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal
+        from idefics.images import ImageTransform
+        from idefics.pipeline import ImagePipeline
+        p = ImagePipeline(ImageTransform(), workers=2)
+        p.submit({jpeg(photo(64, 48, 0))!r}).result(60)
+        print(*p._processes._processes, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(idefics.__file__).parents[1])})
+    assert run.returncode == -9, run.stderr
+    workers = [int(pid) for pid in run.stdout.split()]
+    assert len(workers) == 2
+
+    def alive(pid: int) -> bool:  # (an ended process nobody has reaped yet shows as a zombie, "Z")
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, workers))
 
 
 def test_bad_pipeline_settings_are_one_line_errors():

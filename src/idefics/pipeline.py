@@ -11,7 +11,7 @@ so they start at once and never import the caller's script again; they run only 
 each image's pixels (600 kB) and key. Images given as PIL images are already decoded: they are resized in a thread
 of this process instead, as are images asked for only resized (ranked classification's). A worker that dies (a
 decoder crash, the out-of-memory killer) fails the images then in flight, each with a one-line error, and the next
-image starts a fresh pool.
+image starts a fresh pool; workers whose process was killed outright end within a second.
 
 decode "exact" gives the reference processor's pixel values bit for bit. decode "fast" lets JPEG decoding scale
 the picture down by 2, 4 or 8 in the DCT (Pillow's draft mode) to the smallest size still at least the target on
@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import stat
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -129,18 +130,28 @@ def prepare(source, transform: ImageTransform, limits: ImageLimits, decode: str,
 
 
 _worker_budget: Budget | None = None  # in a worker process, its pipeline's budget
-# The image workers' niceness above the process's: with every core decoding, the thread that launches the GPU's work
-# gets a core first (a worker is a process of its own, so it holds no lock the engine's thread waits for).
-WORKER_NICE = 0
+PARENT_CHECK = 0.5  # seconds between a worker's checks that its parent is alive
 
 
-def _worker_started(budget: Budget, nice: int):
+def _worker_started(budget: Budget, parent: int):
     global _worker_budget
     _worker_budget = budget  # (handed over at the fork: a shared lock and counter cannot travel with each image)
-    if nice:
-        os.nice(nice)
     _return_freed_images()
     _drop_inherited_sockets()
+    _exit_with(parent)
+
+
+def _exit_with(parent: int):
+    """End this worker once the process that forked it has ended. A parent killed outright (SIGKILL, the out-of-memory
+    killer) runs no cleanup, and its workers, which hold their own ends of the pool's pipes, would wait for work
+    forever. (Not the kernel's parent-death signal: it follows the thread that forked, which may end long before
+    the process.)"""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="idefics-parent-watch", daemon=True).start()
 
 
 def _drop_inherited_sockets():
@@ -195,7 +206,7 @@ class ImagePipeline:
                 except BrokenProcessPool:  # a worker died since the last image: a fresh pool for this one
                     self._processes.shutdown(wait=False, cancel_futures=True)
             self._processes = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"),
-                                                  initializer=_worker_started, initargs=(self.budget, WORKER_NICE))
+                                                  initializer=_worker_started, initargs=(self.budget, os.getpid()))
             # The first submit forks every worker. Objects frozen then are left alone by the workers' garbage
             # collector, which would otherwise write to the pages holding them and so copy much of the interpreter
             # into each worker (tests/test_pipeline.py's twelve photos: 1.33 GB, against 0.86 frozen); the caller's

@@ -134,7 +134,7 @@ def main():
     ap.add_argument("--groups", type=int, nargs="+", default=[min(defaults[0], 64 // defaults[1])],
                     help="continuous runs with these prefill group sizes under a backlog (scheduler.ADMIT_GROUP)")
     ap.add_argument("--waits", type=int, nargs="+", default=[defaults[2]],
-                    help="and with these waits for a group, in steps (scheduler.ADMIT_WAIT); the first of each reported")
+                    help="and with these waits for a group, in steps (scheduler.ADMIT_WAIT); the first reported")
     args = ap.parse_args()
     config = idefics_9b()
     model = random_model(config, "cuda", torch.bfloat16)

@@ -2,7 +2,7 @@
 thread's prefills, encodes and decode steps (host time, and device time between CUDA events recorded around each),
 for one m.caption call of --batch photos after a warm-up, in the exact and the fast decode.
 
-    PYTHONPATH=src python bench/job_trace.py [--batch 64] [--workers 16] [--path api|batch] [--ahead 16] [--small]
+    PYTHONPATH=src python bench/job_trace.py [--batch 64] [--slots 64] [--workers 16] [--path api|batch] [--ahead 16] [--small]
 """
 from __future__ import annotations
 
@@ -90,6 +90,7 @@ def main():
     parser.add_argument("--small", action="store_true", help="the CPU and a tiny model (checks the script)")
     parser.add_argument("--path", choices=["api", "batch"], default="api",
                         help="one m.caption call of the photos, or idefics batch over one line per photo")
+    parser.add_argument("--slots", type=int, help="the running batch's slots (default --batch; job.py has 64)")
     parser.add_argument("--ahead", type=int, default=api.AHEAD_IMAGES, help="images encoded ahead at once, at least")
     parser.add_argument("--decodes", nargs="+", default=["exact", "fast"], choices=["exact", "fast"])
     args = parser.parse_args()
@@ -102,8 +103,9 @@ def main():
     traced(Scheduler, "step", "step")
     with tempfile.TemporaryDirectory() as tmp:
         files = write_photos(Path(tmp), 2 * args.batch)
-        m = ours(tiny_config(), "cpu", torch.float32, args.workers, args.batch) if args.small else \
-            ours(idefics_9b(), "cuda", torch.bfloat16, args.workers, args.batch)
+        slots = args.slots or args.batch
+        m = ours(tiny_config(), "cpu", torch.float32, args.workers, slots) if args.small else \
+            ours(idefics_9b(), "cuda", torch.bfloat16, args.workers, slots)
         if args.path == "batch":  # the same photos as lines of a tasks.jsonl, through idefics batch
             def job(photos):
                 run_batch(m, photos, Path(tmp))

@@ -2,7 +2,8 @@
 thread's prefills, encodes and decode steps (host time, and device time between CUDA events recorded around each),
 for one m.caption call of --batch photos after a warm-up, in the exact and the fast decode.
 
-    PYTHONPATH=src python bench/job_trace.py [--batch 64] [--slots 64] [--workers 16] [--path api|batch] [--ahead 16] [--small]
+    PYTHONPATH=src python bench/job_trace.py [--batch 64] [--slots 64] [--workers 16] [--path api|batch]
+                                             [--ahead 16] [--decodes exact fast] [--small]
 """
 from __future__ import annotations
 

@@ -64,8 +64,8 @@ class ImageKV:
         self.max_tokens = max_tokens
 
     def set(self, slots: slice, kv: list[tuple[torch.Tensor, torch.Tensor]], visible: torch.Tensor):
-        """slots: B slots (a slice, so that no index is copied from the host); kv per block (B, H, T, Dh) with
-        T <= max_tokens; visible (B, T) bool."""
+        """slots: B slots (a slice, or a device tensor of indices); kv per block (B, H, T, Dh) with T <= max_tokens;
+        visible (B, T) bool."""
         t = visible.shape[1]
         for i, (k, v) in enumerate(kv):
             self.k[i, slots, :, :t] = k

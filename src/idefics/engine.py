@@ -52,6 +52,12 @@ def split_batch(batch: dict[str, torch.Tensor]) -> list[Prompt]:
 KV_BUCKET = 64  # decode attends to the cache in multiples of this many positions (fewer bytes than a fixed length)
 LEN_BUCKET = 32  # captured prefills pad prompts to a multiple of this many tokens
 WARM_PREFILL = 512  # warmup() captures single-prompt prefills of one image up to this many tokens
+# Prefills of several prompts are captured (rows padded to a slot bucket) where the prompts are this short: there
+# launching the eager step's ~1000 kernels costs more host time than its GPU work (64 prompts of 9 tokens: 39 ms of
+# host for 31 ms of GPU, and 110-190 ms while image workers decode photos), and a replay is one call. Longer prompts
+# keep the GPU busier than the launches; their shapes are many.
+BATCH_GRAPH_LEN = 32
+WARM_BATCH = 64  # warmup() captures those prefills up to this many prompts (scheduler.IMAGES_PER_STEP's)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -127,6 +133,7 @@ class Engine:
             self.step_fn = torch.compile(model, fullgraph=True, dynamic=False)
         self.cache: KVCache | None = None
         self.images: ImageKV | None = None
+        self.n_slots = 0  # slots reserved; with graphs the buffers hold one more, the scratch slot (prefill_batch)
         self.host_lengths: dict[int, int] = {}  # tokens in the cache of each live slot, known without a device sync
         self._index: dict[tuple[int, ...], torch.Tensor] = {}  # slot lists as device tensors, made once each
 
@@ -137,7 +144,7 @@ class Engine:
     @property
     def slots(self) -> int:
         """Slots reserved."""
-        return 0 if self.cache is None else self.cache.k.shape[1]
+        return self.n_slots
 
     @property
     def active(self) -> int:
@@ -183,8 +190,11 @@ class Engine:
         if self.graphs is not None:  # the captured graphs point at the old buffers: start a new pool
             self.graphs = self.encoder.graphs = Graphs()
         dev, dt, h = w.device, w.dtype, heads(self.model)  # h: this rank's heads under tensor parallelism
-        self.cache = KVCache(c.num_hidden_layers, slots, h, max_len, c.head_dim, dt, dev)
-        self.images = ImageKV(c.num_cross_layers, slots, h, tokens, c.head_dim, dt, dev)
+        # With graphs, one slot more: the padding rows of a captured prefill write their keys and values there.
+        rows = slots + (self.graphs is not None)
+        self.cache = KVCache(c.num_hidden_layers, rows, h, max_len, c.head_dim, dt, dev)
+        self.images = ImageKV(c.num_cross_layers, rows, h, tokens, c.head_dim, dt, dev)
+        self.n_slots = slots
         self.lengths = torch.zeros(slots, dtype=torch.long, device=dev)  # the same as host_lengths, per slot
         self.tokens = torch.zeros(slots, dtype=torch.long, device=dev)  # the decode step's input
         # The prefill's inputs, padded: ids (B, S), image features (B, T, D), which image tokens each token sees
@@ -200,19 +210,24 @@ class Engine:
     @model_work
     def warmup(self):
         """Capture now, while no sequence is live, the decode step for every slot bucket, the image encoders
-        (ImageEncoder.warmup) and the prefill of one prompt with one image for every length bucket up to
-        WARM_PREFILL, so that no request joining a running batch waits for a capture (tens of milliseconds each,
-        several decode steps)."""
+        (ImageEncoder.warmup), the prefill of one prompt with one image for every length bucket up to WARM_PREFILL
+        and of every slot bucket of prompts with one image up to BATCH_GRAPH_LEN tokens (up to WARM_BATCH
+        rows), so that no request joining a running batch waits for a capture (tens of milliseconds each, several
+        decode steps)."""
         if self.graphs is None or self.fused is None or self.cache is None:
             return  # the plain step's graphs are keyed by attention length too: they are captured as they come
         self.encoder.warmup()
         assert not self.host_lengths, "warmup() with sequences running"
-        for m in sorted({slot_bucket(n, self.slots) for n in range(1, self.slots + 1)}):
+        buckets = sorted({slot_bucket(n, self.slots) for n in range(1, self.slots + 1)})
+        for m in buckets:
             self.graphs.run(("decode", m, 0), lambda m=m: self._decode_step(m, 0))
         t = self.model.config.image_seq_len
-        self.pf_slots[:1], self.pf_last[:1] = 0, 0  # the steps write slot 0, which is free
-        for s in range(LEN_BUCKET, min(self.max_len, WARM_PREFILL) + 1, LEN_BUCKET):
-            self.graphs.run(("prefill", s, t), lambda s=s: self._prefill_step(1, s, t))
+        self.pf_slots[:], self.pf_last[:] = self.slots, 0  # the steps write the scratch slot
+        lengths = range(LEN_BUCKET, self.max_len + 1, LEN_BUCKET)
+        shapes = [(1, s) for s in lengths if s <= WARM_PREFILL]
+        shapes += [(m, s) for m in buckets if 1 < m <= WARM_BATCH for s in lengths if s <= BATCH_GRAPH_LEN]
+        for m, s in shapes:
+            self.graphs.run(("prefill", m, s, t), lambda m=m, s=s: self._prefill_step(m, s, t))
 
     def index(self, slots: list[int]) -> torch.Tensor:
         """A list of slots as a device tensor, copied once per distinct list (a running batch keeps its list for many
@@ -243,7 +258,10 @@ class Engine:
         t_img = self.model.config.image_seq_len
         lens = [p.ids.shape[0] for p in prompts]
         n_images = [p.pixels.shape[0] for p in prompts]
-        s = _round_up(max(lens), LEN_BUCKET) if self.graphs is not None and b == 1 else max(lens)
+        s = _round_up(max(lens), LEN_BUCKET)
+        graphed = self.graphs is not None and (b == 1 or s <= BATCH_GRAPH_LEN)
+        s = s if graphed else max(lens)
+        m = slot_bucket(b, self.slots) if graphed else b  # rows run: padding rows write the scratch slot
         t = max(n_images) * t_img
         # Padded on the host, one copy per tensor, through pinned memory (runtime.to_device): the host goes on
         # launching the prefill while the decode step before it runs.
@@ -256,20 +274,22 @@ class Engine:
         self.pf_image_mask[:b, :s, :t] = to_device(image_mask, self.device).repeat_interleave(t_img, -1)
         self.pf_last[:b] = to_device(torch.tensor(lens), self.device) - 1
         self.pf_slots[:b] = self.index(slots)
+        if m > b:
+            self.pf_slots[b:m] = self.slots
         taken_index = self.index(taken)
         feats = self.encoder.of_prompts(prompts)  # (sum N, T, D)
-        self.pf_feats[:b, :t] = 0
-        offset = 0
-        for i, n in enumerate(n_images):
-            self.pf_feats[i, : n * t_img] = feats[offset : offset + n].flatten(0, 1)
-            offset += n
-        if self.graphs is not None and b == 1:
-            logits, kv = self.graphs.run(("prefill", s, t), lambda: self._prefill_step(1, s, t))
+        if len(set(n_images)) == 1:  # one copy, not one per prompt
+            self.pf_feats[:b, :t] = feats.reshape(b, t, feats.shape[-1])
         else:
-            logits, kv = self._prefill_step(b, s, t)
-        # Generated tokens attend to what the last prompt token attends to (its latest image).
-        visible = self.pf_image_mask[torch.arange(b, device=self.device), self.pf_last[:b], :t]
-        self.images.set(self.pf_slots[:b], kv, visible)
+            self.pf_feats[:b, :t] = 0
+            offset = 0
+            for i, n in enumerate(n_images):
+                self.pf_feats[i, : n * t_img] = feats[offset : offset + n].flatten(0, 1)
+                offset += n
+        if graphed:
+            logits = self.graphs.run(("prefill", m, s, t), lambda: self._prefill_step(m, s, t))
+        else:
+            logits = self._prefill_step(b, s, t)
         for slot in slots:
             for extra in range(1, copies):
                 self.cache.copy_slot(slot, slot + extra)
@@ -280,15 +300,19 @@ class Engine:
                 self.host_lengths[slot + j] = n
         return logits[:b].clone()
 
-    def _prefill_step(self, b: int, s: int, t: int):
-        """The prompts in the prefill buffers -> (last-token logits (b, V), image keys/values per block)."""
+    def _prefill_step(self, b: int, s: int, t: int) -> torch.Tensor:
+        """The first b rows of the prefill buffers into their slots (keys and values, image ones too) -> last-token
+        logits (b, V)."""
         model, dev = self.model, self.device
         kv = model.image_kv(self.pf_feats[:b, :t])
         pos = torch.arange(s, device=dev)[None].expand(b, s)
         mask = torch.ones(s, s, dtype=torch.bool, device=dev).tril()[None, None]  # right padding needs no more
         logits = model(self.pf_ids[:b, :s], pos, mask, kv, self.pf_image_mask[:b, :s, :t],
                        self.cache.at(self.pf_slots[:b], pos, None), logits_at=self.pf_last[:b])
-        return logits[:, 0], kv
+        # Generated tokens attend to what the last prompt token attends to (its latest image).
+        visible = self.pf_image_mask[torch.arange(b, device=dev), self.pf_last[:b], :t]
+        self.images.set(self.pf_slots[:b], kv, visible)
+        return logits[:, 0]
 
     @model_work
     def decode(self, tokens: torch.Tensor, slots: list[int] | None = None) -> torch.Tensor:

@@ -70,8 +70,9 @@ class ImageKV:
         for i, (k, v) in enumerate(kv):
             self.k[i, slots, :, :t] = k
             self.v[i, slots, :, :t] = v
-        self.visible[slots] = False
-        self.visible[slots, :t] = visible
+        row = visible.new_zeros(visible.shape[0], self.max_tokens)  # (a device tensor: a graph can capture this)
+        row[:, :t] = visible
+        self.visible[slots] = row
 
     def copy_slot(self, src: int, dst: int):
         self.k[:, dst] = self.k[:, src]

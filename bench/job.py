@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 from common import random_model, reference_from  # noqa: E402
 
 from idefics import api as api_module  # noqa: E402
+from idefics import engine as engine_module  # noqa: E402
 from idefics.api import Idefics  # noqa: E402
 from idefics.batch import run_file  # noqa: E402
 from idefics.config import IdeficsConfig, PerceiverConfig, VisionConfig, idefics_9b  # noqa: E402
@@ -194,10 +195,14 @@ def main(argv=None) -> int:
                         help="images encoded ahead at once, at least (api.AHEAD_IMAGES)")
     parser.add_argument("--switch-interval", type=float, nargs="+", default=[sys.getswitchinterval()],
                         help="the interpreter's thread switch interval in seconds (sys.setswitchinterval)")
+    parser.add_argument("--batch-graph-len", type=int, nargs="+", default=[engine_module.BATCH_GRAPH_LEN],
+                        help="prompts of up to this many tokens prefilled together by a captured graph, 0: none "
+                             "(engine.BATCH_GRAPH_LEN)")
     args = parser.parse_args(argv)
     settings = {  # name -> (values, apply)
         "ahead": (args.ahead, lambda v: setattr(api_module, "AHEAD_IMAGES", v)),
         "switch_interval": (args.switch_interval, sys.setswitchinterval),
+        "batch_graph_len": (args.batch_graph_len, lambda v: setattr(engine_module, "BATCH_GRAPH_LEN", v)),
     }
     for values, apply in settings.values():
         apply(values[0])

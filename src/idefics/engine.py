@@ -52,12 +52,13 @@ def split_batch(batch: dict[str, torch.Tensor]) -> list[Prompt]:
 KV_BUCKET = 64  # decode attends to the cache in multiples of this many positions (fewer bytes than a fixed length)
 LEN_BUCKET = 32  # captured prefills pad prompts to a multiple of this many tokens
 WARM_PREFILL = 512  # warmup() captures single-prompt prefills of one image up to this many tokens
-# Prefills of several prompts are captured (rows padded to a slot bucket) where the prompts are this short: there
-# launching the eager step's ~1000 kernels costs more host time than its GPU work (64 prompts of 9 tokens: 39 ms of
-# host for 31 ms of GPU, and 110-190 ms while image workers decode photos), and a replay is one call. Longer prompts
-# keep the GPU busier than the launches; their shapes are many.
+# Prefills of several prompts are captured where the prompts are this short: there launching the eager step's ~1000
+# kernels costs more host time than its GPU work (64 prompts of 9 tokens: 39 ms of host for 31 ms of GPU, and
+# 110-190 ms while image workers decode photos), and a replay is one call. Rows are padded to a slot bucket, lengths
+# to BATCH_LEN_BUCKET (to 32 the GPU's work grew 2.3x for 9 tokens); each shape is captured at its first use. Longer
+# prompts keep the GPU busier than the launches, and their shapes are many.
 BATCH_GRAPH_LEN = 32
-WARM_BATCH = 64  # warmup() captures those prefills up to this many prompts (scheduler.IMAGES_PER_STEP's)
+BATCH_LEN_BUCKET = 4
 
 
 def _round_up(x: int, m: int) -> int:
@@ -210,24 +211,19 @@ class Engine:
     @model_work
     def warmup(self):
         """Capture now, while no sequence is live, the decode step for every slot bucket, the image encoders
-        (ImageEncoder.warmup), the prefill of one prompt with one image for every length bucket up to WARM_PREFILL
-        and of every slot bucket of prompts with one image up to BATCH_GRAPH_LEN tokens (up to WARM_BATCH
-        rows), so that no request joining a running batch waits for a capture (tens of milliseconds each, several
-        decode steps)."""
+        (ImageEncoder.warmup) and the prefill of one prompt with one image for every length bucket up to
+        WARM_PREFILL, so that no request joining a running batch waits for a capture (tens of milliseconds each,
+        several decode steps)."""
         if self.graphs is None or self.fused is None or self.cache is None:
             return  # the plain step's graphs are keyed by attention length too: they are captured as they come
         self.encoder.warmup()
         assert not self.host_lengths, "warmup() with sequences running"
-        buckets = sorted({slot_bucket(n, self.slots) for n in range(1, self.slots + 1)})
-        for m in buckets:
+        for m in sorted({slot_bucket(n, self.slots) for n in range(1, self.slots + 1)}):
             self.graphs.run(("decode", m, 0), lambda m=m: self._decode_step(m, 0))
         t = self.model.config.image_seq_len
-        self.pf_slots[:], self.pf_last[:] = self.slots, 0  # the steps write the scratch slot
-        lengths = range(LEN_BUCKET, self.max_len + 1, LEN_BUCKET)
-        shapes = [(1, s) for s in lengths if s <= WARM_PREFILL]
-        shapes += [(m, s) for m in buckets if 1 < m <= WARM_BATCH for s in lengths if s <= BATCH_GRAPH_LEN]
-        for m, s in shapes:
-            self.graphs.run(("prefill", m, s, t), lambda m=m, s=s: self._prefill_step(m, s, t))
+        self.pf_slots[:1], self.pf_last[:1] = self.slots, 0  # the steps write the scratch slot
+        for s in range(LEN_BUCKET, min(self.max_len, WARM_PREFILL) + 1, LEN_BUCKET):
+            self.graphs.run(("prefill", 1, s, t), lambda s=s: self._prefill_step(1, s, t))
 
     def index(self, slots: list[int]) -> torch.Tensor:
         """A list of slots as a device tensor, copied once per distinct list (a running batch keeps its list for many
@@ -258,7 +254,7 @@ class Engine:
         t_img = self.model.config.image_seq_len
         lens = [p.ids.shape[0] for p in prompts]
         n_images = [p.pixels.shape[0] for p in prompts]
-        s = _round_up(max(lens), LEN_BUCKET)
+        s = _round_up(max(lens), LEN_BUCKET if b == 1 else BATCH_LEN_BUCKET)
         graphed = self.graphs is not None and (b == 1 or s <= BATCH_GRAPH_LEN)
         s = s if graphed else max(lens)
         m = slot_bucket(b, self.slots) if graphed else b  # rows run: padding rows write the scratch slot

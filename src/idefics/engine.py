@@ -110,10 +110,10 @@ def check_room(engine: "Engine", slots: int, max_len: int, images: int, what: st
 
 
 class Engine:
-    """graphs: capture decode steps and single-prompt prefills as CUDA graphs (default on CUDA); fused: decode
-    steps with their elementwise work in the fused Triton kernels of kernels.py (default on CUDA with Triton, for
-    the models fused.supported accepts; not with compile); compile: torch.compile the plain decode step (compiles on
-    first use of each shape)."""
+    """graphs: capture decode steps, single-prompt prefills and prefills of short prompts as CUDA graphs (default
+    on CUDA); fused: decode steps with their elementwise work in the fused Triton kernels of kernels.py (default on
+    CUDA with Triton, for the models fused.supported accepts; not with compile); compile: torch.compile the plain
+    decode step (compiles on first use of each shape)."""
 
     def __init__(self, model: IdeficsModel, image_cache: int = 256, graphs: bool | None = None,
                  fused: bool | None = None, compile: bool = False):

@@ -157,12 +157,14 @@ def test_the_captured_image_encoders_equal_the_eager_one(models):
 def test_a_captured_prefill_of_several_prompts_equals_the_eager_one(models, dtype, files):
     """Short prompts prefilled together run a captured graph, rows padded to a slot bucket (3 prompts run 4 rows, the
     padding row writing the scratch slot), lengths to BATCH_LEN_BUCKET: logits and the decode steps after it as the
-    eager prefill gives them, and a sequence already live in another slot keeps its cache; the same shape again
-    replays the graph."""
+    eager prefill gives them (after longer prompts left their rows in the prefill's buffers), and a sequence already
+    live in another slot keeps its cache; the same shape again replays the graph."""
     m, (_, a, b) = models(dtype), files
     first = split_batch(m.process([[b, "Story: \n"]]))
     three = split_batch(m.process([[a, "This is an image of"], [b, "Question: What is it? Answer:"], [a, "A"]]))
+    long = split_batch(m.process([[a, "Question: " + "what is in this picture and why? " * 6 + "Answer:"]] * 4))
     assert max(p.ids.shape[0] for p in three) <= 32 and all(p.pixels.shape[0] == 1 for p in three)
+    assert min(p.ids.shape[0] for p in long) > 32  # prefilled eagerly
     key = ("prefill", 4, _round_up(max(p.ids.shape[0] for p in three), BATCH_LEN_BUCKET), m.config.image_seq_len)
 
     def run(engine: Engine) -> list[torch.Tensor]:
@@ -170,6 +172,8 @@ def test_a_captured_prefill_of_several_prompts_equals_the_eager_one(models, dtyp
         engine.warmup()
         out, captured = [], None
         for again in range(2):
+            out.append(engine.prefill_batch(long, slots=[0, 1, 2, 3]).float().cpu())
+            engine.release_all()
             out.append(engine.prefill_batch(first, slots=[5]).float().cpu())
             out.append(engine.prefill_batch(three, slots=[0, 2, 3]).float().cpu())
             if engine.graphs:

@@ -270,8 +270,8 @@ class Engine:
         self.pf_image_mask[:b, :s, :t] = to_device(image_mask, self.device).repeat_interleave(t_img, -1)
         self.pf_last[:b] = to_device(torch.tensor(lens), self.device) - 1
         self.pf_slots[:b] = self.index(slots)
-        if m > b:
-            self.pf_slots[b:m] = self.slots
+        if m > b:  # the padding rows: the scratch slot, logits at position 0 (stale rows may hold longer prompts')
+            self.pf_slots[b:m], self.pf_last[b:m] = self.slots, 0
         taken_index = self.index(taken)
         feats = self.encoder.of_prompts(prompts)  # (sum N, T, D)
         if len(set(n_images)) == 1:  # one copy, not one per prompt

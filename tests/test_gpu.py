@@ -168,7 +168,7 @@ def test_a_captured_prefill_of_several_prompts_equals_the_eager_one(models, dtyp
     key = ("prefill", 4, _round_up(max(p.ids.shape[0] for p in three), BATCH_LEN_BUCKET), m.config.image_seq_len)
 
     def run(engine: Engine) -> list[torch.Tensor]:
-        engine.reserve(8, 64, 1)
+        engine.reserve(8, 128, 1)
         engine.warmup()
         out, captured = [], None
         for again in range(2):

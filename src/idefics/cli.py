@@ -384,7 +384,7 @@ def cmd_serve(args):
     import os
 
     try:
-        from idefics.server.app import server
+        from idefics.server.app import limit_malloc_arenas, server
     except ImportError as e:
         raise IdeficsError(f"idefics serve needs the server extra: pip install 'idefics[server]' ({e})") from None
     from idefics.server.settings import Settings
@@ -395,6 +395,7 @@ def cmd_serve(args):
     settings = Settings(**values)  # checked before the model loads
     if not 0 <= args.port <= 65535:
         raise IdeficsError(f"--port must be 0 to 65535, got {args.port}")
+    limit_malloc_arenas()  # before the model's and the server's threads
     server(load_model(args), settings, host=args.host, port=args.port).run()
 
 

@@ -134,7 +134,6 @@ class Engine:
             self.step_fn = torch.compile(model, fullgraph=True, dynamic=False)
         self.cache: KVCache | None = None
         self.images: ImageKV | None = None
-        self.n_slots = 0  # slots reserved; with graphs the buffers hold one more, the scratch slot (prefill_batch)
         self.host_lengths: dict[int, int] = {}  # tokens in the cache of each live slot, known without a device sync
         self._index: dict[tuple[int, ...], torch.Tensor] = {}  # slot lists as device tensors, made once each
 
@@ -144,8 +143,8 @@ class Engine:
 
     @property
     def slots(self) -> int:
-        """Slots reserved."""
-        return self.n_slots
+        """Slots reserved; with graphs the buffers hold one more, the scratch slot (prefill_batch)."""
+        return 0 if self.cache is None else len(self.lengths)
 
     @property
     def active(self) -> int:
@@ -195,7 +194,6 @@ class Engine:
         rows = slots + (self.graphs is not None)
         self.cache = KVCache(c.num_hidden_layers, rows, h, max_len, c.head_dim, dt, dev)
         self.images = ImageKV(c.num_cross_layers, rows, h, tokens, c.head_dim, dt, dev)
-        self.n_slots = slots
         self.lengths = torch.zeros(slots, dtype=torch.long, device=dev)  # the same as host_lengths, per slot
         self.tokens = torch.zeros(slots, dtype=torch.long, device=dev)  # the decode step's input
         # The prefill's inputs, padded: ids (B, S), image features (B, T, D), which image tokens each token sees

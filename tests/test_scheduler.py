@@ -63,23 +63,11 @@ def run(scheduler: Scheduler, joins: dict[int, list[Request]], aborts: dict[int,
     return used
 
 
-@pytest.mark.parametrize("admission", ["joining the step", "apart", "lone prompts captured"])
-def test_requests_joining_mid_run_give_their_tokens_alone(m, monkeypatch, admission):
-    """Joining: prefilled in the pass of the next step (Engine.decode_prefill). Apart: a prefill of their own, at
-    the start of a step. Lone prompts captured, as on a GPU: a lone arrival at the start of a step (its prefill is a
-    CUDA graph there), the two arriving together in the pass of the step."""
+def test_requests_joining_mid_run_give_their_tokens_alone(m):
     expected = [alone(m, p, max_new_tokens=12).token_ids for p in PROMPTS]
     rs = requests(m, PROMPTS, max_new_tokens=12)
-    s = Scheduler(m.engine, m.tokenizer)
-    s.join_steps = admission != "apart"
-    if admission == "lone prompts captured":
-        monkeypatch.setattr(m.engine, "captures", lambda prompts: len(prompts) == 1)
-    joined = []
-    monkeypatch.setattr(m.engine, "decode_prefill", lambda *a, f=m.engine.decode_prefill: joined.append(len(a[2]))
-                        or f(*a))
-    run(s, {0: rs[:1], 3: rs[1:3], 7: rs[3:]})
+    run(Scheduler(m.engine, m.tokenizer), {0: rs[:1], 3: rs[1:3], 7: rs[3:]})
     assert [r.generated for r in rs] == expected
-    assert joined == {"joining the step": [2, 1], "apart": [], "lone prompts captured": [2]}[admission]
 
 
 def test_an_abort_frees_its_slot_for_the_next_request(m):

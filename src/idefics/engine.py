@@ -250,7 +250,7 @@ class Engine:
         taken = [s + j for s in slots for j in range(copies)]
         assert not any(s in self.host_lengths for s in taken), "prefill into a live slot"
         lens = [p.ids.shape[0] for p in prompts]
-        graphed = self.graphs is not None and self.captures(prompts)
+        graphed = self.captures(prompts)
         s = _round_up(max(lens), LEN_BUCKET if b == 1 else BATCH_LEN_BUCKET) if graphed else max(lens)
         m = slot_bucket(b, self.slots) if graphed else b  # rows run: padding rows write the scratch slot
         t = self._stage(prompts, slots, s)

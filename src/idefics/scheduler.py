@@ -175,14 +175,11 @@ class Scheduler:
 
     def step(self) -> list[Output]:
         out = self._apply_aborts()
-        # Admitted now, prefilled apart before this step's tokens are picked: with nothing running, or without
-        # joining steps, or prompts whose prefill is captured (a lone arrival's first token then comes with this
-        # step's); the others join the step launched below.
-        new = self._admit(len(self.running), captured_only=self.join_steps and bool(self.running))
-        if new:
-            first = self.engine.prefill_batch([r.prompt for r in new], slots=[r.slot for r in new])
-            self.logits = torch.cat([self.logits, first]) if self.running else first
-            self.running = self.running + new
+        if not self.running:  # no step to join: the admitted prompts' prefill alone
+            new = self._admit(0)
+            if new:
+                self.logits = self.engine.prefill_batch([r.prompt for r in new], slots=[r.slot for r in new])
+                self.running = new
         rows = self.running
         if not rows:
             return out
@@ -217,24 +214,24 @@ class Scheduler:
 
     def _launch(self, rows: list[Request], tokens: torch.Tensor) -> list[Request]:
         """Launch the next step before this one's tokens are read on the host, for the rows that may go on (a row at
-        its budget ends now whatever it picked, and its slot is free at once). Waiting requests admitted now join
-        it: prefilled in the same forward pass (Engine.decode_prefill), or where their prefill is captured, right
-        after it. -> the requests of the launched step's logits, in their order."""
-        keep = [i for i, r in enumerate(rows) if len(r.generated) + 1 < r.budget]
-        going = [rows[i] for i in keep]
-        if len(going) < len(rows):
-            for i in set(range(len(rows))) - set(keep):
-                self._free(rows[i])
-            if not going:
-                return []
-            tokens = tokens[self.engine.index(keep)]
-        new = self._admit(len(going)) if self.join_steps else []
+        its budget ends now whatever it picked, and its slot is free at once); waiting requests admitted now join
+        it, prefilled in the same forward pass (Engine.decode_prefill). -> the requests of the launched step's
+        logits, in their order."""
+        go = [i for i, r in enumerate(rows) if len(r.generated) + 1 < r.budget]
+        for i in sorted(set(range(len(rows))) - set(go)):
+            self._free(rows[i])
+        if not go:
+            return []
+        if len(go) < len(rows):
+            tokens = tokens[self.engine.index(go)]
+        going = [rows[i] for i in go]
+        new = self._admit(len(going))
         prompts, slots = [r.prompt for r in new], [r.slot for r in new]
-        if new and not self.engine.captures(prompts):
+        if new and self.join_steps and not self.engine.captures(prompts):
             self.logits = torch.cat(self.engine.decode_prefill(tokens, [r.slot for r in going], prompts, slots))
         else:
             self.logits = self.engine.decode(tokens, [r.slot for r in going])
-            if new:
+            if new:  # a prefill of its own, after the step
                 self.logits = torch.cat([self.logits, self.engine.prefill_batch(prompts, slots=slots)])
         return going + new
 
@@ -296,10 +293,9 @@ class Scheduler:
         self.aborted.clear()
         return out
 
-    def _admit(self, running: int, captured_only: bool = False) -> list[Request]:
+    def _admit(self, running: int) -> list[Request]:
         """Waiting requests into free slots (in the order of _candidates), beside `running` rows that go on -> those
-        admitted, their slots assigned; the caller prefills them. captured_only: admit them only if their prefill is
-        captured (Engine.captures), and count no step of waiting for a group (the launch counts it)."""
+        admitted, their slots assigned; the caller prefills them."""
         if not self.waiting or self.hold:
             return []
         self._reserve()
@@ -311,8 +307,9 @@ class Scheduler:
             return []
         group = max(1, min(ADMIT_GROUP, limit // ADMIT_SHARE))
         if running and len(self.waiting) > room and room < group and self.deferred < ADMIT_WAIT:
-            self.deferred += not captured_only
+            self.deferred += 1
             return []
+        self.deferred = 0
         for r in self._candidates(room):
             n = r.prompt.pixels.shape[0]
             if batch and images + n > self.images_per_step:
@@ -323,9 +320,6 @@ class Scheduler:
             images += n
             if len(batch) == room:
                 break
-        if not batch or captured_only and not self.engine.captures([r.prompt for r in batch]):
-            return []
-        self.deferred = 0
         for r in batch:
             self.waiting.remove(r)
         for r, slot in zip(batch, free):

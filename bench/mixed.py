@@ -1,14 +1,13 @@
 """Continuous batching against static batches, on idefics-9b-shaped random bfloat16 weights (GPU).
 
-    PYTHONPATH=src python bench/mixed.py [--requests 512] [--batch 64] [--groups 8 16] [--waits 16 24] [--join 1 0]
+    PYTHONPATH=src python bench/mixed.py [--requests 512] [--batch 64] [--groups 8 16] [--waits 16 24]
 
 The workload: `--requests` requests, one image each, prompts of 20-200 text tokens and 10-200 new tokens (seeded
 draws), each prompt with its image's key as the image workers give it, all submitted at once, greedy, no eos (each
 runs to its length). Static: groups of `--batch` in arrival order, each group prefilled together and decoded until
 its longest request ends before the next group starts (a fixed batch, as main ran them before the scheduler).
 Continuous: the scheduler admits a waiting request whenever a slot frees (with a backlog, in prefill groups:
---groups runs it once per group size), prefilling the admitted prompts in the pass of the next decode step or, with
---join 0, apart. Both run in the same process on the same engine and weights. Then the latency
+--groups runs it once per group size). Both run in the same process on the same engine and weights. Then the latency
 of a late arrival: 63 requests decoding, one more added; its first token's delay is reported in decode steps of the
 running batch. Each run also reports its steps that admitted requests (a prefill and a decode) apart from those
 that only decoded.
@@ -64,13 +63,12 @@ def drive(scheduler: Scheduler, groups: list[list[Request]], steps: dict | None 
         for r in group:
             scheduler.add(r)
         while scheduler.busy:
-            t, waiting = time.perf_counter(), list(scheduler.waiting)
+            t, waiting = time.perf_counter(), len(scheduler.waiting)
             rows = len(scheduler.step())
-            kind = admit if len(waiting) > len(scheduler.waiting) else plain
+            kind = admit if waiting > len(scheduler.waiting) else plain
             kind[0], kind[1], kind[2] = kind[0] + 1, kind[1] + time.perf_counter() - t, kind[2] + rows
             if kind is admit:
-                left = {id(r) for r in scheduler.waiting}
-                admit[3] += sum(r.prompt.ids.shape[0] for r in waiting if id(r) not in left)
+                admit[3] += sum(r.prompt.ids.shape[0] for r in scheduler.running if len(r.generated) == 1)
     sync()
     if steps is not None:
         steps.update({"admitting_steps": admit[0], "admitting_s": admit[1],
@@ -137,9 +135,6 @@ def main():
                     help="continuous runs with these prefill group sizes under a backlog (scheduler.ADMIT_GROUP)")
     ap.add_argument("--waits", type=int, nargs="+", default=[defaults[2]],
                     help="and with these waits for a group, in steps (scheduler.ADMIT_WAIT); the first reported")
-    ap.add_argument("--join", type=int, nargs="+", choices=[0, 1], default=[int(scheduler.JOIN_STEPS)],
-                    help="and with admitted prompts prefilled in the pass of a decode step (1) or apart (0): "
-                         "scheduler.JOIN_STEPS")
     args = ap.parse_args()
     config = idefics_9b()
     model = random_model(config, "cuda", torch.bfloat16)
@@ -154,33 +149,28 @@ def main():
                                     [reqs[i : i + args.batch] for i in range(0, len(reqs), args.batch)], static_steps)
     print(f"static: {static_s:.2f} s", json.dumps(static_steps), flush=True)
     by_run = {}
-    for run in itertools.product(args.groups, args.waits, args.join):
-        g, w, join = run
+    for g, w in itertools.product(args.groups, args.waits):
         scheduler.ADMIT_GROUP, scheduler.ADMIT_SHARE, scheduler.ADMIT_WAIT = g, max(1, args.batch // g), w
-        scheduler.JOIN_STEPS = bool(join)
         engine.encoder.cache.clear()
         reqs = requests(config, work)
-        steps[run] = {}
-        by_run[run] = drive(Scheduler(engine, None, max_batch=args.batch), [reqs], steps[run])
-        assert by_run[run][0] == static_tokens
-        print(f"continuous, prefill groups of {g}, waiting up to {w} steps, {'joining' if join else 'apart from'} "
-              f"the step: {by_run[run][1]:.2f} s, {static_s / by_run[run][1]:.3f}x static", json.dumps(steps[run]),
-              flush=True)
+        steps[g, w] = {}
+        by_run[g, w] = drive(Scheduler(engine, None, max_batch=args.batch), [reqs], steps[g, w])
+        assert by_run[g, w][0] == static_tokens
+        print(f"continuous, prefill groups of {g}, waiting up to {w} steps: {by_run[g, w][1]:.2f} s, "
+              f"{static_s / by_run[g, w][1]:.3f}x static", json.dumps(steps[g, w]), flush=True)
     scheduler.ADMIT_GROUP, scheduler.ADMIT_SHARE, scheduler.ADMIT_WAIT = defaults
-    first = args.groups[0], args.waits[0], args.join[0]
-    scheduler.JOIN_STEPS = bool(first[2])
+    first = args.groups[0], args.waits[0]
     cont_tokens, cont_s = by_run[first]
     result = {
         "card": torch.cuda.get_device_name(), "requests": args.requests, "batch": args.batch, "tokens": cont_tokens,
         "static_s": static_s, "static_tok_s": static_tokens / static_s,
         "continuous_s": cont_s, "continuous_tok_s": cont_tokens / cont_s, "ratio": static_s / cont_s,
-        "prefill_group": first[0], "admit_wait": first[1], "join_steps": bool(first[2]),
+        "prefill_group": first[0], "admit_wait": first[1],
         "static_steps": static_steps, "continuous_steps": steps[first],
         "late_arrival": late_arrival(engine, config, args.batch),
     }
     if len(by_run) > 1:
-        result["continuous_s_by_run"] = {f"groups of {g}, wait {w}, join {j}": t
-                                         for (g, w, j), (_, t) in by_run.items()}
+        result["continuous_s_by_run"] = {f"groups of {g}, wait {w}": t for (g, w), (_, t) in by_run.items()}
     print(json.dumps(result, indent=1))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "mixed.json").write_text(json.dumps(result, indent=1))

@@ -117,24 +117,3 @@ def test_a_repeated_image_is_encoded_once(model, prompts):
         assert calls == [1, 2, 1]
     finally:
         del engine.model.encode_images
-
-
-def test_a_prefill_joins_a_decode_step_in_one_pass(model, prompts):
-    """Prompts with one, no and two images prefilled in the pass of a step of another sequence, into free slots
-    below it (whose ignored step rows must not spoil them): every sequence's tokens equal its tokens alone."""
-    engine = Engine(model.model)
-    expected = [alone(engine, p, 6) for p in prompts]
-    engine.reserve(4, 64, 2)
-    got = {2: [int(engine.prefill_batch([prompts[2]], slots=[2])[0].argmax())]}
-    got[2].append(int(engine.decode(torch.tensor(got[2][-1:]), [2])[0].argmax()))
-    step, first = engine.decode_prefill(torch.tensor(got[2][-1:]), [2], prompts[:2], [0, 1])
-    assert step.shape == (1, first.shape[1]) and first.shape[0] == 2
-    got[2].append(int(step[0].argmax()))
-    got[0], got[1] = [int(first[0].argmax())], [int(first[1].argmax())]
-    assert engine.host_lengths == {0: prompts[0].ids.shape[0], 1: prompts[1].ids.shape[0],
-                                   2: prompts[2].ids.shape[0] + 2}
-    while any(len(t) < 6 for t in got.values()):
-        live = [i for i in (0, 1, 2) if len(got[i]) < 6]
-        for i, row in zip(live, engine.decode(torch.tensor([got[i][-1] for i in live]), live)):
-            got[i].append(int(row.argmax()))
-    assert [got[i] for i in range(3)] == expected

@@ -189,32 +189,6 @@ def test_a_captured_prefill_of_several_prompts_equals_the_eager_one(models, dtyp
         assert_logits_close(g, e, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_a_prefill_in_the_pass_of_a_decode_step_equals_the_two_apart(models, prompts, dtype):
-    """Engine.decode_prefill: prompts with no, one and one image prefilled into free slots below and above a live
-    one, in the pass of its decode step (eager, beside the captured steps and prefills): the step's logits, the
-    prompts' and those of the steps after, as a decode step and then a prefill give them."""
-    m = models(dtype)
-    ps = split_batch(m.process(prompts))  # 0, 1, 2 and 1 images
-
-    def run(joined: bool) -> list[torch.Tensor]:
-        engine = Engine(m.model, graphs=CUDA)
-        engine.reserve(8, 128, 2)
-        engine.warmup()
-        out = [engine.prefill_batch([ps[2]], slots=[3]), engine.decode(torch.tensor([7]), [3])]
-        joining = [ps[0], ps[1], ps[3]]
-        if joined:
-            out += engine.decode_prefill(torch.tensor([11]), [3], joining, [0, 1, 4])
-        else:
-            out += [engine.decode(torch.tensor([11]), [3]), engine.prefill_batch(joining, slots=[0, 1, 4])]
-        for i in range(3):
-            out.append(engine.decode(torch.tensor([5 + i, 13, 17, 19]), [0, 1, 3, 4]))
-        return [x.float().cpu() for x in out]
-
-    for got, expected in zip(run(True), run(False)):
-        assert_logits_close(got, expected, dtype)
-
-
 def test_process_is_the_cpus(models, cpu, prompts):
     got, expected = models("bfloat16").process(prompts), cpu.process(prompts)
     assert got.keys() == expected.keys()

@@ -16,7 +16,7 @@ from idefics.encoder import ImageEncoder
 from idefics.errors import IdeficsError
 from idefics.graphs import Graphs, slot_bucket
 from idefics.layers import rope_cos_sin
-from idefics.model import IdeficsModel, Part
+from idefics.model import IdeficsModel
 from idefics.parallel import heads
 from idefics.runtime import model_work, to_device
 
@@ -249,14 +249,37 @@ class Engine:
         assert len(slots) == b and all(s + copies <= self.slots for s in slots), "not enough slots reserved"
         taken = [s + j for s in slots for j in range(copies)]
         assert not any(s in self.host_lengths for s in taken), "prefill into a live slot"
+        t_img = self.model.config.image_seq_len
         lens = [p.ids.shape[0] for p in prompts]
-        graphed = self.captures(prompts)
-        s = _round_up(max(lens), LEN_BUCKET if b == 1 else BATCH_LEN_BUCKET) if graphed else max(lens)
+        n_images = [p.pixels.shape[0] for p in prompts]
+        s = _round_up(max(lens), LEN_BUCKET if b == 1 else BATCH_LEN_BUCKET)
+        graphed = self.graphs is not None and (b == 1 or s <= BATCH_GRAPH_LEN)
+        s = s if graphed else max(lens)
         m = slot_bucket(b, self.slots) if graphed else b  # rows run: padding rows write the scratch slot
-        t = self._stage(prompts, slots, s)
+        t = max(n_images) * t_img
+        # Padded on the host, one copy per tensor, through pinned memory (runtime.to_device): the host goes on
+        # launching the prefill while the decode step before it runs.
+        ids = torch.zeros(b, s, dtype=torch.long)
+        image_mask = torch.zeros(b, s, max(n_images), dtype=torch.bool)  # per image; per image token below
+        for i, p in enumerate(prompts):
+            ids[i, : lens[i]] = p.ids
+            image_mask[i, : lens[i], : n_images[i]] = p.image_mask.bool()
+        self.pf_ids[:b, :s] = to_device(ids, self.device)
+        self.pf_image_mask[:b, :s, :t] = to_device(image_mask, self.device).repeat_interleave(t_img, -1)
+        self.pf_last[:b] = to_device(torch.tensor(lens), self.device) - 1
+        self.pf_slots[:b] = self.index(slots)
         if m > b:  # the padding rows: the scratch slot, logits at position 0 (stale rows may hold longer prompts')
             self.pf_slots[b:m], self.pf_last[b:m] = self.slots, 0
         taken_index = self.index(taken)
+        feats = self.encoder.of_prompts(prompts)  # (sum N, T, D)
+        if len(set(n_images)) == 1:  # one copy, not one per prompt
+            self.pf_feats[:b, :t] = feats.reshape(b, t, feats.shape[-1])
+        else:
+            self.pf_feats[:b, :t] = 0
+            offset = 0
+            for i, n in enumerate(n_images):
+                self.pf_feats[i, : n * t_img] = feats[offset : offset + n].flatten(0, 1)
+                offset += n
         if graphed:
             logits = self.graphs.run(("prefill", m, s, t), lambda: self._prefill_step(m, s, t))
         else:
@@ -271,63 +294,18 @@ class Engine:
                 self.host_lengths[slot + j] = n
         return logits[:b].clone()
 
-    def captures(self, prompts: list[Prompt]) -> bool:
-        """Whether prefill_batch runs these prompts as a CUDA graph: one prompt, or several short ones."""
-        longest = _round_up(max(p.ids.shape[0] for p in prompts), BATCH_LEN_BUCKET)
-        return self.graphs is not None and (len(prompts) == 1 or longest <= BATCH_GRAPH_LEN)
-
-    def _stage(self, prompts: list[Prompt], slots: list[int], s: int) -> int:
-        """The prompts into rows [0, b) of the prefill buffers, padded to s tokens, with their image features ->
-        image tokens of the prompt with the most images."""
-        b, t_img = len(prompts), self.model.config.image_seq_len
-        lens = [p.ids.shape[0] for p in prompts]
-        n_images = [p.pixels.shape[0] for p in prompts]
-        t = max(n_images) * t_img
-        # Padded on the host, one copy per tensor, through pinned memory (runtime.to_device): the host goes on
-        # launching the prefill while the decode step before it runs.
-        ids = torch.zeros(b, s, dtype=torch.long)
-        image_mask = torch.zeros(b, s, max(n_images), dtype=torch.bool)  # per image; per image token below
-        for i, p in enumerate(prompts):
-            ids[i, : lens[i]] = p.ids
-            image_mask[i, : lens[i], : n_images[i]] = p.image_mask.bool()
-        self.pf_ids[:b, :s] = to_device(ids, self.device)
-        self.pf_image_mask[:b, :s, :t] = to_device(image_mask, self.device).repeat_interleave(t_img, -1)
-        self.pf_last[:b] = to_device(torch.tensor(lens), self.device) - 1
-        self.pf_slots[:b] = self.index(slots)
-        feats = self.encoder.of_prompts(prompts)  # (sum N, T, D)
-        if len(set(n_images)) == 1:  # one copy, not one per prompt
-            self.pf_feats[:b, :t] = feats.reshape(b, t, feats.shape[-1])
-        else:
-            self.pf_feats[:b, :t] = 0
-            offset = 0
-            for i, n in enumerate(n_images):
-                self.pf_feats[i, : n * t_img] = feats[offset : offset + n].flatten(0, 1)
-                offset += n
-        return t
-
-    def _prefill_part(self, b: int, s: int, t: int) -> tuple[Part, list]:
-        """The first b rows of the prefill buffers as a forward pass's rows, writing their keys and values into their
-        slots -> (the rows, their image keys and values per cross block)."""
-        dev = self.device
-        kv = self.model.image_kv(self.pf_feats[:b, :t])
-        pos = torch.arange(s, device=dev)[None].expand(b, s)
-        mask = torch.ones(s, s, dtype=torch.bool, device=dev).tril()[None, None]  # right padding needs no more
-        part = Part(self.pf_ids[:b, :s], pos, mask, kv, self.pf_image_mask[:b, :s, :t],
-                    self.cache.at(self.pf_slots[:b], pos, None), logits_at=self.pf_last[:b])
-        return part, kv
-
-    def _keep_images(self, b: int, t: int, kv: list):
-        """The prefilled rows' image keys and values into their slots. Generated tokens attend to what the last
-        prompt token attends to (its latest image)."""
-        visible = self.pf_image_mask[torch.arange(b, device=self.device), self.pf_last[:b], :t]
-        self.images.set(self.pf_slots[:b], kv, visible)
-
     def _prefill_step(self, b: int, s: int, t: int) -> torch.Tensor:
         """The first b rows of the prefill buffers into their slots (keys and values, image ones too) -> last-token
         logits (b, V)."""
-        part, kv = self._prefill_part(b, s, t)
-        logits = self.model(*part)
-        self._keep_images(b, t, kv)
+        model, dev = self.model, self.device
+        kv = model.image_kv(self.pf_feats[:b, :t])
+        pos = torch.arange(s, device=dev)[None].expand(b, s)
+        mask = torch.ones(s, s, dtype=torch.bool, device=dev).tril()[None, None]  # right padding needs no more
+        logits = model(self.pf_ids[:b, :s], pos, mask, kv, self.pf_image_mask[:b, :s, :t],
+                       self.cache.at(self.pf_slots[:b], pos, None), logits_at=self.pf_last[:b])
+        # Generated tokens attend to what the last prompt token attends to (its latest image).
+        visible = self.pf_image_mask[torch.arange(b, device=dev), self.pf_last[:b], :t]
+        self.images.set(self.pf_slots[:b], kv, visible)
         return logits[:, 0]
 
     @model_work
@@ -337,8 +315,15 @@ class Engine:
         lengths stay, so what they write lands past their tokens and is overwritten by their next real step."""
         if slots is None:
             slots = sorted(self.host_lengths)
-        rows = self._step_inputs(tokens, slots)
-        top, kv_len = max(slots) + 1, max(self.host_lengths[s] for s in slots) + 1
+        n = len(slots)
+        dense = slots == list(range(n))  # the usual case: plain views, no gather
+        idx = None if dense else self.index(slots)
+        if dense:
+            self.tokens[:n] = tokens.to(self.device)
+        else:
+            self.tokens[idx] = tokens.to(self.device)
+        top = slots[-1] + 1 if dense else max(slots) + 1
+        kv_len = max(self.host_lengths[s] for s in slots) + 1
         if self.graphs is None:
             logits = self._decode_step(top, kv_len)
         else:
@@ -347,72 +332,33 @@ class Engine:
             m = slot_bucket(top, self.slots)
             logits = self.graphs.run(("decode", m, kv_len), lambda: self._decode_step(m, kv_len))
         # A copy (the graph's output buffer is overwritten by the next replay), of the asked rows only.
-        logits = logits[rows].clone() if isinstance(rows, slice) else logits[rows]
-        self._advance(slots, rows)
-        return logits
-
-    def _step_inputs(self, tokens: torch.Tensor, slots: list[int]) -> slice | torch.Tensor:
-        """A step's tokens (n,) into the input buffer at their slots -> those rows: a slice for the usual case of
-        slots 0..n-1 (plain views, no gather), else a device index."""
-        n = len(slots)
-        rows = slice(0, n) if slots == list(range(n)) else self.index(slots)
-        self.tokens[rows] = tokens.to(self.device)
-        return rows
-
-    def _advance(self, slots: list[int], rows: slice | torch.Tensor):
-        """The stepped slots' lengths, one token further, on the device and on the host."""
-        self.lengths[rows] += 1
+        logits = logits[:n].clone() if dense else logits[idx]
+        if dense:
+            self.lengths[:n] += 1
+        else:
+            self.lengths[idx] += 1
         for s in slots:
             self.host_lengths[s] += 1
-
-    @model_work
-    def decode_prefill(self, tokens: torch.Tensor, slots: list[int], prompts: list[Prompt],
-                       prompt_slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A decode step of the live `slots` (tokens (n,)) and the prefill of `prompts` into the free `prompt_slots`,
-        in one eager forward pass (IdeficsModel.forward_parts): every weight is read once for both, where a step
-        and then a prefill read each weight twice. -> (the step's logits (n, V) in the order of slots, each
-        prompt's next-token logits (b, V))."""
-        assert slots and prompts and len(prompt_slots) == len(prompts)
-        assert all(s < self.slots for s in prompt_slots), "not enough slots reserved"
-        assert not any(s in self.host_lengths for s in prompt_slots), "prefill into a live slot"
-        b = len(prompts)
-        lens = [p.ids.shape[0] for p in prompts]
-        s = max(lens)
-        t = self._stage(prompts, prompt_slots, s)
-        rows = self._step_inputs(tokens, slots)
-        # The step runs the slots [0, top) as decode() does. A prompt's slot among them computes a row that is
-        # ignored: with the prompt's length already set, that row writes past the prompt's tokens, where its
-        # first step will write.
-        self.lengths[self.index(prompt_slots)] = self.pf_last[:b] + 1
-        prefill, kv = self._prefill_part(b, s, t)
-        step = self._decode_part(max(slots) + 1, max(self.host_lengths[x] for x in slots) + 1)
-        step_logits, first = self.model.forward_parts([step, prefill])
-        self._keep_images(b, t, kv)
-        self._advance(slots, rows)
-        for x, length in zip(prompt_slots, lens):
-            self.host_lengths[x] = length
-        return step_logits[rows, -1], first[:, 0]
+        return logits
 
     def _decode_step(self, n: int, kv_len: int) -> torch.Tensor:
         """One step over slots [0, n): static shapes, no host sync, and idempotent (the lengths advance outside),
         so it can be captured. The plain step attends to the first kv_len cache positions under a mask; the fused
         step reads each sequence's length on the device and ignores kv_len."""
+        pos = self.lengths[:n].clamp(max=self.cache.max_len - 1)  # idle slots stay in bounds
         if self.fused is not None:
-            pos = self.lengths[:n].clamp(max=self.cache.max_len - 1)  # idle slots stay in bounds
             return self.fused(self.tokens[:n], pos, self.images.view(slice(0, n)), self.images.visible[:n],
                               self.cache, self.cos, self.sin)
-        return self.step_fn(*self._decode_part(n, kv_len))[:, -1]
-
-    def _decode_part(self, n: int, kv_len: int) -> Part:
-        """The plain step's rows: slots [0, n), each attending to its positions among the first kv_len."""
-        pos = self.lengths[:n].clamp(max=self.cache.max_len - 1)[:, None]  # idle slots stay in bounds
+        pos = pos[:, None]
         kv_len = min(kv_len, self.cache.max_len)
         hidden = torch.arange(kv_len, device=pos.device)[None] > pos  # (n, kv_len): not yet written
         # Additive, built once per step: a boolean mask would be converted again in every layer.
         dtype = self.cache.k.dtype
         mask = torch.zeros(hidden.shape, dtype=dtype, device=pos.device).masked_fill(hidden, torch.finfo(dtype).min)
-        return Part(self.tokens[:n, None], pos, mask[:, None, None], self.images.view(slice(0, n)),
-                    self.images.visible[:n, None], self.cache.at(slice(0, n), pos, kv_len))
+        mask = mask[:, None, None]  # (n, 1, 1, kv_len)
+        logits = self.step_fn(self.tokens[:n, None], pos, mask, self.images.view(slice(0, n)),
+                              self.images.visible[:n, None], self.cache.at(slice(0, n), pos, kv_len))
+        return logits[:, -1]
 
     def call(self, fn, *args):
         """fn(model, *args): model work outside the slots (full logits, scoring). fn is a module-level function, so

@@ -2,8 +2,6 @@
 that reads the image latents. Plain math: caches, batching and quantization live elsewhere."""
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,17 +19,16 @@ class SelfAttention(nn.Module):
         self.wqkv = nn.Linear(c.hidden_size, 3 * c.hidden_size, bias=False)  # q, k, v fused
         self.wo = nn.Linear(c.hidden_size, c.hidden_size, bias=False)
 
-    def attend(self, qkv, cos, sin, mask, cache=None, layer: int = 0):
-        """qkv (B, S, 3 * H * Dh): wqkv's output; mask (B, 1, S, S_kv) bool or additive; cache.update returns all
-        keys/values so far -> attention's output (B, S, H * Dh), before wo."""
-        b, s, _ = qkv.shape
+    def forward(self, x, cos, sin, mask, cache=None, layer: int = 0):
+        """x (B, S, D); mask (B, 1, S, S_kv) bool or additive; cache.update returns all keys/values so far."""
+        b, s, _ = x.shape
         h = self.heads
-        qkv = qkv.view(b, s, 3 * h, self.head_dim)
+        qkv = self.wqkv(x).view(b, s, 3 * h, self.head_dim)
         qk = apply_rope(qkv[:, :, : 2 * h], cos, sin)  # q and k rotated together: (B, S, 2H, Dh)
         q, k, v = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2), qkv[:, :, 2 * h :].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, S_kv, Dh)
-        return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        return self.wo(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
 
 
 class CrossAttention(nn.Module):
@@ -51,15 +48,14 @@ class CrossAttention(nn.Module):
         k, v = (split_heads(t, self.head_dim) for t in self.wkv(images).chunk(2, dim=-1))
         return (self.k_norm(k) if self.qk_norms else k), v
 
-    def attend(self, q, kv, mask):
-        """q (B, S, H * Dh): wq's output; kv from project(); mask (B, 1, S, T_img) additive (0 or -inf-like) ->
-        attention's output (B, S, H * Dh), before wo."""
-        if kv[0].shape[2] == 0:  # rows without any image: nothing to attend to
-            return torch.zeros_like(q)
-        q = split_heads(q, self.head_dim)
+    def forward(self, x, kv, mask):
+        """x (B, S, D); kv from project(); mask (B, 1, S, T_img) additive (0 or -inf-like)."""
+        if kv[0].shape[2] == 0:  # a batch without any image: nothing to attend to
+            return torch.zeros_like(x)
+        q = split_heads(self.wq(x), self.head_dim)
         if self.qk_norms:
             q = self.q_norm(q)
-        return merge_heads(F.scaled_dot_product_attention(q, *kv, attn_mask=mask))
+        return self.wo(merge_heads(F.scaled_dot_product_attention(q, *kv, attn_mask=mask)))
 
 
 class GatedCrossBlock(nn.Module):
@@ -75,15 +71,12 @@ class GatedCrossBlock(nn.Module):
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, c.hidden_act)
         self.mlp_gate = nn.Parameter(torch.zeros(gate_shape))
 
-    def forward(self, x, attend, sees_image):
-        """x (N, D): the tokens of a forward pass; attend(attn, q): cross-attention's output (N, D) before wo, each
-        row against its own images (CrossAttention.attend), or None for a pass without any image; sees_image (N, 1)
-        bool: tokens with no image before them get no cross-attention output."""
-        if attend is not None:
-            h = self.attn.wo(attend(self.attn, self.attn.wq(self.attn_norm(x))))
-            x = x + torch.tanh(self.attn_gate).flatten() * h.masked_fill(~sees_image, 0.0)
+    def forward(self, x, kv, mask, sees_image):
+        """sees_image (B, S, 1) bool: tokens with no image before them get no cross-attention output."""
+        h = self.attn(self.attn_norm(x), kv, mask)
+        x = x + torch.tanh(self.attn_gate) * h.masked_fill(~sees_image, 0.0)
         # The dense part is not gated per token: every token goes through it.
-        return x + torch.tanh(self.mlp_gate).flatten() * self.mlp(self.mlp_norm(x))
+        return x + torch.tanh(self.mlp_gate) * self.mlp(self.mlp_norm(x))
 
 
 class DecoderLayer(nn.Module):
@@ -132,58 +125,17 @@ class IdeficsModel(nn.Module):
         """ids, pos (B, S); mask (B, 1, S, S_kv) for self-attention; image_kv from image_kv();
         image_mask (B, S, T_img_total) bool: which image tokens each text token attends to.
         Returns logits (B, S, V), or (B, 1, V) at one position per row with logits_at (B,)."""
-        return self.forward_parts([Part(ids, pos, mask, image_kv, image_mask, cache, logits_at)])[0]
-
-    def forward_parts(self, parts: list[Part]) -> list[torch.Tensor]:
-        """Batches of different shapes in one pass (the engine's decode step and a prefill), each with its own
-        attention inputs: their N tokens in all go through the norms, the products and the MLPs together as (N, D),
-        so every weight is read once for all of them, and through attention part by part. -> each part's logits,
-        as forward gives them."""
-        dt = self.embed.weight.dtype
-        shapes = [tuple(p.ids.shape) for p in parts]
-        sizes = [b * s for b, s in shapes]
-        x = _cat([self.embed(p.ids).flatten(0, 1) for p in parts])  # (N, D)
-        rope = [rope_cos_sin(p.pos, self.inv_freq, dt) for p in parts]
-        cross_masks = [torch.zeros(p.image_mask.shape, dtype=dt, device=x.device)
-                       .masked_fill(~p.image_mask, torch.finfo(dt).min)[:, None] for p in parts]  # (B, 1, S, T)
-        sees_image = _cat([p.image_mask.any(dim=-1).flatten() for p in parts])[:, None]  # (N, 1)
-        image_kv = [iter(p.image_kv) for p in parts]
-
-        def each(y, fn):
-            """y (N, E) -> fn(j, part j's rows as (B, S, E)) for each part, as (N, E')."""
-            return _cat([fn(j, t.view(*shapes[j], -1)).flatten(0, 1) for j, t in enumerate(y.split(sizes))])
-
+        x = self.embed(ids)
+        cos, sin = rope_cos_sin(pos, self.inv_freq, x.dtype)
+        cross_mask = torch.zeros(image_mask.shape, dtype=x.dtype, device=x.device)
+        cross_mask = cross_mask.masked_fill(~image_mask, torch.finfo(x.dtype).min)[:, None]  # (B, 1, S, T)
+        sees_image = image_mask.any(dim=-1, keepdim=True)  # (B, S, 1)
+        kv = iter(image_kv)
         for i, layer in enumerate(self.layers):
             if layer.cross is not None:
-                kv = [next(it) for it in image_kv]
-                attend = None if all(k.shape[2] == 0 for k, _ in kv) else \
-                    lambda attn, q: each(q, lambda j, q: attn.attend(q, kv[j], cross_masks[j]))
-                x = layer.cross(x, attend, sees_image)
-            attn = layer.attn
-            qkv = attn.wqkv(layer.attn_norm(x))
-            x = x + attn.wo(each(qkv, lambda j, t: attn.attend(t, *rope[j], parts[j].mask, parts[j].cache, i)))
+                x = layer.cross(x, next(kv), cross_mask, sees_image)
+            x = x + layer.attn(layer.attn_norm(x), cos, sin, mask, cache, i)
             x = x + layer.mlp(layer.mlp_norm(x))
-        rows = []  # each part's rows whose logits are asked: (B, S or 1, D)
-        for p, shape, t in zip(parts, shapes, x.split(sizes)):
-            t = t.view(*shape, -1)
-            at = p.logits_at
-            rows.append(t if at is None else t.gather(1, at.view(-1, 1, 1).expand(-1, 1, t.shape[-1])))
-        logits = self.lm_head(self.norm(_cat([r.flatten(0, 1) for r in rows])))
-        counts = [r.shape[0] * r.shape[1] for r in rows]
-        return [out.view(*r.shape[:2], -1) for out, r in zip(logits.split(counts), rows)]
-
-
-class Part(NamedTuple):
-    """Rows of a forward pass with their own attention inputs (IdeficsModel.forward's arguments)."""
-
-    ids: torch.Tensor
-    pos: torch.Tensor
-    mask: torch.Tensor
-    image_kv: list
-    image_mask: torch.Tensor
-    cache: object = None
-    logits_at: torch.Tensor | None = None
-
-
-def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        if logits_at is not None:
+            x = x.gather(1, logits_at.view(-1, 1, 1).expand(-1, 1, x.shape[-1]))
+        return self.lm_head(self.norm(x))

@@ -31,10 +31,6 @@ ADMIT_GROUP = 8
 ADMIT_SHARE = 8
 ADMIT_WAIT = 24
 ADMIT_LOOKAHEAD = 64  # with a backlog, a group is the oldest request and the closest in length among this many
-# Requests admitted while others decode are prefilled in the pass of the next decode step (Engine.decode_prefill),
-# which then reads every weight once for both. That pass is eager: prompts whose prefill is captured (one prompt,
-# or several short ones) run their captured prefill after the captured step instead, fewer launches from the host.
-JOIN_STEPS = True
 
 
 def default_eos(tokenizer: Tokenizer) -> list[int]:
@@ -153,7 +149,6 @@ class Scheduler:
         self.sampler: RowSampler | None = None
         self.hold = False  # admit no one (something waits for the running batch to drain)
         self.deferred = 0  # steps admission has waited to gather a group
-        self.join_steps = JOIN_STEPS
 
     def add(self, request: Request):
         """Queue a request made by Request.make (which checks it, so a bad one fails alone, before it is queued)."""
@@ -175,22 +170,24 @@ class Scheduler:
 
     def step(self) -> list[Output]:
         out = self._apply_aborts()
-        if not self.running:  # no step to join: the admitted prompts' prefill alone
-            new = self._admit(0)
-            if new:
-                self.logits = self.engine.prefill_batch([r.prompt for r in new], slots=[r.slot for r in new])
-                self.running = new
-        rows = self.running
+        new, new_logits = self._admit()
+        rows = self.running + new
         if not rows:
             return out
+        logits = new_logits if not self.running else \
+            self.logits if not new else torch.cat([self.logits, new_logits])
         slots = self.engine.index([r.slot for r in rows])
-        tokens, bad = self.sampler(self.logits, rows, slots)
-        picks = self._logprobs(self.logits, tokens, rows)
+        tokens, bad = self.sampler(logits, rows, slots)
+        picks = self._logprobs(logits, tokens, rows)
         read = _host_copy([tokens, bad, *picks])
         lengths = self.engine.lengths[slots]
         self.sampler.append(slots, lengths, tokens)
-        launched = self._launch(rows, tokens)
+        # Launch the next step before reading this one's tokens, unless every row ends now whatever it picked.
+        ahead = any(len(r.generated) + 1 < r.budget for r in rows)
+        if ahead:
+            self.logits = self.engine.decode(tokens, [r.slot for r in rows])
         values, failed, *picked = read()
+        running = []
         for i, (r, t) in enumerate(zip(rows, values)):
             if failed[i]:
                 o = self._fail(r, "the model's scores for this request are not finite (NaN or infinity), "
@@ -205,35 +202,15 @@ class Scheduler:
                     o.top_logprobs = list(zip(picked[1][i][: r.logprobs], picked[2][i][: r.logprobs]))
             if r.finish:
                 self._settle(r, o)
+            else:
+                running.append(r)
             out.append(o)
-        keep = [i for i, r in enumerate(launched) if not r.finish]
-        if len(keep) < len(launched):
+        if ahead and len(running) < len(rows):
+            keep = [i for i, r in enumerate(rows) if not r.finish]
             self.logits = self.logits[self.engine.index(keep)] if keep else None
-        self.running = [launched[i] for i in keep]
+        self.running = running
+        assert ahead or not running, "a row continues without a next step"
         return out
-
-    def _launch(self, rows: list[Request], tokens: torch.Tensor) -> list[Request]:
-        """Launch the next step before this one's tokens are read on the host, for the rows that may go on (a row at
-        its budget ends now whatever it picked, and its slot is free at once); waiting requests admitted now join
-        it, prefilled in the same forward pass (Engine.decode_prefill). -> the requests of the launched step's
-        logits, in their order."""
-        go = [i for i, r in enumerate(rows) if len(r.generated) + 1 < r.budget]
-        for i in sorted(set(range(len(rows))) - set(go)):
-            self._free(rows[i])
-        if not go:
-            return []
-        if len(go) < len(rows):
-            tokens = tokens[self.engine.index(go)]
-        going = [rows[i] for i in go]
-        new = self._admit(len(going))
-        prompts, slots = [r.prompt for r in new], [r.slot for r in new]
-        if new and self.join_steps and not self.engine.captures(prompts):
-            self.logits = torch.cat(self.engine.decode_prefill(tokens, [r.slot for r in going], prompts, slots))
-        else:
-            self.logits = self.engine.decode(tokens, [r.slot for r in going])
-            if new:  # a prefill of its own, after the step
-                self.logits = torch.cat([self.logits, self.engine.prefill_batch(prompts, slots=slots)])
-        return going + new
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, rows: list[Request]) -> list[torch.Tensor]:
         """If any row asked: each row's chosen token's log-probability under the model, and the most likely ones."""
@@ -249,13 +226,14 @@ class Scheduler:
 
     def _fail(self, r: Request, error: str) -> Output:
         """The request ends alone with an error: its slot is freed, the others run on."""
-        self._free(r)
-        r.finish = "error"
+        self.engine.release(r.slot)
+        r.slot, r.finish = None, "error"
         return Output(r.id, None, "", "error", error=error)
 
     def _settle(self, r: Request, o: Output):
         """The request has ended: free its slot, and give its last piece and its completion."""
-        self._free(r)
+        self.engine.release(r.slot)
+        r.slot = None
         if self.tokenizer is None:
             o.finish_reason = r.finish
             return
@@ -263,13 +241,6 @@ class Scheduler:
         o.finish_reason, o.completion = r.finish, c
         o.text = c.text[r.sent :]
         r.sent = len(c.text)
-
-    def _free(self, r: Request):
-        """The request's slot back to the engine, once (a request at its budget gives it back when its last step is
-        launched, before its last token is read)."""
-        if r.slot is not None:
-            self.engine.release(r.slot)
-            r.slot = None
 
     def _apply_aborts(self) -> list[Output]:
         out = []
@@ -282,7 +253,7 @@ class Scheduler:
         keep = []
         for i, r in enumerate(self.running):
             if r.id in self.aborted:
-                self._free(r)
+                self.engine.release(r.slot)
                 r.finish = "abort"
                 out.append(Output(r.id, None, "", "abort"))
             else:
@@ -293,22 +264,21 @@ class Scheduler:
         self.aborted.clear()
         return out
 
-    def _admit(self, running: int) -> list[Request]:
-        """Waiting requests into free slots (in the order of _candidates), beside `running` rows that go on -> those
-        admitted, their slots assigned; the caller prefills them."""
+    def _admit(self) -> tuple[list[Request], torch.Tensor | None]:
+        """Waiting requests into free slots (in the order of _candidates) -> those admitted and their first logits."""
         if not self.waiting or self.hold:
-            return []
+            return [], None
         self._reserve()
         batch, images = [], 0
         free = self.engine.free_slots()  # lowest first
         limit = self.max_batch or self.engine.slots
-        room = min(len(free), limit - running)
+        room = min(len(free), limit - len(self.running))
         if room <= 0:
-            return []
+            return [], None
         group = max(1, min(ADMIT_GROUP, limit // ADMIT_SHARE))
-        if running and len(self.waiting) > room and room < group and self.deferred < ADMIT_WAIT:
+        if self.running and len(self.waiting) > room and room < group and self.deferred < ADMIT_WAIT:
             self.deferred += 1
-            return []
+            return [], None
         self.deferred = 0
         for r in self._candidates(room):
             n = r.prompt.pixels.shape[0]
@@ -320,13 +290,16 @@ class Scheduler:
             images += n
             if len(batch) == room:
                 break
+        if not batch:
+            return [], None
         for r in batch:
             self.waiting.remove(r)
         for r, slot in zip(batch, free):
             r.slot = slot
             r.seed(self.engine.device)
             self.sampler.start(slot, r.prompt_ids)
-        return batch
+        logits = self.engine.prefill_batch([r.prompt for r in batch], slots=[r.slot for r in batch])
+        return batch, logits
 
     def _candidates(self, room: int) -> list[Request]:
         """The order admission considers waiting requests in: first come, first served; with a backlog, the oldest

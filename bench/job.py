@@ -39,7 +39,6 @@ from common import random_model, reference_from  # noqa: E402
 
 from idefics import api as api_module  # noqa: E402
 from idefics import engine as engine_module  # noqa: E402
-from idefics import scheduler as scheduler_module  # noqa: E402
 from idefics.api import Idefics  # noqa: E402
 from idefics.batch import run_file  # noqa: E402
 from idefics.config import IdeficsConfig, PerceiverConfig, VisionConfig, idefics_9b  # noqa: E402
@@ -199,16 +198,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-graph-len", type=int, nargs="+", default=[engine_module.BATCH_GRAPH_LEN],
                         help="prompts of up to this many tokens prefilled together by a captured graph, 0: none "
                              "(engine.BATCH_GRAPH_LEN)")
-    parser.add_argument("--blocking-sync", type=int, nargs="+", choices=[0, 1],
-                        default=[int(scheduler_module.BLOCKING_SYNC)],
-                        help="1: the engine's thread sleeps while it waits for a step, 0: CUDA spins a core "
-                             "(scheduler.BLOCKING_SYNC)")
     args = parser.parse_args(argv)
     settings = {  # name -> (values, apply)
         "ahead": (args.ahead, lambda v: setattr(api_module, "AHEAD_IMAGES", v)),
         "switch_interval": (args.switch_interval, sys.setswitchinterval),
         "batch_graph_len": (args.batch_graph_len, lambda v: setattr(engine_module, "BATCH_GRAPH_LEN", v)),
-        "blocking_sync": (args.blocking_sync, lambda v: setattr(scheduler_module, "BLOCKING_SYNC", bool(v))),
     }
     for values, apply in settings.values():
         apply(values[0])

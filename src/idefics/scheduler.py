@@ -31,10 +31,6 @@ ADMIT_GROUP = 8
 ADMIT_SHARE = 8
 ADMIT_WAIT = 24
 ADMIT_LOOKAHEAD = 64  # with a backlog, a group is the oldest request and the closest in length among this many
-# While it waits for a step's tokens, the engine's thread sleeps: CUDA's default wait (one context, many cores) spins
-# a core until the step ends, a core the image workers and the server's threads could use. The next step is launched
-# before the wait, so the GPU does not wait for the thread to wake up.
-BLOCKING_SYNC = True
 
 
 def default_eos(tokenizer: Tokenizer) -> list[int]:
@@ -368,6 +364,6 @@ def _host_copy(tensors: list[torch.Tensor]):
     if tensors[0].device.type != "cuda":
         return lambda: [t.tolist() for t in tensors]
     host = [t.to("cpu", non_blocking=True) for t in tensors]  # into pinned memory
-    copied = torch.cuda.Event(blocking=BLOCKING_SYNC)
+    copied = torch.cuda.Event()
     copied.record()
     return lambda: (copied.synchronize(), [h.tolist() for h in host])[1]

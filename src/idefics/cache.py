@@ -63,7 +63,7 @@ class ImageKV:
         self.visible = torch.zeros(slots, max_tokens, dtype=torch.bool, device=device)
         self.max_tokens = max_tokens
 
-    def set(self, slots: slice, kv: list[tuple[torch.Tensor, torch.Tensor]], visible: torch.Tensor):
+    def set(self, slots: slice | torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]], visible: torch.Tensor):
         """slots: B slots (a slice, or a device tensor of indices); kv per block (B, H, T, Dh) with T <= max_tokens;
         visible (B, T) bool."""
         t = visible.shape[1]

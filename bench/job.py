@@ -39,7 +39,6 @@ from common import random_model, reference_from  # noqa: E402
 
 from idefics import api as api_module  # noqa: E402
 from idefics import engine as engine_module  # noqa: E402
-from idefics import pipeline as pipeline_module  # noqa: E402
 from idefics.api import Idefics  # noqa: E402
 from idefics.batch import run_file  # noqa: E402
 from idefics.config import IdeficsConfig, PerceiverConfig, VisionConfig, idefics_9b  # noqa: E402
@@ -87,8 +86,7 @@ def tiny_config() -> IdeficsConfig:
 def ours(config: IdeficsConfig, device: str, dtype: torch.dtype, workers: int, batch: int) -> Idefics:
     model = random_model(config, device, dtype)
     tokenizer = Tokenizer.from_dir(TOKENIZER)
-    processor = Processor(tokenizer, ImageTransform(image_size=config.vision.image_size), workers=workers,
-                          resize_device=device if device != "cpu" else None)
+    processor = Processor(tokenizer, ImageTransform(image_size=config.vision.image_size), workers=workers)
     m = Idefics(model, tokenizer, processor, Path("random-idefics"))
     # Both models share the card: reserve the batch's slots (the default sizes them for full 2048-token contexts
     # in half the free memory, which the reference's copy of the weights would halve).
@@ -200,12 +198,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-graph-len", type=int, nargs="+", default=[engine_module.BATCH_GRAPH_LEN],
                         help="prompts of up to this many tokens prefilled together by a captured graph, 0: none "
                              "(engine.BATCH_GRAPH_LEN)")
-    parser.add_argument("--hand-over", type=int, nargs="+", default=[int(pipeline_module.HAND_OVER)],
-                        help="1: large images resized on the GPU, handed over by the workers; 0: by Pillow in the "
-                             "workers (pipeline.HAND_OVER)")
     args = parser.parse_args(argv)
     settings = {  # name -> (values, apply)
-        "hand_over": (args.hand_over, lambda v: setattr(pipeline_module, "HAND_OVER", bool(v))),
         "ahead": (args.ahead, lambda v: setattr(api_module, "AHEAD_IMAGES", v)),
         "switch_interval": (args.switch_interval, sys.setswitchinterval),
         "batch_graph_len": (args.batch_graph_len, lambda v: setattr(engine_module, "BATCH_GRAPH_LEN", v)),

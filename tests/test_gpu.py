@@ -30,7 +30,6 @@ import torch
 from PIL import Image
 
 import idefics
-import idefics.handover
 from checkpoints import make_checkpoint
 from idefics import quantize
 from idefics.api import Idefics
@@ -369,38 +368,6 @@ def test_threads_joining_one_batch_get_their_single_answers(models, cpu, files, 
             got = list(pool.map(lambda call: call(), calls(m)))
             assert got[:3] == expected[:3] and got[4:] == expected[4:]
             assert [x.label for x in got[3]] == [x.label for x in expected[3]]
-
-
-def test_photos_resized_on_the_device_give_the_cpus_pixels_while_the_model_runs(models, cpu, tmp_path, monkeypatch):
-    """The image workers hand large images over to the model's device (pipeline.py, resize.py), from several
-    threads at once and while the engine decodes (and may capture a graph): Pillow's bytes, so the CPU model's
-    pixel values."""
-    from test_pipeline import jpeg, photo
-
-    m = models("bfloat16")
-    if not CUDA:  # (the model resizes on its device when that is a GPU; on the CPU, asked)
-        monkeypatch.setattr(m.processor.images, "resize_device", m.engine.device)
-    assert m.processor.images.resize_device == m.engine.device
-    files = []
-    for i, (name, size, mode) in enumerate((("a.jpg", (1600, 1067), "RGB"), ("b.jpg", (800, 1400), "RGB"),
-                                            ("c.png", (2000, 700), "RGBA"), ("d.png", (900, 900), "L"))):
-        files.append(tmp_path / name)
-        if name.endswith(".jpg"):
-            files[-1].write_bytes(jpeg(photo(*size, i)))
-        else:
-            Image.fromarray(photo(*size, i)).convert(mode).save(files[-1])
-    resized = []
-    real = idefics.handover.resize
-    monkeypatch.setattr(idefics.handover, "resize", lambda x, *a: resized.extend([str(x.device)] * len(x)) or real(x, *a))
-    prompts = [[f, "This is an image of"] for f in files] + [["Two:", files[0], files[2], "and", files[3]]]
-    expected = cpu.process(prompts)["pixel_values"]
-    with ThreadPoolExecutor(8) as pool:
-        running = pool.submit(lambda: m.generate([[files[1], "Story:"]] * 3, max_new_tokens=40))
-        got = list(pool.map(lambda _: m.process(prompts)["pixel_values"], range(6)))
-        running.result()
-    assert all(torch.equal(g, expected) for g in got)
-    assert len(resized) >= 7 and set(resized) == {str(m.engine.device)}  # (a full arena: Pillow, in the worker)
-    assert m.processor.images.arena.taken() == 0
 
 
 def _requests(m: Idefics, prompts, **options) -> list[Request]:

@@ -438,13 +438,6 @@ def build_shard(rank: int, ranks: int, device: torch.device, path: str, dtype: t
                   **engine_options(quantize))
 
 
-def _resize_device(device: torch.device) -> torch.device | None:
-    """Where the image workers' large images are resized: the model's GPU (with its index), else by the workers."""
-    if device.type != "cuda":
-        return None
-    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-
-
 def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, quantize: str | None = None,
          workers: int | None = None, image_decode: str = "exact", tensor_parallel: int = 1) -> Idefics:
     """Load an IDEFICS checkpoint: a hub id ("HuggingFaceM4/idefics-9b"), a local directory, or None for the
@@ -464,8 +457,7 @@ def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, qua
     config = IdeficsConfig.from_file(path / "config.json")
     files = weight_files(path)
     tokenizer = Tokenizer.from_dir(path)
-    processor = Processor(tokenizer, ImageTransform.from_dir(path), workers=workers, image_decode=image_decode,
-                          resize_device=_resize_device(device))
+    processor = Processor(tokenizer, ImageTransform.from_dir(path), workers=workers, image_decode=image_decode)
     if processor.image_transform.image_size != config.vision.image_size:
         # The vision tower's position embeddings fit one image size only.
         raise IdeficsError(f"{path}: images are resized to {processor.image_transform.image_size} px "

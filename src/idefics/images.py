@@ -82,8 +82,8 @@ def describe(source) -> str:
 def load_image(source: ImageSource, limits: ImageLimits = ImageLimits(), prepare=None) -> Image.Image:
     """A PIL image is returned as given, its pixels loaded. Anything decoded here is loaded as the reference loads
     a URL (transformers' `load_image`): EXIF orientation applied, then converted to RGB (alpha dropped).
-    prepare(image, data), when given, sees the opened image (size and mode read from its header) and its encoded
-    bytes before its pixels are decoded: to set a draft mode, reserve memory for it or hash it."""
+    prepare(image), when given, sees the opened image (size and mode read from its header) before its pixels are
+    decoded: to set a draft mode or to reserve memory for it."""
     if isinstance(source, Image.Image):
         return _loaded(source, describe(source))
     if isinstance(source, (bytes, bytearray)):
@@ -173,7 +173,7 @@ def _decode(data: bytes, name: str, limits: ImageLimits, prepare=None) -> Image.
                 raise TooLarge(
                     f"{name}: image is {width}x{height} pixels, over the limit of {limits.max_pixels}")
             if prepare is not None:
-                prepare(image, data)
+                prepare(image)
             image.load()
             # In place, and no conversion of what is RGB already: one decoded copy of a large photo at a time, not
             # three.
@@ -240,10 +240,10 @@ class ImageTransform:
         """One image -> (3, image_size, image_size) float32."""
         x = np.asarray(self.resized(image))  # (H, W, 3) uint8
         # One look-up per pixel, in numpy: single-threaded, as many of these run side by side in the workers.
-        return self.table[_CHANNELS, x.transpose(2, 0, 1)]
+        return self._table[_CHANNELS, x.transpose(2, 0, 1)]
 
     @functools.cached_property
-    def table(self) -> np.ndarray:
+    def _table(self) -> np.ndarray:
         """(3, 256) float32: every normalized value a uint8 pixel can give, per channel, computed as the reference
         computes each pixel (rescale in float64 then round to float32, normalize in float32), so a look-up is exact."""
         x = (torch.arange(256, dtype=torch.float64) * self.rescale_factor).float()
@@ -259,15 +259,6 @@ def pixel_key(pixels: np.ndarray) -> bytes:
     """One image's (3, H, W) float32 pixels -> the key the encoder's cache knows it by. hashlib reads the buffer (C
     order) in place and lets go of the GIL."""
     return hashlib.blake2b(memoryview(np.ascontiguousarray(pixels)).cast("B"), digest_size=16).digest()
-
-
-def source_key(data: bytes, transform: ImageTransform) -> bytes:
-    """An image's encoded bytes (decoded exactly by transform) -> a key for the encoder's cache: the same bytes give
-    the same pixels. Apart from pixel_key's keys (another person)."""
-    h = hashlib.blake2b(digest_size=16, person=b"idefics-source")
-    h.update(repr((transform.image_size, transform.image_mean, transform.image_std, transform.rescale_factor)).encode())
-    h.update(data)
-    return h.digest()
 
 
 def _json_object(file: Path) -> dict:

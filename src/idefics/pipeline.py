@@ -13,11 +13,6 @@ of this process instead, as are images asked for only resized (ranked classifica
 decoder crash, the out-of-memory killer) fails the images then in flight, each with a one-line error, and the next
 image starts a fresh pool; workers whose process was killed outright end within a second.
 
-With resize_device set (a CUDA device: the model's), a worker hands a large decoded image over to this process
-through shared memory (arena.py) instead of resizing it on its core, which takes about as long as decoding a photo
-does; a thread here resizes it on the device (resize.py: Pillow's arithmetic as float64 matrix products, the same
-bytes), normalizes and hashes it. A worker finding the shared memory full resizes the image itself.
-
 decode "exact" gives the reference processor's pixel values bit for bit. decode "fast" lets JPEG decoding scale
 the picture down by 2, 4 or 8 in the DCT (Pillow's draft mode) to the smallest size still at least the target on
 both sides, before the same resize: several times less work on photos, slightly different pixels (measured in
@@ -35,21 +30,14 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from PIL import Image
 
-from idefics.arena import Arena
 from idefics.errors import IdeficsError
-from idefics.handover import Handed, Resizer
-from idefics.images import ImageLimits, ImageTransform, load_image, pixel_key, source_key
-from idefics.resize import agrees_with_pillow
+from idefics.images import ImageLimits, ImageTransform, load_image, pixel_key
 
 DECODES = ("exact", "fast")
 MEMORY = 1 << 29  # bytes of decoded images the workers may hold at once (512 MiB)
-HANDOFF_MEMORY = 1 << 28  # shared bytes of decoded images waiting for the device (256 MiB: 50 photos of 1600x1067)
-HAND_OVER = True  # False: every image resized by Pillow in its worker, resize_device or not
-DEVICE_RESIZE_PIXELS = 512 * 512  # smaller images resize on the worker's core in less than a trip to the device
 PILLOW_BLOCK = 1 << 30  # see _return_freed_images
 
 
@@ -116,30 +104,23 @@ def decoded_bytes(image: Image.Image) -> int:
 
 
 def prepare(source, transform: ImageTransform, limits: ImageLimits, decode: str, resized: bool = False,
-            budget: Budget | None = None, hand_over: bool = False):
+            budget: Budget | None = None):
     """Load, decode, resize and normalize one image, in the calling thread or process -> ((3, H, W) float32 numpy
     pixels, their key); resized: the image at the model's size instead (what the processor turns into the same
-    pixels as the source); hand_over (in a worker): a large image's decoded bytes left in the arena instead, as
-    Handed, when there is room. budget: the pipeline's (in a worker process: the one it was started with)."""
+    pixels as the source). budget: the pipeline's (in a worker process: the one it was started with)."""
     budget = budget or _worker_budget
     taken = []
     size = (transform.image_size,) * 2
 
-    key = []
-
-    def opened(image: Image.Image, data: bytes):
+    def opened(image: Image.Image):
         if decode == "fast":
             image.draft(None, size)  # JPEG only: the largest DCT scaling that keeps both sides >= size
-        elif hand_over and _worker_arena is not None and image.size[0] * image.size[1] >= DEVICE_RESIZE_PIXELS:
-            key.append(source_key(data, transform))  # (the bytes' hash: that of the pixels would cost a resize)
         taken.append(budget.take(decoded_bytes(image)))
 
     try:
         image = load_image(source, limits, opened)  # (a PIL image given as such is decoded already)
         if resized:
             return transform.resized(image)
-        if key and (handed := _hand_over(image, key[0])) is not None:
-            return handed
         x = transform.pixels(image)
         return x, pixel_key(x)
     finally:
@@ -148,33 +129,13 @@ def prepare(source, transform: ImageTransform, limits: ImageLimits, decode: str,
             budget.give(n)
 
 
-def _hand_over(image: Image.Image, key: bytes) -> Handed | None:
-    """A large RGB image's bytes copied into the arena, if it has room (what the processor would convert first,
-    RGB with a transparent color, stays here)."""
-    width, height = image.size
-    if image.mode != "RGB" or image.info.get("transparency") is not None:
-        return None
-    handed = Handed(0, (height, width, 3), key)
-    offset = _worker_arena.take(handed.size)
-    if offset is None:
-        return None
-    try:
-        _worker_arena.array(offset, handed.shape)[...] = np.asarray(image)
-    except BaseException:
-        _worker_arena.give(offset, handed.size)
-        raise
-    return handed._replace(offset=offset)
-
-
 _worker_budget: Budget | None = None  # in a worker process, its pipeline's budget
-_worker_arena: Arena | None = None  # and its shared memory for images handed over
 PARENT_CHECK = 0.5  # seconds between a worker's checks that its parent is alive
 
 
-def _worker_started(budget: Budget, parent: int, arena: Arena | None = None):
-    global _worker_budget, _worker_arena
-    # (handed over at the fork: a shared lock and counter cannot travel with each image)
-    _worker_budget, _worker_arena = budget, arena
+def _worker_started(budget: Budget, parent: int):
+    global _worker_budget
+    _worker_budget = budget  # (handed over at the fork: a shared lock and counter cannot travel with each image)
     _return_freed_images()
     _drop_inherited_sockets()
     _exit_with(parent)
@@ -216,19 +177,15 @@ class ImagePipeline:
     """Worker processes (and, for images given decoded, threads) that turn image sources into Pixels."""
 
     def __init__(self, transform: ImageTransform, limits: ImageLimits = ImageLimits(), workers: int | None = None,
-                 decode: str = "exact", memory: int | None = None, resize_device: torch.device | str | None = None):
+                 decode: str = "exact", memory: int | None = None):
         self.transform = transform
         self.limits = limits
         self.workers = check_workers(workers)
         self.decode = check_decode(decode)
         self.budget = Budget(MEMORY if memory is None else memory)
-        # Where handed-over images are resized (None: every image by Pillow, in its worker); read at each submit.
-        self.resize_device = resize_device
-        self.arena: Arena | None = None  # made with the first workers when resize_device is set
         _return_freed_images()
         self._processes: ProcessPoolExecutor | None = None
         self._threads: ThreadPoolExecutor | None = None
-        self._resizer: Resizer | None = None
         self._pool_lock = threading.Lock()
         weakref.finalize(self, _shut, self.__dict__)
 
@@ -242,51 +199,23 @@ class ImagePipeline:
                     self._threads = ThreadPoolExecutor(self.workers, thread_name_prefix="idefics-images")
                 future = self._threads.submit(prepare, *args, self.budget)
             return future if resized else _Then(future, _as_pixels)
-        device = self.resize_device
-        hand_over = HAND_OVER and device is not None and agrees_with_pillow(self.transform.image_size)
         with self._pool_lock:
             if self._processes is not None:
                 try:
-                    return _Then(self._processes.submit(prepare, *args, None, hand_over),
-                                 lambda result: self._received(result, device), self._dropped)
+                    return _Then(self._processes.submit(prepare, *args), _as_pixels)
                 except BrokenProcessPool:  # a worker died since the last image: a fresh pool for this one
                     self._processes.shutdown(wait=False, cancel_futures=True)
-                    if self.arena is not None:
-                        self.arena.reclaim()  # what the dead worker held
-            if hand_over and self.arena is None:
-                self.arena = Arena(HANDOFF_MEMORY)
-                if torch.device(device).type == "cuda":
-                    self.arena.pin()  # (if it fails, the device's copies of it are slower: still correct)
             self._processes = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"),
-                                                  initializer=_worker_started,
-                                                  initargs=(self.budget, os.getpid(), self.arena))
+                                                  initializer=_worker_started, initargs=(self.budget, os.getpid()))
             # The first submit forks every worker. Objects frozen then are left alone by the workers' garbage
             # collector, which would otherwise write to the pages holding them and so copy much of the interpreter
             # into each worker (tests/test_pipeline.py's twelve photos: 1.33 GB, against 0.86 frozen); the caller's
             # collector gets them back at once.
             gc.freeze()
             try:
-                return _Then(self._processes.submit(prepare, *args, None, hand_over),
-                             lambda result: self._received(result, device), self._dropped)
+                return _Then(self._processes.submit(prepare, *args), _as_pixels)
             finally:
                 gc.unfreeze()
-
-    def _received(self, result, device) -> Pixels | Future:
-        """A worker's result -> its Pixels, or, for an image handed over, a Future of them from the resizer."""
-        if not isinstance(result, Handed):
-            return _as_pixels(result)
-        self.arena.adopt(result.offset, result.size)  # (a worker that dies from now on does not hold them)
-        with self._pool_lock:
-            if self._resizer is None or self._resizer.device != torch.device(device):
-                if self._resizer is not None:
-                    self._resizer.close()
-                self._resizer = Resizer(self.arena, device, self.transform)
-            return _Then(self._resizer.resize(result), _as_pixels)
-
-    def _dropped(self, result):
-        """A worker's result nobody waits for any more: the pages of an image handed over go back."""
-        if isinstance(result, Handed):
-            self.arena.give(result.offset, result.size)
 
     def pixels(self, source) -> torch.Tensor:
         """Load, decode, resize and normalize one image, in the calling thread -> (3, H, W) float32."""
@@ -303,9 +232,6 @@ def _shut(state: dict):
             if state[name] is not None:
                 state[name].shutdown(wait=False, cancel_futures=True)
                 state[name] = None
-        if state["_resizer"] is not None:
-            state["_resizer"].close()
-            state["_resizer"] = None
 
 
 def _as_pixels(result) -> Pixels:
@@ -314,22 +240,19 @@ def _as_pixels(result) -> Pixels:
 
 
 class _Then(Future):
-    """A Future of fn(inner's result), whose cancel() cancels the inner one (if it has not started); dropped(inner's
-    result) runs instead of fn when this one was cancelled first."""
+    """A Future of fn(inner's result), whose cancel() cancels the inner one (if it has not started)."""
 
-    def __init__(self, inner: Future, fn, dropped=None):
+    def __init__(self, inner: Future, fn):
         super().__init__()
         self.inner = inner
-        inner.add_done_callback(lambda f: self._finish(f, fn, dropped))
+        inner.add_done_callback(lambda f: self._finish(f, fn))
 
     def cancel(self) -> bool:
         self.inner.cancel()
         return super().cancel()
 
-    def _finish(self, f: Future, fn, dropped=None):
+    def _finish(self, f: Future, fn):
         if self.cancelled():
-            if dropped is not None and not f.cancelled() and f.exception() is None:
-                dropped(f.result())
             return
         if f.cancelled():
             super().cancel()
@@ -339,13 +262,5 @@ class _Then(Future):
             error = IdeficsError("the image worker decoding it stopped (it crashed or ran out of memory)")
         if error is not None:
             self.set_exception(error)
-            return
-        try:
-            value = fn(f.result())
-        except Exception as e:  # noqa: BLE001 - the image's own failure, not the pool's
-            self.set_exception(e)
-            return
-        if isinstance(value, Future):  # a second stage (the device's resize)
-            value.add_done_callback(lambda g: self._finish(g, lambda x: x))
         else:
-            self.set_result(value)
+            self.set_result(fn(f.result()))

@@ -93,6 +93,27 @@ def test_rope_attention_rotates_writes_and_attends_as_eager(dtype, head_dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_attention_equals_pytorchs_with_the_additive_mask(dtype):
+    torch.manual_seed(1)
+    rows, heads, images, head_dim = 4, 2, 37, 12  # image tokens: two blocks and part of a third
+    q = torch.randn(rows, heads * head_dim).to(dtype)
+    k, v = (torch.randn(rows + 1, heads, images, head_dim).to(dtype)[:rows] for _ in range(2))  # rows of a cache
+    visible = torch.zeros(rows, images, dtype=torch.bool)
+    visible[0] = True  # every image token
+    visible[1, 5:21] = True  # one image of several
+    visible[2, 30:] = True  # the last one, in the partial block
+    visible[2, 33] = False  # (not one image: a gap is masked as in PyTorch)
+    mask = torch.zeros(rows, images, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None, None]
+    ref = F.scaled_dot_product_attention(q.view(rows, heads, 1, head_dim).float(), k.float(), v.float(),
+                                         attn_mask=mask.float()).reshape(rows, -1)
+    ref[3] = 0  # row 3 sees none: zeros, where PyTorch averages every token (the gate's mask drops either)
+    out = kernels.cross_attention(q, k, v, visible)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16: the weights are rounded before they meet the values
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    assert torch.equal(kernels.cross_attention(q, k[:, :, :0], v[:, :, :0], visible[:, :0]), torch.zeros_like(q))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("swiglu", [False, True])
 def test_gemv_equals_eager(dtype, swiglu):
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """The decode step (one new token per sequence) with the elementwise work fused by kernels.py: per decoder layer
 the matrix products and between them three launches (residual add + gate + next norm, SwiGLU, and RoPE + cache
-write + attention in one) instead of some twenty small kernels. The matrix products are the model's own modules
+write + attention in one; the cross blocks' attention in one too) instead of some twenty small kernels. The matrix products are the model's own modules
 (cuBLAS, or a quantized kernel), except for a single sequence, where gemv.py streams plain or fp8 weights faster and
 applies SwiGLU itself; there the norms fold into the GEMVs too (the residual add into the product before,
 the normalization into the one after), leaving four launches per layer besides attention. The same math as
@@ -8,7 +8,6 @@ IdeficsModel.forward for S = 1, rounded the same way."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from idefics import kernels
@@ -56,9 +55,6 @@ class FusedDecoder:
         cos, sin (max_len, Dh) -> logits (M, V)."""
         model = self.model
         m, h, d = ids.shape[0], self.heads, self.head_dim
-        dt = model.embed.weight.dtype
-        cross_mask = torch.zeros(visible.shape, dtype=dt, device=ids.device)
-        cross_mask = cross_mask.masked_fill(~visible, torch.finfo(dt).min)[:, None, None]  # (M, 1, 1, T)
         sees_image = visible.any(dim=-1)  # (M,)
         kv = iter(image_kv)
         # The residual stream: x, plus the last block's output and its gate and mask, added by the next norm's
@@ -97,12 +93,11 @@ class FusedDecoder:
             if layer.cross is not None:
                 b = layer.cross
                 attn_gate, mlp_gate = self.gates[id(b)]
-                q = normed(b.attn_norm, b.attn.wq).view(m, h, 1, d)
+                q = normed(b.attn_norm, b.attn.wq)  # (M, H * Dh)
                 if b.attn.qk_norms:  # per head, in one launch: (M * H, Dh) rows
                     qn = b.attn.q_norm
-                    q = kernels.add_rms_norm(q.reshape(m * h, d), None, qn.weight, qn.eps)[1].view(m, h, 1, d)
-                a = F.scaled_dot_product_attention(q, *next(kv), attn_mask=cross_mask)
-                add(b.attn.wo, a.reshape(m, h * d), gate=attn_gate, keep=sees_image)
+                    q = kernels.add_rms_norm(q.reshape(m * h, d), None, qn.weight, qn.eps)[1].view(m, h * d)
+                add(b.attn.wo, kernels.cross_attention(q, *next(kv), visible), gate=attn_gate, keep=sees_image)
                 add(b.mlp.w2, normed(b.mlp_norm, b.mlp.w13, swiglu=True), gate=mlp_gate)
             qkv = normed(layer.attn_norm, layer.attn.wqkv)
             add(layer.attn.wo, kernels.rope_attention(qkv, cos, sin, pos, cache.k[i], cache.v[i], h))

@@ -135,59 +135,77 @@ def _rotate(x1, x2, c, s, dt: tl.constexpr):
 
 
 @triton.jit
+def _tile(kbase, vbase, offs, stride, n, r, ok, HALF: tl.constexpr):
+    """Keys and values at positions offs (those < n; zeros past it) of one head, each as its two halves
+    (BLOCK_KV, BLOCK), in the cache's dtype."""
+    tile = offs[:, None] * stride + r[None, :]
+    t_ok = (offs < n)[:, None] & ok[None, :]
+    return (tl.load(kbase + tile, mask=t_ok, other=0.0), tl.load(kbase + HALF + tile, mask=t_ok, other=0.0),
+            tl.load(vbase + tile, mask=t_ok, other=0.0), tl.load(vbase + HALF + tile, mask=t_ok, other=0.0))
+
+
+@triton.jit
+def _scores(q1, q2, kt1, kt2):
+    """q's dot product with each key of a block (float32 sums), q and the keys given as their two halves."""
+    return tl.sum(kt1.to(tl.float32) * q1[None, :], axis=1) + tl.sum(kt2.to(tl.float32) * q2[None, :], axis=1)
+
+
+@triton.jit
+def _attend(scores, vt1, vt2, m_i, l_i, acc1, acc2, dt: tl.constexpr):
+    """One block's scaled scores (-inf where a key does not count) and values into an online softmax (float32;
+    probabilities rounded to dt before they weight the values, as flash attention does)."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(scores - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    p = _round(p, dt)
+    acc1 = acc1 * alpha + tl.sum(p[:, None] * vt1.to(tl.float32), axis=0)
+    acc2 = acc2 * alpha + tl.sum(p[:, None] * vt2.to(tl.float32), axis=0)
+    return m_new, l_i, acc1, acc2
+
+
+@triton.jit
 def _rope_attention_kernel(QKV, COS, SIN, POS, KC, VC, OUT, H, scale, stride_qkv, stride_cos, stride_kslot,
                            stride_khead, stride_kpos, stride_out, HALF: tl.constexpr, BLOCK: tl.constexpr,
                            BLOCK_KV: tl.constexpr, PDL: tl.constexpr):
-    _wait_inputs(PDL)
     m, h = tl.program_id(0), tl.program_id(1)
     dt = KC.dtype.element_ty
-    d = 2 * HALF
     r = tl.arange(0, BLOCK)
     ok = r < HALF
-    # The loads that do not need the position first: this kernel is a chain of memory round trips.
-    src = QKV + m * stride_qkv + h * d
-    q1 = tl.load(src + r, mask=ok, other=0.0).to(tl.float32)
-    q2 = tl.load(src + HALF + r, mask=ok, other=0.0).to(tl.float32)
-    k1 = tl.load(src + H * d + r, mask=ok, other=0.0).to(tl.float32)
-    k2 = tl.load(src + H * d + HALF + r, mask=ok, other=0.0).to(tl.float32)
-    v1 = tl.load(src + 2 * H * d + r, mask=ok, other=0.0)
-    v2 = tl.load(src + 2 * H * d + HALF + r, mask=ok, other=0.0)
+    # Before waiting for the product before (which writes QKV): what earlier steps wrote, the position, its angles
+    # and the first block of cached keys and values, so that these round trips overlap that kernel's end.
     pos = tl.load(POS + m)
     c = tl.load(COS + pos * stride_cos + r, mask=ok, other=0.0).to(tl.float32)  # both halves hold the same angles
     s = tl.load(SIN + pos * stride_cos + r, mask=ok, other=0.0).to(tl.float32)
-    q1, q2 = _rotate(q1, q2, c, s, dt)
-    k1, k2 = _rotate(k1, k2, c, s, dt)
     head = KC + m * stride_kslot + h * stride_khead
     vhead = VC + m * stride_kslot + h * stride_khead
+    offs = tl.arange(0, BLOCK_KV)
+    kt1, kt2, vt1, vt2 = _tile(head, vhead, offs, stride_kpos, pos, r, ok, HALF)
+    _wait_inputs(PDL)
+    src = QKV + m * stride_qkv + h * 2 * HALF
+    q1 = tl.load(src + r, mask=ok, other=0.0).to(tl.float32)
+    q2 = tl.load(src + HALF + r, mask=ok, other=0.0).to(tl.float32)
+    k1 = tl.load(src + H * 2 * HALF + r, mask=ok, other=0.0).to(tl.float32)
+    k2 = tl.load(src + H * 2 * HALF + HALF + r, mask=ok, other=0.0).to(tl.float32)
+    v1 = tl.load(src + 2 * H * 2 * HALF + r, mask=ok, other=0.0)
+    v2 = tl.load(src + 2 * H * 2 * HALF + HALF + r, mask=ok, other=0.0)
+    q1, q2 = _rotate(q1, q2, c, s, dt)
+    k1, k2 = _rotate(k1, k2, c, s, dt)
     tl.store(head + pos * stride_kpos + r, k1.to(dt), mask=ok)
     tl.store(head + pos * stride_kpos + HALF + r, k2.to(dt), mask=ok)
     tl.store(vhead + pos * stride_kpos + r, v1, mask=ok)
     tl.store(vhead + pos * stride_kpos + HALF + r, v2, mask=ok)
-    # Attention (online softmax, float32; probabilities rounded to the dtype before they weight the values, as
-    # flash attention does): the new key from registers first, then the cached keys 0..pos-1.
+    # Attention: the new key from registers first, then the cached keys 0..pos-1 a block at a time, the next block
+    # loaded before the current one is used.
     m_i = (tl.sum(k1 * q1, axis=0) + tl.sum(k2 * q2, axis=0)) * scale
     l_i = 1.0
     acc1, acc2 = v1.to(tl.float32), v2.to(tl.float32)
     for start in range(0, pos, BLOCK_KV):
-        offs = start + tl.arange(0, BLOCK_KV)
-        kv_ok = offs < pos
-        tile = offs[:, None] * stride_kpos + r[None, :]
-        t_ok = kv_ok[:, None] & ok[None, :]
-        kt1 = tl.load(head + tile, mask=t_ok, other=0.0).to(tl.float32)
-        kt2 = tl.load(head + HALF + tile, mask=t_ok, other=0.0).to(tl.float32)
-        vt1 = tl.load(vhead + tile, mask=t_ok, other=0.0).to(tl.float32)
-        vt2 = tl.load(vhead + HALF + tile, mask=t_ok, other=0.0).to(tl.float32)
-        scores = (tl.sum(kt1 * q1[None, :], axis=1) + tl.sum(kt2 * q2[None, :], axis=1)) * scale
-        scores = tl.where(kv_ok, scores, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        p = _round(p, dt)
-        acc1 = acc1 * alpha + tl.sum(p[:, None] * vt1, axis=0)
-        acc2 = acc2 * alpha + tl.sum(p[:, None] * vt2, axis=0)
-        m_i = m_new
-    out = OUT + m * stride_out + h * d
+        nxt = _tile(head, vhead, start + BLOCK_KV + offs, stride_kpos, pos, r, ok, HALF)
+        scores = tl.where(start + offs < pos, _scores(q1, q2, kt1, kt2) * scale, -float("inf"))
+        m_i, l_i, acc1, acc2 = _attend(scores, vt1, vt2, m_i, l_i, acc1, acc2, dt)
+        kt1, kt2, vt1, vt2 = nxt
+    out = OUT + m * stride_out + h * 2 * HALF
     tl.store(out + r, (acc1 / l_i).to(dt), mask=ok)
     tl.store(out + HALF + r, (acc2 / l_i).to(dt), mask=ok)
 
@@ -206,4 +224,66 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos:
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), HALF=d // 2,
         BLOCK=triton.next_power_of_2(d // 2), BLOCK_KV=16 if INTERPRET else 64, num_warps=4,
         **_launch(qkv))
+    return out
+
+
+@triton.jit
+def _cross_attention_kernel(Q, K, V, VIS, OUT, T, scale, masked, stride_q, stride_kslot, stride_khead, stride_kpos,
+                            stride_vis, stride_out, HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_KV: tl.constexpr,
+                            BLOCK_VIS: tl.constexpr, PDL: tl.constexpr):
+    m, h = tl.program_id(0), tl.program_id(1)
+    dt = K.dtype.element_ty
+    r = tl.arange(0, BLOCK)
+    ok = r < HALF
+    kbase = K + m * stride_kslot + h * stride_khead
+    vbase = V + m * stride_kslot + h * stride_khead
+    # Which image tokens the row sees span [lo, hi) (its last image's): only those blocks are read, however many
+    # images the buffer holds. What the prefill wrote (the mask, the first block of keys and values) is read before
+    # the wait for q.
+    lo = T
+    hi = 0
+    for start in range(0, T, BLOCK_VIS):
+        t = start + tl.arange(0, BLOCK_VIS)
+        seen = tl.load(VIS + m * stride_vis + t, mask=t < T, other=0) != 0
+        lo = tl.minimum(lo, tl.min(tl.where(seen, t, T), axis=0))
+        hi = tl.maximum(hi, tl.max(tl.where(seen, t + 1, 0), axis=0))
+    offs = tl.arange(0, BLOCK_KV)
+    kt1, kt2, vt1, vt2 = _tile(kbase, vbase, lo + offs, stride_kpos, hi, r, ok, HALF)
+    _wait_inputs(PDL)
+    q1 = tl.load(Q + m * stride_q + h * 2 * HALF + r, mask=ok, other=0.0).to(tl.float32)
+    q2 = tl.load(Q + m * stride_q + h * 2 * HALF + HALF + r, mask=ok, other=0.0).to(tl.float32)
+    m_i = tl.full((), -float("inf"), tl.float32)
+    l_i = tl.zeros((), tl.float32)
+    acc1 = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_KV):
+        nxt = _tile(kbase, vbase, start + BLOCK_KV + offs, stride_kpos, hi, r, ok, HALF)
+        t = start + offs
+        seen = tl.load(VIS + m * stride_vis + t, mask=t < hi, other=0) != 0
+        # An image token not seen in between gets the additive mask's finfo.min, as in PyTorch's attention.
+        scores = tl.where(seen, _scores(q1, q2, kt1, kt2) * scale, masked)
+        m_i, l_i, acc1, acc2 = _attend(tl.where(t < hi, scores, -float("inf")), vt1, vt2, m_i, l_i, acc1, acc2, dt)
+        kt1, kt2, vt1, vt2 = nxt
+    l_i = tl.where(l_i > 0, l_i, 1.0)  # a row that sees no image token: zeros (the gate's mask drops them)
+    out = OUT + m * stride_out + h * 2 * HALF
+    tl.store(out + r, (acc1 / l_i).to(dt), mask=ok)
+    tl.store(out + HALF + r, (acc2 / l_i).to(dt), mask=ok)
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """One decode step of a cross block's attention: q (M, H*Dh) of each row's new token; k, v (M, H, T, Dh) its
+    images' keys and values; visible (M, T) bool, which of them it sees -> (M, H*Dh). PyTorch's attention with the
+    additive mask the model uses (0 or finfo.min), in one launch that reads only the span of tokens a row sees, and
+    reads it before q is ready. A row that sees no image token gets zeros (PyTorch's attention averages every
+    token there; the model drops either)."""
+    m, heads, t, d = k.shape
+    assert k.stride() == v.stride() and k.stride(3) == 1 and q.stride(1) == 1 and visible.stride(1) == 1
+    if t == 0:  # no image in the batch: nothing to attend to (the gate's mask drops every row)
+        return torch.zeros_like(q)
+    out = torch.empty(m, heads * d, dtype=q.dtype, device=q.device)
+    _cross_attention_kernel[(m, heads)](
+        q, k, v, visible.view(torch.uint8), out, t, d ** -0.5, torch.finfo(q.dtype).min, q.stride(0), k.stride(0),
+        k.stride(1), k.stride(2), visible.stride(0), out.stride(0),
+        HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2), BLOCK_KV=16 if INTERPRET else 64,
+        BLOCK_VIS=16 if INTERPRET else 1024, num_warps=4, **_launch(q))
     return out

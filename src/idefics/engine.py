@@ -252,9 +252,9 @@ class Engine:
         t_img = self.model.config.image_seq_len
         lens = [p.ids.shape[0] for p in prompts]
         n_images = [p.pixels.shape[0] for p in prompts]
-        s = _round_up(max(lens), LEN_BUCKET if b == 1 else BATCH_LEN_BUCKET)
-        graphed = self.graphs is not None and (b == 1 or s <= BATCH_GRAPH_LEN)
-        s = s if graphed else max(lens)
+        padded = _round_up(max(lens), LEN_BUCKET if b == 1 else BATCH_LEN_BUCKET)  # a captured graph's length
+        graphed = self.graphs is not None and (b == 1 or padded <= BATCH_GRAPH_LEN)
+        s = padded if graphed else max(lens)
         m = slot_bucket(b, self.slots) if graphed else b  # rows run: padding rows write the scratch slot
         t = max(n_images) * t_img
         # Padded on the host, one copy per tensor, through pinned memory (runtime.to_device): the host goes on

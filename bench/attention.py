@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import random_model, synthetic_prompts, timed  # noqa: E402
+from common import decoding, random_model, step_seconds, timed  # noqa: E402
 
 from idefics import fused, kernels  # noqa: E402
 from idefics.config import idefics_9b  # noqa: E402
@@ -72,15 +72,9 @@ def cross_attention_calls(fn, batch: int):
 @torch.inference_mode()
 def decode_step_ms(model, batch: int) -> float:
     engine = Engine(model)
-    engine.reserve(batch, 160, 1)
-    engine.prefill_batch(synthetic_prompts(model.config, batch))
-    tokens = torch.zeros(batch, dtype=torch.long)
-    for _ in range(3):
-        engine.decode(tokens)
-    steps = 20
-    seconds = min(timed(lambda: [engine.decode(tokens) for _ in range(steps)])[0] for _ in range(3))
+    seconds = step_seconds(engine, decoding(engine, batch), repeats=3)
     engine.release(0, engine.active)
-    return 1e3 * seconds / steps
+    return 1e3 * seconds
 
 
 def main():

@@ -161,3 +161,19 @@ def timed(fn, sync: bool = True) -> tuple[float, object]:
     if sync and torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start, out
+
+
+def decoding(engine: Engine, batch: int) -> torch.Tensor:
+    """engine running `batch` synthetic prompts (room for 160 tokens each), three decode steps in (kernels compiled,
+    graphs captured) -> the tokens to feed each further step."""
+    engine.reserve(batch, 160, 1)
+    engine.prefill_batch(synthetic_prompts(engine.model.config, batch))
+    tokens = torch.zeros(batch, dtype=torch.long)
+    for _ in range(3):
+        engine.decode(tokens)
+    return tokens
+
+
+def step_seconds(engine: Engine, tokens: torch.Tensor, steps: int = 20, repeats: int = 1) -> float:
+    """Seconds per decode step over `steps` steps, the best of `repeats` runs."""
+    return min(timed(lambda: [engine.decode(tokens) for _ in range(steps)])[0] for _ in range(repeats)) / steps

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import random_model, synthetic_prompts, timed  # noqa: E402
+from common import decoding, random_model, step_seconds, timed  # noqa: E402
 
 from idefics.config import idefics_9b  # noqa: E402
 from idefics.engine import Engine  # noqa: E402
@@ -69,15 +69,8 @@ def main():
     for b in args.batches:
         for graphs in (False, True):
             engine = Engine(model, graphs=graphs, compile=args.compile)
-            prompts = synthetic_prompts(model.config, b)
-            engine.reserve(b, 160, 1)
-            engine.prefill_batch(prompts)
-            tokens = torch.zeros(b, dtype=torch.long)
-            for _ in range(3):
-                engine.decode(tokens)
-            steps = 20
-            t, _ = timed(lambda: [engine.decode(tokens) for _ in range(steps)])
-            print(f"batch {b} graphs={graphs}: {1e3 * t / steps:.2f} ms/step", flush=True)
+            tokens = decoding(engine, b)
+            print(f"batch {b} graphs={graphs}: {1e3 * step_seconds(engine, tokens):.2f} ms/step", flush=True)
             if b == args.batches[0]:  # eager: each kernel's own time; graphed: as replayed, gaps excluded
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                     engine.decode(tokens)

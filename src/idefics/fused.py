@@ -1,10 +1,10 @@
 """The decode step (one new token per sequence) with the elementwise work fused by kernels.py: per decoder layer
 the matrix products and between them three launches (residual add + gate + next norm, SwiGLU, and RoPE + cache
-write + attention in one; the cross blocks' attention in one too) instead of some twenty small kernels. The matrix products are the model's own modules
-(cuBLAS, or a quantized kernel), except for a single sequence, where gemv.py streams plain or fp8 weights faster and
-applies SwiGLU itself; there the norms fold into the GEMVs too (the residual add into the product before,
-the normalization into the one after), leaving four launches per layer besides attention. The same math as
-IdeficsModel.forward for S = 1, rounded the same way."""
+write + attention in one; the cross blocks' attention in one too) instead of some twenty small kernels. The matrix
+products are the model's own modules (cuBLAS, or a quantized kernel), except for a single sequence, where gemv.py
+streams plain or fp8 weights faster and applies SwiGLU itself; there the norms fold into the GEMVs too (the residual
+add into the product before, the normalization into the one after), leaving four launches per layer besides
+attention. The same math as IdeficsModel.forward for S = 1, rounded the same way."""
 from __future__ import annotations
 
 import torch

@@ -41,6 +41,8 @@ TILE_BYTES = (4096, 16384)  # fp8 weight tile: smaller ones issue too few loads,
 SHARED_BYTES = 192 * 1024  # stages * (weight tile + bfloat16 tokens' tile), within Hopper's 227 KB
 MAX_ERROR = 1e-2  # of the largest output: bfloat16's rounding of the result is 2^-9 of it
 SHOWN = 5  # best weight-only shapes printed per matrix and row count
+# The Triton products swept: bfloat16 tokens (weights converted), and tokens quantized to fp8 as scaled_mm does
+TRITON_PRODUCTS = {"weight-only": fp8_gemm.weight_only_mm, "scaled-triton": fp8_gemm.tokens_fp8_mm}
 
 
 def shapes() -> dict:
@@ -74,10 +76,11 @@ def _compile(jobs: list) -> None:
     for m, n, k, c in jobs:
         x = torch.zeros(m, k, dtype=torch.bfloat16, device="cuda")
         w = torch.zeros(n, k, dtype=fp8.FP8, device="cuda")
-        try:
-            fp8_gemm.weight_only_mm(x, w, torch.ones(n, device="cuda"), **c)
-        except Exception:  # too large for the card: the timed run says so
-            pass
+        for product in TRITON_PRODUCTS.values():
+            try:
+                product(x, w, torch.ones(n, device="cuda"), **c)
+            except Exception:  # too large for the card: the timed run says so
+                pass
     if jobs:
         torch.cuda.synchronize()
 
@@ -183,41 +186,52 @@ def main():
             lines.append(record("weight-only default", median_us(lambda i: fp8_gemm.weight_only_mm(x, *q[i]), c8,
                                                                  iters, cuda), n * k,
                                 error(fp8_gemm.weight_only_mm(x, *q[0]), ref), default))
+            fp8_gemm.FAST_CONVERT = False  # the same launch with Triton's fp8 -> bfloat16 conversion
+            lines.append(record("weight-only default, Triton's conversion",
+                                median_us(lambda i: fp8_gemm.weight_only_mm(x, *q[i]), c8, iters, cuda), n * k,
+                                error(fp8_gemm.weight_only_mm(x, *q[0]), ref), default))
+            fp8_gemm.FAST_CONVERT = True
+            lines.append(record("scaled-triton default",
+                                median_us(lambda i: fp8_gemm.tokens_fp8_mm(x, *q[i]), c8, iters, cuda), n * k,
+                                error(fp8_gemm.tokens_fp8_mm(x, *q[0]), ref), default))
             swept = []
             for c in todo[mat, m]:
-                try:
-                    err = error(fp8_gemm.weight_only_mm(x, *q[0], **c), ref)
-                except Exception as e:  # out of shared memory or registers
-                    print(f"  {mat} M={m} {name(c)}: {type(e).__name__}", flush=True)
-                    continue
-                if err > MAX_ERROR:
-                    print(f"  {mat} M={m} {name(c)}: WRONG, error {err:.2e}", flush=True)
-                    continue
-                us = median_us(lambda i: fp8_gemm.weight_only_mm(x, *q[i], **c), c8, iters, cuda)
-                swept.append(record("weight-only", us, n * k, err, c))
+                for product, fn in TRITON_PRODUCTS.items():
+                    try:
+                        err = error(fn(x, *q[0], **c), ref)
+                    except Exception as e:  # out of shared memory or registers
+                        print(f"  {mat} M={m} {product} {name(c)}: {type(e).__name__}", flush=True)
+                        continue
+                    if err > MAX_ERROR * (5 if product == "scaled-triton" else 1):  # the tokens' fp8 rounding
+                        print(f"  {mat} M={m} {product} {name(c)}: WRONG, error {err:.2e}", flush=True)
+                        continue
+                    us = median_us(lambda i: fn(x, *q[i], **c), c8, iters, cuda)
+                    swept.append(record(product, us, n * k, err, c))
             swept.sort(key=lambda r: r["us"])
-            if swept:
-                best[mat, m] = swept[0]
+            for product in TRITON_PRODUCTS:
+                mine = [r for r in swept if r["product"] == product]
+                if mine:
+                    best[mat, m, product] = mine[0]
             print(f"{mat} ({n}x{k}) M={m}", flush=True)
             for r in lines + (swept if args.all else swept[:SHOWN]):
                 config = f" [{name(r['config'])}]" if r["config"] else ""
                 err = f"  error {r['error']:.1e}" if r["error"] is not None else ""
-                print(f"  {r['product']:<19} {r['us']:8.2f} us {r['tbs']:5.2f} TB/s{config}{err}", flush=True)
+                print(f"  {r['product']:<40} {r['us']:8.2f} us {r['tbs']:5.2f} TB/s{config}{err}", flush=True)
         wb = q = deq = None  # freed before the next matrix's copies
 
-    print("best weight-only launch shape per matrix and row count:")
-    for (mat, m), r in best.items():
-        print(f"  {mat:<5} M={m:<3} {name(r['config'])}  {r['us']:.2f} us {r['tbs']:.2f} TB/s")
+    print("best launch shape per matrix, row count and Triton product:")
+    for (mat, m, product), r in best.items():
+        print(f"  {mat:<5} M={m:<3} {product:<13} {name(r['config'])}  {r['us']:.2f} us {r['tbs']:.2f} TB/s")
     layer = {}
-    for m in rows:
+    for m in rows:  # one decoder layer's four products
         total = {p: sum(r["us"] for r in results if r["rows"] == m and r["product"] == p)
-                 for p in ("bf16", "scaled", "weight-only default")}
-        total["weight-only best"] = sum(r["us"] for (_, mm), r in best.items() if mm == m)
+                 for p in ("bf16", "scaled", "weight-only default", "weight-only default, Triton's conversion",
+                           "scaled-triton default")}
+        for product in TRITON_PRODUCTS:
+            total[f"{product} best"] = sum(r["us"] for (_, mm, p), r in best.items() if mm == m and p == product)
         layer[m] = total
-        bf16, scaled, best_us = total["bf16"], total["scaled"], total["weight-only best"]
-        print(f"layer M={m}: bf16 {bf16:.1f} us, scaled {scaled:.1f} us, weight-only best {best_us:.1f} us (default "
-              f"{total['weight-only default']:.1f} us); bf16's time over scaled's {bf16 / scaled:.2f}, over "
-              f"weight-only's {bf16 / best_us:.2f}")
+        print(f"layer M={m}: " + ", ".join(f"{p} {us:.1f} us ({total['bf16'] / us:.2f}x bf16)"
+                                             for p, us in total.items() if us), flush=True)
     print(f"sweep took {time.time() - began:.0f} s")
     if args.out:
         with open(args.out, "w") as f:

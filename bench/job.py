@@ -193,6 +193,8 @@ def main(argv=None) -> int:
     # the rest of the job uses.
     parser.add_argument("--ahead", type=int, nargs="+", default=[api_module.AHEAD_IMAGES],
                         help="images encoded ahead at once, at least (api.AHEAD_IMAGES)")
+    parser.add_argument("--hold", type=int, nargs="+", default=[api_module.HOLD],
+                        help="ready prompts that enter the batch together while others still load (api.HOLD)")
     parser.add_argument("--switch-interval", type=float, nargs="+", default=[sys.getswitchinterval()],
                         help="the interpreter's thread switch interval in seconds (sys.setswitchinterval)")
     parser.add_argument("--batch-graph-len", type=int, nargs="+", default=[engine_module.BATCH_GRAPH_LEN],
@@ -201,6 +203,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     settings = {  # name -> (values, apply)
         "ahead": (args.ahead, lambda v: setattr(api_module, "AHEAD_IMAGES", v)),
+        "hold": (args.hold, lambda v: setattr(api_module, "HOLD", v)),
         "switch_interval": (args.switch_interval, sys.setswitchinterval),
         "batch_graph_len": (args.batch_graph_len, lambda v: setattr(engine_module, "BATCH_GRAPH_LEN", v)),
     }

@@ -220,6 +220,20 @@ def test_scaled_product_of_fp8_tokens_is_close_to_the_upcast_one():
     assert F.cosine_similarity(got.float(), fp8.upcast_mm(x.float(), q, s), dim=-1).min() >= 0.998
 
 
+@pytest.mark.parametrize("m, n, k, split_k", [(5, 48, 1100, None), (33, 40, 512, 2), (16, 32, 320, 4)])
+def test_triton_scaled_product_equals_the_product_of_the_fp8_tokens(m, n, k, split_k):
+    """fp8_gemm.tokens_fp8_mm: the tokens quantized as scaled_mm quantizes them, then the float32 sums of the
+    stored values, scaled per token and per channel; ragged K, split K, a partial block of rows."""
+    q, s = fp8_weights(n, k)
+    x = (torch.randn(m, k) * torch.logspace(-2, 2, m)[:, None]).to(torch.bfloat16)
+    xq, xs = fp8.quantize_rows(x)
+    expected = fp8.upcast_mm(xq.float() * xs, q, s)
+    got = fp8_gemm.tokens_fp8_mm(x, q, s, block_n=16, block_k=64, split_k=split_k)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    error = (got.float() - expected).abs() / expected.abs().amax(1, keepdim=True)  # per token: scales differ a lot
+    assert error.max() <= 1e-2  # bfloat16's rounding of the result is 2^-9 of it
+
+
 # The trained demo model
 
 @pytest.fixture(scope="module")

@@ -615,6 +615,23 @@ def _dequantized(quantized: Idefics) -> Idefics:
     return ref
 
 
+@pytest.mark.parametrize("rows", [16, 48])
+def test_the_fp8_gemm_converts_every_e4m3_value_exactly(rows):
+    """The weight-only GEMM converts fp8 weights by bit moves (fp8_gemm._E4M3_TO_BF16): each of the 254 finite
+    codes (subnormals and both zeros included) read back through one-hot rows equals torch's conversion, with 16
+    rows and with 48 (part of a tile of 64)."""
+    from idefics import fp8_gemm
+
+    if CUDA and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the fp8 kernels need Hopper")
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0  # the two NaN codes: a NaN weight would spread over its whole output row
+    w = codes.view(torch.float8_e4m3fn).reshape(16, 16).repeat(1, rows // 16).to(DEVICE)  # (N 16, K rows)
+    x = torch.eye(rows, dtype=torch.bfloat16, device=DEVICE)  # row i picks column i of w
+    got = fp8_gemm.weight_only_mm(x, w.contiguous(), torch.ones(16, device=DEVICE))
+    assert torch.equal(got.cpu(), w.T.to(torch.bfloat16).cpu())
+
+
 @pytest.mark.parametrize("method", list(QUANT_PACKAGES))
 def test_quantized_loading(method):
     pytest.importorskip(QUANT_PACKAGES[method])

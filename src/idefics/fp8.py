@@ -28,7 +28,7 @@ from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3fn value: each row's largest weight maps onto it
-PRODUCTS = ("auto", "weight-only", "scaled")
+PRODUCTS = ("auto", "weight-only", "scaled", "scaled-triton")
 PRODUCT = "auto"  # which product serves rows > 1 on Hopper; bench/fp8.py sets it to measure each
 WEIGHT_ONLY_ROWS = 16  # "auto": the weight-only GEMM up to this many rows, scaled_mm above
 _CHUNK = 2048  # rows quantized at a time: the float32 temporaries stay small next to the layer
@@ -91,6 +91,10 @@ class Fp8Linear(nn.Module):
             from idefics.fp8_gemm import weight_only_mm
 
             y = weight_only_mm(x.contiguous(), self.weight, self.scale)
+        elif PRODUCT == "scaled-triton":
+            from idefics.fp8_gemm import tokens_fp8_mm
+
+            y = tokens_fp8_mm(x.contiguous(), self.weight, self.scale)
         else:
             y = scaled_mm(x.contiguous(), self.weight, self.scale)
         return y.view(*shape[:-1], self.out_features)

@@ -14,13 +14,41 @@ from idefics.kernels import INTERPRET, _launch, _wait_inputs, _warps
 
 H100_SMS = 132  # the streaming multiprocessors the launch rule plans for off CUDA (the interpreter)
 
+# float8_e4m3fn -> bfloat16, two values at a time (16 bits in, a bfloat16 pair out). Each byte s.eeee.mmm is placed as
+# the bfloat16 s.0000eeee.mmm0000, which is worth the e4m3 value times 2^-120 (the exponent biases are 127 and 7;
+# e4m3's subnormals land on bfloat16's), then multiplied by 2^120 (0x7B80), exactly: bit moves on the integer units
+# and one bfloat16 multiply per pair. Triton's own conversion takes two conversion instructions per pair (to float16,
+# then to bfloat16), and Hopper retires 16 of those a cycle per SM: about 2.8 TB/s of fp8 weights on an H200.
+FAST_CONVERT = True  # False: Triton's conversion (bench/fp8_gemm_sweep.py times both)
+_E4M3_TO_BF16 = tl.constexpr("""{
+.reg .b32 t, u, k;
+mov.b32 k, 0x7B807B80;
+cvt.u32.u16 t, $1;
+prmt.b32 t, t, 0, 0x1404;
+shr.b32 u, t, 4;
+and.b32 u, u, 0x07F007F0;
+and.b32 t, t, 0x80008000;
+or.b32 t, t, u;
+mul.rn.bf16x2 $0, t, k;
+}""")
+
 
 @triton.jit
-def _weight_only_kernel(X, W, S, Y, P, M, N, K, K_SPLIT, stride_x, stride_w, stride_y, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PARTIAL: tl.constexpr,
-                        DOT_F32: tl.constexpr, PDL: tl.constexpr):
+def to_bf16(w, FAST: tl.constexpr):
+    """w float8_e4m3fn -> bfloat16 (exact); FAST: by bit moves (_E4M3_TO_BF16, CUDA only), else Triton's conversion."""
+    if FAST:
+        return tl.inline_asm_elementwise(_E4M3_TO_BF16, "=r,h", [w], dtype=tl.bfloat16, is_pure=True, pack=2)
+    return w.to(tl.bfloat16)
+
+
+@triton.jit
+def _fp8_mm_kernel(X, XS, W, S, Y, P, M, N, K, K_SPLIT, stride_x, stride_w, stride_y, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PARTIAL: tl.constexpr,
+                   X_FP8: tl.constexpr, DOT_F32: tl.constexpr, FAST_CVT: tl.constexpr, PDL: tl.constexpr):
     # The product is computed transposed, Y.T (N, M) = W (N, K) @ X.T (K, M): the weight rows fill the tensor
     # cores' tall side, a few tokens their narrow side. Program (n, m, s) sums K[s * K_SPLIT, (s + 1) * K_SPLIT).
+    # X is bfloat16 (the weight-only product: the weights converted to bfloat16 on the way to the tensor cores), or
+    # with X_FP8 the tokens in fp8 with a scale each in XS (M,): fp8 tensor cores, nothing converted.
     dt = Y.dtype.element_ty
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -41,8 +69,12 @@ def _weight_only_kernel(X, W, S, Y, P, M, N, K, K_SPLIT, stride_x, stride_w, str
             x = tl.load(X + rm[None, :] * stride_x + kk[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
         if DOT_F32:  # Triton's interpreter (3.9) multiplies bfloat16 tiles wrongly; float32 holds them exactly
             acc += tl.dot(w.to(tl.float32), x.to(tl.float32), input_precision="ieee")
+        elif X_FP8:
+            acc = tl.dot(w, x, acc)
         else:  # fp8 -> bfloat16 is exact: the tensor cores see the stored weights
-            acc = tl.dot(w.to(dt), x, acc)
+            acc = tl.dot(to_bf16(w, FAST_CVT), x, acc)
+    if X_FP8:  # each token's scale (a split's share is scaled alike: the sum is linear)
+        acc = acc * tl.load(XS + rm, mask=m_ok, other=0.0)[None, :]
     if PARTIAL:  # this split's float32 sums into P (splits, M, N); _sum_splits_kernel adds them and scales
         p = P + tl.program_id(2) * M * N
         tl.store(p + rm[None, :] * N + rn[:, None], acc, mask=n_ok[:, None] & m_ok[None, :])
@@ -92,25 +124,38 @@ def weight_only_config(m: int, n: int, k: int, sms: int = H100_SMS, block_n: int
                 k_split=per_split * block_k, warps=warps or 4, stages=stages or 4)
 
 
-def weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int | None = None,
-                   block_k: int | None = None, split_k: int | None = None, warps: int | None = None,
-                   stages: int | None = None) -> torch.Tensor:
+def weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, **launch) -> torch.Tensor:
     """x (M, K) bfloat16 or float32 @ (weight (N, K) float8_e4m3fn * scale (N,)[:, None]).T -> (M, N) in x's dtype,
-    float32 sums scaled once per channel. The other arguments override weight_only_config's launch shape; with K
-    split, each split's sums go to a float32 workspace and a second launch adds them in a fixed order."""
+    float32 sums scaled once per channel. `launch` (block_n, block_k, split_k, warps, stages) overrides
+    weight_only_config's launch shape; with K split, each split's sums go to a float32 workspace and a second launch
+    adds them in a fixed order."""
+    return _fp8_mm(x, None, weight, scale, x.dtype, **launch)
+
+
+def tokens_fp8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, **launch) -> torch.Tensor:
+    """x (M, K) bfloat16 @ the fp8 weight as fp8.scaled_mm computes it (each token quantized to fp8 with a scale of
+    its own, fp8 tensor cores, float32 sums scaled per token and per channel), in Triton with weight_only_mm's
+    launch shapes (split K for few rows) -> (M, N) bfloat16."""
+    xq, xs = quantize_rows(x)
+    return _fp8_mm(xq, xs, weight, scale, x.dtype, **launch)
+
+
+def _fp8_mm(x: torch.Tensor, xs: torch.Tensor | None, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+            block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
+            warps: int | None = None, stages: int | None = None) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
     assert weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
     c = weight_only_config(m, n, k, _sms(x.device), block_n, block_k, split_k, warps, stages)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=dtype, device=x.device)
     partial = c["split_k"] > 1
     p = torch.empty(c["split_k"], m, n, dtype=torch.float32, device=x.device) if partial else y
     grid = (triton.cdiv(n, c["block_n"]), triton.cdiv(m, c["block_m"]), c["split_k"])
-    _weight_only_kernel[grid](x, weight, scale, y, p, m, n, k, c["k_split"], x.stride(0), weight.stride(0),
-                              y.stride(0), BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"],
-                              EVEN_K=k % c["block_k"] == 0, PARTIAL=partial,
-                              DOT_F32=INTERPRET or x.dtype == torch.float32, num_warps=c["warps"],
-                              num_stages=c["stages"], **_launch(x))
+    _fp8_mm_kernel[grid](x, xs if xs is not None else scale, weight, scale, y, p, m, n, k, c["k_split"], x.stride(0),
+                         weight.stride(0), y.stride(0), BLOCK_M=c["block_m"], BLOCK_N=c["block_n"],
+                         BLOCK_K=c["block_k"], EVEN_K=k % c["block_k"] == 0, PARTIAL=partial, X_FP8=xs is not None,
+                         DOT_F32=INTERPRET or dtype == torch.float32, FAST_CVT=FAST_CONVERT and not INTERPRET,
+                         num_warps=c["warps"], num_stages=c["stages"], **_launch(x))
     if partial:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](p, scale, y, m, n, SPLIT_K=c["split_k"], BLOCK=block,

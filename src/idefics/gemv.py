@@ -14,6 +14,10 @@ import triton.language as tl
 from idefics.kernels import _launch, _round, _wait_inputs
 
 PREFETCH = 1  # with PDL: a GEMV sends this many tiles of its weights to L2 before it waits (see _gemv_kernel)
+# fp8 weights read per thread and load: 8, as many as the bfloat16 activations' 16 bytes hold, gives both the same
+# layout; 16 (Triton's choice) makes it shuffle the activations through shared memory, behind 4 barriers a tile.
+# The activations' tile must fill the program too (BLOCK_K >= 256 * warps), or they are shuffled all the same.
+FP8_LOAD = 8
 
 
 @triton.jit
@@ -63,11 +67,13 @@ def _gemv_kernel(X, W, Y, N, K, stride_w,
                  S,  # SCALED: W holds fp8 rows, each scaled by S (N,), or (2N,) with SWIGLU
                  SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATE: tl.constexpr,
                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                 PDL: tl.constexpr, PREFETCH, SCALED: tl.constexpr):
+                 PDL: tl.constexpr, PREFETCH, SCALED: tl.constexpr, FP8_LOAD: tl.constexpr):
     dt = Y.dtype.element_ty
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    if SCALED:  # fp8 weights read 8 to a thread, as the bfloat16 activations are: no shuffle between the two layouts
+        rk = tl.max_contiguous(rk, FP8_LOAD)
     n_ok = rn < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # summed over K in place, reduced once
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -156,7 +162,7 @@ def gemv(x: torch.Tensor | Normed, weight: torch.Tensor, swiglu: bool = False, n
         xin, weight, y, n, k, weight.stride(0), part_in, part_in.numel(), nw, eps,
         residual if residual is not None else y, part_out, gate if gate is not None else y,
         keep.view(torch.uint8) if keep is not None else y, 1 if gate is not None and gate.numel() > 1 else 0,
-        scale if scale is not None else y, SCALED=scale is not None,
+        scale if scale is not None else y, SCALED=scale is not None, FP8_LOAD=FP8_LOAD,
         SWIGLU=swiglu, NORM=norm is not None, RESIDUAL=residual is not None, GATE=gate is not None,
         MASKED=keep is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_P=triton.next_power_of_2(part_in.numel()) if norm is not None else 1, num_warps=warps,

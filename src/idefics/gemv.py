@@ -18,6 +18,7 @@ PREFETCH = 1  # with PDL: a GEMV sends this many tiles of its weights to L2 befo
 # layout; 16 (Triton's choice) makes it shuffle the activations through shared memory, behind 4 barriers a tile.
 # The activations' tile must fill the program too (BLOCK_K >= 256 * warps), or they are shuffled all the same.
 FP8_LOAD = 8
+AHEAD = True  # each weight tile loaded one tile early (with the current one in flight; _gemv_kernel)
 
 
 @triton.jit
@@ -44,6 +45,17 @@ def _input(X, NW, kk, k_ok, rstd, dt: tl.constexpr, NORM: tl.constexpr):
 
 
 @triton.jit
+def _tile(rows, up, kk, n_ok, K, SWIGLU: tl.constexpr):
+    """The weights at columns kk of the program's rows (and of the up projection's, `up` elements on), zero past K."""
+    mask = n_ok[:, None] & (kk < K)[None, :]
+    w = tl.load(rows + kk[None, :], mask=mask, other=0.0)
+    w_up = w
+    if SWIGLU:
+        w_up = tl.load(rows + up + kk[None, :], mask=mask, other=0.0)
+    return w, w_up
+
+
+@triton.jit
 def _output(y, y_up, rn, n_ok, pid, Y, R, PART_OUT, G, KEEP, stride_g, dt: tl.constexpr, SWIGLU: tl.constexpr,
             RESIDUAL: tl.constexpr, GATE: tl.constexpr, MASKED: tl.constexpr):
     """Store the float32 sums of rows rn: rounded, SwiGLU'd, added to the residual stream as asked."""
@@ -67,7 +79,7 @@ def _gemv_kernel(X, W, Y, N, K, stride_w,
                  S,  # SCALED: W holds fp8 rows, each scaled by S (N,), or (2N,) with SWIGLU
                  SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATE: tl.constexpr,
                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                 PDL: tl.constexpr, PREFETCH, SCALED: tl.constexpr, FP8_LOAD: tl.constexpr):
+                 PDL: tl.constexpr, PREFETCH, SCALED: tl.constexpr, FP8_LOAD: tl.constexpr, AHEAD: tl.constexpr):
     dt = Y.dtype.element_ty
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,18 +100,23 @@ def _gemv_kernel(X, W, Y, N, K, stride_w,
     rstd = 1.0
     if NORM:
         rstd = _rstd(PART, n_part, K, eps, BLOCK_P)
+    rows = W + rn[:, None] * stride_w  # the up projection's rows (SWIGLU) follow the gate's N rows
+    if AHEAD:  # each tile's loads are issued one tile early: two tiles in flight per thread
+        w, w_up = _tile(rows, N * stride_w, rk, n_ok, K, SWIGLU)
+        w, w_up = w.to(tl.float32), w_up.to(tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
-        # the weights' loads are issued first: what follows waits for x, and they need not
-        w_mask = n_ok[:, None] & k_ok[None, :]
-        w = tl.load(W + rn[:, None] * stride_w + kk[None, :], mask=w_mask, other=0.0)
-        if SWIGLU:  # the up projection's rows follow the gate's N rows
-            w_up = tl.load(W + (rn + N)[:, None] * stride_w + kk[None, :], mask=w_mask, other=0.0)
+        if AHEAD:
+            w_next, w_up_next = _tile(rows, N * stride_w, kk + BLOCK_K, n_ok, K, SWIGLU)
+        else:  # the weights' loads are issued first: what follows waits for x, and they need not
+            w, w_up = _tile(rows, N * stride_w, kk, n_ok, K, SWIGLU)
         x = _input(X, NW, kk, k_ok, rstd, dt, NORM)[None, :]
         acc += x * w.to(tl.float32)
         if SWIGLU:
             acc_up += x * w_up.to(tl.float32)
+        if AHEAD:  # (carried in float32: fp8 carried as bytes would be unpacked and packed again each tile)
+            w, w_up = w_next.to(tl.float32), w_up_next.to(tl.float32)
     y, y_up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
     if SCALED:  # each row's scale, once on its float32 sum
         y = y * tl.load(S + rn, mask=n_ok, other=0.0)
@@ -162,7 +179,7 @@ def gemv(x: torch.Tensor | Normed, weight: torch.Tensor, swiglu: bool = False, n
         xin, weight, y, n, k, weight.stride(0), part_in, part_in.numel(), nw, eps,
         residual if residual is not None else y, part_out, gate if gate is not None else y,
         keep.view(torch.uint8) if keep is not None else y, 1 if gate is not None and gate.numel() > 1 else 0,
-        scale if scale is not None else y, SCALED=scale is not None, FP8_LOAD=FP8_LOAD,
+        scale if scale is not None else y, SCALED=scale is not None, FP8_LOAD=FP8_LOAD, AHEAD=AHEAD,
         SWIGLU=swiglu, NORM=norm is not None, RESIDUAL=residual is not None, GATE=gate is not None,
         MASKED=keep is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_P=triton.next_power_of_2(part_in.numel()) if norm is not None else 1, num_warps=warps,

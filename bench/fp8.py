@@ -201,7 +201,7 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
 
     fid = results["fidelity_9b_random"] = {}
     got = {}
-    for product in ("auto", "weight-only"):  # the whole sequence at once: "auto" is _scaled_mm
+    for product in ("auto", "weight-only", "scaled-triton"):  # the whole sequence at once: "auto" is _scaled_mm
         fp8.PRODUCT = product
         got[product] = teacher_forced(model, fidelity, tokens)
     fp8.PRODUCT = "auto"

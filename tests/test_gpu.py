@@ -632,6 +632,21 @@ def test_the_fp8_gemm_converts_every_e4m3_value_exactly(rows):
     assert torch.equal(got.cpu(), w.T.to(torch.bfloat16).cpu())
 
 
+@pytest.mark.parametrize("m", [5, 32, 64])
+def test_the_triton_scaled_product_equals_scaled_mm(m):
+    """fp8_gemm.tokens_fp8_mm ("scaled-triton") and torch._scaled_mm multiply the same fp8 tokens by the same fp8
+    weights: equal but for the float32 sums' order and the last rounding."""
+    from idefics import fp8, fp8_gemm
+
+    if CUDA and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the fp8 kernels need Hopper")
+    torch.manual_seed(0)
+    q, s = fp8.quantize_weight(torch.randn(320, 1024, device=DEVICE) * 0.02)
+    x = (torch.randn(m, 1024, device=DEVICE) * torch.logspace(-1, 1, m, device=DEVICE)[:, None]).to(torch.bfloat16)
+    got, want = fp8_gemm.tokens_fp8_mm(x, q, s).float(), fp8.scaled_mm(x, q, s).float()
+    assert ((got - want).abs() / want.abs().amax(1, keepdim=True)).max() <= 1e-2
+
+
 @pytest.mark.parametrize("method", list(QUANT_PACKAGES))
 def test_quantized_loading(method):
     pytest.importorskip(QUANT_PACKAGES[method])

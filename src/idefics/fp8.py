@@ -6,13 +6,14 @@
                    splits' float32 sums added by a second launch)
     more rows      torch._scaled_mm: activations quantized to fp8 per token (one scale each), fp8 tensor cores at
                    twice bfloat16's rate, the per-token and per-channel scales applied in its epilogue
+    (on request)   "scaled-triton", fp8_gemm.tokens_fp8_mm: the same arithmetic in the Triton GEMM's launch shapes
 
 On an H100 (bench/fp8_gemm_sweep.py, one decoder layer's four products of the 9b) the weight-only GEMM takes 1.45x,
 1.40x and 1.33x less time than bfloat16's cuBLAS at 8, 16 and 32 rows, scaled_mm 1.16-1.19x; at 64 rows scaled_mm
 leads (1.28x against 1.17x). In the whole decode step (bench/fp8.py) the weight-only GEMM gains at batch 8 (1.23x
 bfloat16's tokens/s, scaled_mm 1.15x) but not at 32 (1.14x, scaled_mm 1.16x), hence the split at 16 rows; it also
 keeps the activations in bfloat16 (logits cosine 0.998 against the dequantized weights, scaled_mm 0.93, on random
-weights). PRODUCT forces one of them for every row count above one.
+weights). PRODUCT (IDEFICS_FP8_PRODUCT) forces one of them for every row count above one.
 
 Those kernels need Hopper (fp8 conversion in Triton and row-wise scaled_mm), bfloat16 activations and dimensions
 that are multiples of 16. Anywhere else (the CPU, older GPUs, float32) the layer upcasts: the fp8 weights are

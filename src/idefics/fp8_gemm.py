@@ -17,8 +17,10 @@ H100_SMS = 132  # the streaming multiprocessors the launch rule plans for off CU
 # float8_e4m3fn -> bfloat16, two values at a time (16 bits in, a bfloat16 pair out). Each byte s.eeee.mmm is placed as
 # the bfloat16 s.0000eeee.mmm0000, which is worth the e4m3 value times 2^-120 (the exponent biases are 127 and 7;
 # e4m3's subnormals land on bfloat16's), then multiplied by 2^120 (0x7B80), exactly: bit moves on the integer units
-# and one bfloat16 multiply per pair. Triton's own conversion takes two conversion instructions per pair (to float16,
-# then to bfloat16), and Hopper retires 16 of those a cycle per SM: about 2.8 TB/s of fp8 weights on an H200.
+# and one bfloat16 multiply per pair. Triton's own conversion takes three conversion instructions per pair (one to a
+# float16 pair, one per value to bfloat16), of which Hopper retires 16 a cycle per SM (the CUDA guide's throughput
+# table): at most about 2.8 TB/s of fp8 weights on an H200. There, a decoder layer's four products at 8 rows took
+# 89.9 us against 111.5 us with Triton's conversion (bench/fp8_gemm_sweep.py).
 FAST_CONVERT = True  # False: Triton's conversion (bench/fp8_gemm_sweep.py times both)
 _E4M3_TO_BF16 = tl.constexpr("""{
 .reg .b32 t, u, k;

@@ -16,6 +16,7 @@ from idefics import fp8, fp8_gemm, kernels, quantize
 from idefics.cli import main
 from idefics.demo import evaluate
 from idefics.errors import IdeficsError
+from idefics import gemv as gemv_module
 from idefics.gemv import gemv
 from idefics.hub import DEMO_DIR
 from idefics.inputs import full_logits
@@ -125,7 +126,9 @@ def test_cpu_layers_upcast_whatever_product_is_asked(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("swiglu", [False, True])
-def test_fp8_gemv_equals_the_upcast_product(dtype, swiglu):
+@pytest.mark.parametrize("ahead", [False, True])  # gemv.AHEAD: each tile loaded one tile early
+def test_fp8_gemv_equals_the_upcast_product(dtype, swiglu, ahead, monkeypatch):
+    monkeypatch.setattr(gemv_module, "AHEAD", ahead)
     k, n = 1100, 37  # more than one block of columns, rows not a multiple of the block
     q, s = fp8_weights(2 * n if swiglu else n, k)
     x = torch.randn(1, k).to(dtype)

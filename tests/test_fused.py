@@ -12,6 +12,7 @@ from PIL import Image
 import idefics
 from checkpoints import make_checkpoint
 from idefics import fp8, kernels
+from idefics import gemv as gemv_module
 from idefics.gemv import gemv
 from idefics.engine import Engine, split_batch
 from idefics.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
@@ -115,7 +116,9 @@ def test_cross_attention_equals_pytorchs_with_the_additive_mask(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("swiglu", [False, True])
-def test_gemv_equals_eager(dtype, swiglu):
+@pytest.mark.parametrize("ahead", [False, True])  # gemv.AHEAD: each tile loaded one tile early
+def test_gemv_equals_eager(dtype, swiglu, ahead, monkeypatch):
+    monkeypatch.setattr(gemv_module, "AHEAD", ahead)
     torch.manual_seed(0)
     k, n = 1100, 37  # more than one block of columns, rows not a multiple of the block
     x = torch.randn(1, k).to(dtype)

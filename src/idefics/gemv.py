@@ -18,7 +18,7 @@ PREFETCH = 1  # with PDL: a GEMV sends this many tiles of its weights to L2 befo
 # layout; 16 (Triton's choice) makes it shuffle the activations through shared memory, behind 4 barriers a tile.
 # The activations' tile must fill the program too (BLOCK_K >= 256 * warps), or they are shuffled all the same.
 FP8_LOAD = 8
-AHEAD = True  # each weight tile loaded one tile early (with the current one in flight; _gemv_kernel)
+AHEAD = False  # True: each weight tile loaded one tile early, two in flight a thread (bench/gemv_sweep.py --chain)
 
 
 @triton.jit

@@ -1,11 +1,13 @@
 """The fp8 products of a few rows on the idefics-9b decoder matrices (wqkv, w13, wo, w2 at 8 to 64 tokens):
 bfloat16 cuBLAS, torch._scaled_mm with the tokens quantized to fp8 (fp8.scaled_mm, its quantization launch
-included), and the weight-only Triton GEMM (fp8_gemm.weight_only_mm) at its default launch shape and over a grid
-of them (block_n, block_k, split_k, warps, stages). Each product is timed as back-to-back calls over copies of its
-weights larger than L2 in one CUDA graph; the median replay is reported, in microseconds and in TB/s of the weight
-bytes read (N * K for fp8, 2 * N * K for bfloat16). Every weight-only shape is checked against x @ the dequantized
-weights in float32 first; one off by more than 1% of the largest output is dropped. Ends with the sum over the
-four matrices (one decoder layer's products) per row count.
+included), and the two Triton GEMMs at their default launch shape and over a grid of them (block_n, block_k,
+split_k, warps, stages): the weight-only one (fp8_gemm.weight_only_mm; at the default shape also with Triton's own
+fp8 conversion, fp8_gemm.FAST_CONVERT off) and the one of fp8 tokens (fp8_gemm.tokens_fp8_mm, "scaled-triton").
+Each product is timed as back-to-back calls over copies of its weights larger than L2 in one CUDA graph; the median
+replay is reported, in microseconds and in TB/s of the weight bytes read (N * K for fp8, 2 * N * K for bfloat16).
+Every Triton shape is checked against x @ the dequantized weights in float32 first; one off by more than 1% of the
+largest output (5% with fp8 tokens, their own rounding) is dropped. Ends with the sum over the four matrices (one
+decoder layer's products) per row count.
 
     PYTHONPATH=src python bench/fp8_gemm_sweep.py [--rows 8 16 32 64] [--out sweep.json] [--all] [--quick]
     PYTHONPATH=src python bench/fp8_gemm_sweep.py --check    # tiny shapes on the CPU through Triton's interpreter

@@ -103,6 +103,12 @@ def test_unknown_method_and_float16_are_one_line_errors(checkpoint):
         idefics.load(checkpoint, device="cpu", dtype="float16", quantize="fp8")
 
 
+def test_an_unknown_fp8_product_is_a_one_line_error(checkpoint, monkeypatch):
+    monkeypatch.setattr(fp8, "PRODUCT", "fp16")  # as IDEFICS_FP8_PRODUCT=fp16 would set it
+    with pytest.raises(IdeficsError, match=r"IDEFICS_FP8_PRODUCT='fp16' is not a product \(valid: auto, weight-only"):
+        idefics.load(checkpoint, device="cpu", quantize="fp8")
+
+
 def test_command_line_takes_fp8_and_refuses_fp9(checkpoint, capsys):
     assert main(["info", "--model", str(checkpoint), "--device", "cpu", "--quantize", "fp8", "--json"]) == 0
     assert '"quantize": "fp8"' in capsys.readouterr().out

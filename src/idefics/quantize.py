@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from idefics import fp8
 from idefics.errors import IdeficsError
 from idefics.fp8 import Fp8Linear
 
@@ -137,6 +138,8 @@ def method(name: str, device: torch.device, dtype: torch.dtype) -> Method:
     if dtype not in m.dtypes:
         valid = ", ".join(str(d).removeprefix("torch.") for d in m.dtypes)
         raise IdeficsError(f"quantize={name!r} needs dtype {valid}, not {str(dtype).removeprefix('torch.')}")
+    if name == "fp8" and fp8.PRODUCT not in fp8.PRODUCTS:
+        raise IdeficsError(f"IDEFICS_FP8_PRODUCT={fp8.PRODUCT!r} is not a product (valid: {', '.join(fp8.PRODUCTS)})")
     _import(m.package, name)
     return m
 

@@ -13,10 +13,10 @@ from torch import nn
 import idefics
 from checkpoints import make_checkpoint
 from idefics import fp8, fp8_gemm, kernels, quantize
+from idefics import gemv as gemv_module
 from idefics.cli import main
 from idefics.demo import evaluate
 from idefics.errors import IdeficsError
-from idefics import gemv as gemv_module
 from idefics.gemv import gemv
 from idefics.hub import DEMO_DIR
 from idefics.inputs import full_logits

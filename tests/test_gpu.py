@@ -47,6 +47,8 @@ CUDA = DEVICE.startswith("cuda")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(CUDA and not torch.cuda.is_available(), reason="no CUDA GPU")]
 
+# Hopper: where the fp8 layers run their own kernels (fp8.kernels_ready)
+HOPPER = CUDA and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 DTYPES = ["float32", "bfloat16"]
 F32_ATOL, F32_RTOL = 2e-4, 2e-4
 BF16_ATOL, BF16_RTOL = 0.2, 0.05  # logits of unit-scale weights: std ~1, max ~5; bf16 on the CPU is off by < 0.08
@@ -616,14 +618,13 @@ def _dequantized(quantized: Idefics) -> Idefics:
 
 
 @pytest.mark.parametrize("rows", [16, 48])
+@pytest.mark.skipif(CUDA and not HOPPER, reason="the fp8 kernels need Hopper")
 def test_the_fp8_gemm_converts_every_e4m3_value_exactly(rows):
     """The weight-only GEMM converts fp8 weights by bit moves (fp8_gemm._E4M3_TO_BF16): each of the 254 finite
     codes (subnormals and both zeros included) read back through one-hot rows equals torch's conversion, with 16
     rows and with 48 (part of a tile of 64)."""
     from idefics import fp8_gemm
 
-    if CUDA and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the fp8 kernels need Hopper")
     codes = torch.arange(256, dtype=torch.uint8)
     codes[(codes & 0x7F) == 0x7F] = 0  # the two NaN codes: a NaN weight would spread over its whole output row
     w = codes.view(torch.float8_e4m3fn).reshape(16, 16).repeat(1, rows // 16).to(DEVICE)  # (N 16, K rows)
@@ -633,13 +634,12 @@ def test_the_fp8_gemm_converts_every_e4m3_value_exactly(rows):
 
 
 @pytest.mark.parametrize("m", [5, 32, 64])
+@pytest.mark.skipif(CUDA and not HOPPER, reason="the fp8 kernels need Hopper")
 def test_the_triton_scaled_product_equals_scaled_mm(m):
     """fp8_gemm.tokens_fp8_mm ("scaled-triton") and torch._scaled_mm multiply the same fp8 tokens by the same fp8
     weights: equal but for the float32 sums' order and the last rounding."""
     from idefics import fp8, fp8_gemm
 
-    if CUDA and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the fp8 kernels need Hopper")
     torch.manual_seed(0)
     q, s = fp8.quantize_weight(torch.randn(320, 1024, device=DEVICE) * 0.02)
     x = (torch.randn(m, 1024, device=DEVICE) * torch.logspace(-1, 1, m, device=DEVICE)[:, None]).to(torch.bfloat16)
@@ -664,7 +664,7 @@ def test_quantized_loading(method):
     # through scaled_mm with each token's activations in fp8 (worst position 0.994 on an H100). Where the fp8 layer
     # upcasts, the scale multiplies the bfloat16 product instead of being folded into the weights, a rounding of
     # bfloat16's size (bfloat16's own worst position against float32 on this model is 0.997).
-    fp8_scaled = method == "fp8" and CUDA and torch.cuda.get_device_capability() >= (9, 0)
+    fp8_scaled = method == "fp8" and HOPPER
     floor = {"int8": 0.99, "fp8": 0.99 if fp8_scaled else 0.998}.get(method, 0.999)
     assert cosine.min() >= floor, cosine.min()
     # Generation through the engine (CUDA graphs and the fused step around the quantized layers): the answers of

@@ -87,6 +87,7 @@ def _gemv_kernel(X, W, Y, N, K, stride_w,
     if SCALED:  # fp8 weights read 8 to a thread, as the bfloat16 activations are: no shuffle between the two layouts
         rk = tl.max_contiguous(rk, FP8_LOAD)
     n_ok = rn < N
+    up = N * stride_w  # SWIGLU: the up projection's rows follow the gate's N rows
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # summed over K in place, reduced once
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     # Launched early (PDL), the first weight tiles head for L2 while the previous kernel finishes.
@@ -95,22 +96,22 @@ def _gemv_kernel(X, W, Y, N, K, stride_w,
         lines = tl.minimum(rn, N - 1)[:, None] * stride_w + cols[None, :]
         _prefetch_l2(W + lines)
         if SWIGLU:
-            _prefetch_l2(W + N * stride_w + lines)
+            _prefetch_l2(W + up + lines)
     _wait_inputs(PDL)
     rstd = 1.0
     if NORM:
         rstd = _rstd(PART, n_part, K, eps, BLOCK_P)
-    rows = W + rn[:, None] * stride_w  # the up projection's rows (SWIGLU) follow the gate's N rows
+    rows = W + rn[:, None] * stride_w
     if AHEAD:  # each tile's loads are issued one tile early: two tiles in flight per thread
-        w, w_up = _tile(rows, N * stride_w, rk, n_ok, K, SWIGLU)
+        w, w_up = _tile(rows, up, rk, n_ok, K, SWIGLU)
         w, w_up = w.to(tl.float32), w_up.to(tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
         if AHEAD:
-            w_next, w_up_next = _tile(rows, N * stride_w, kk + BLOCK_K, n_ok, K, SWIGLU)
+            w_next, w_up_next = _tile(rows, up, kk + BLOCK_K, n_ok, K, SWIGLU)
         else:  # the weights' loads are issued first: what follows waits for x, and they need not
-            w, w_up = _tile(rows, N * stride_w, kk, n_ok, K, SWIGLU)
+            w, w_up = _tile(rows, up, kk, n_ok, K, SWIGLU)
         x = _input(X, NW, kk, k_ok, rstd, dt, NORM)[None, :]
         acc += x * w.to(tl.float32)
         if SWIGLU:

@@ -170,6 +170,7 @@ def _rope_attention_kernel(QKV, COS, SIN, POS, KC, VC, OUT, H, scale, stride_qkv
                            BLOCK_KV: tl.constexpr, PDL: tl.constexpr):
     m, h = tl.program_id(0), tl.program_id(1)
     dt = KC.dtype.element_ty
+    d = 2 * HALF  # the head size
     r = tl.arange(0, BLOCK)
     ok = r < HALF
     # Before waiting for the product before (which writes QKV): what earlier steps wrote, the position, its angles
@@ -182,13 +183,13 @@ def _rope_attention_kernel(QKV, COS, SIN, POS, KC, VC, OUT, H, scale, stride_qkv
     offs = tl.arange(0, BLOCK_KV)
     kt1, kt2, vt1, vt2 = _tile(head, vhead, offs, stride_kpos, pos, r, ok, HALF)
     _wait_inputs(PDL)
-    src = QKV + m * stride_qkv + h * 2 * HALF
+    src = QKV + m * stride_qkv + h * d
     q1 = tl.load(src + r, mask=ok, other=0.0).to(tl.float32)
     q2 = tl.load(src + HALF + r, mask=ok, other=0.0).to(tl.float32)
-    k1 = tl.load(src + H * 2 * HALF + r, mask=ok, other=0.0).to(tl.float32)
-    k2 = tl.load(src + H * 2 * HALF + HALF + r, mask=ok, other=0.0).to(tl.float32)
-    v1 = tl.load(src + 2 * H * 2 * HALF + r, mask=ok, other=0.0)
-    v2 = tl.load(src + 2 * H * 2 * HALF + HALF + r, mask=ok, other=0.0)
+    k1 = tl.load(src + H * d + r, mask=ok, other=0.0).to(tl.float32)
+    k2 = tl.load(src + H * d + HALF + r, mask=ok, other=0.0).to(tl.float32)
+    v1 = tl.load(src + 2 * H * d + r, mask=ok, other=0.0)
+    v2 = tl.load(src + 2 * H * d + HALF + r, mask=ok, other=0.0)
     q1, q2 = _rotate(q1, q2, c, s, dt)
     k1, k2 = _rotate(k1, k2, c, s, dt)
     tl.store(head + pos * stride_kpos + r, k1.to(dt), mask=ok)
@@ -205,7 +206,7 @@ def _rope_attention_kernel(QKV, COS, SIN, POS, KC, VC, OUT, H, scale, stride_qkv
         scores = tl.where(start + offs < pos, _scores(q1, q2, kt1, kt2) * scale, -float("inf"))
         m_i, l_i, acc1, acc2 = _attend(scores, vt1, vt2, m_i, l_i, acc1, acc2, dt)
         kt1, kt2, vt1, vt2 = nxt
-    out = OUT + m * stride_out + h * 2 * HALF
+    out = OUT + m * stride_out + h * d
     tl.store(out + r, (acc1 / l_i).to(dt), mask=ok)
     tl.store(out + HALF + r, (acc2 / l_i).to(dt), mask=ok)
 
@@ -233,6 +234,7 @@ def _cross_attention_kernel(Q, K, V, VIS, OUT, T, scale, masked, stride_q, strid
                             BLOCK_VIS: tl.constexpr, PDL: tl.constexpr):
     m, h = tl.program_id(0), tl.program_id(1)
     dt = K.dtype.element_ty
+    d = 2 * HALF  # the head size
     r = tl.arange(0, BLOCK)
     ok = r < HALF
     kbase = K + m * stride_kslot + h * stride_khead
@@ -250,8 +252,8 @@ def _cross_attention_kernel(Q, K, V, VIS, OUT, T, scale, masked, stride_q, strid
     offs = tl.arange(0, BLOCK_KV)
     kt1, kt2, vt1, vt2 = _tile(kbase, vbase, lo + offs, stride_kpos, hi, r, ok, HALF)
     _wait_inputs(PDL)
-    q1 = tl.load(Q + m * stride_q + h * 2 * HALF + r, mask=ok, other=0.0).to(tl.float32)
-    q2 = tl.load(Q + m * stride_q + h * 2 * HALF + HALF + r, mask=ok, other=0.0).to(tl.float32)
+    q1 = tl.load(Q + m * stride_q + h * d + r, mask=ok, other=0.0).to(tl.float32)
+    q2 = tl.load(Q + m * stride_q + h * d + HALF + r, mask=ok, other=0.0).to(tl.float32)
     m_i = tl.full((), -float("inf"), tl.float32)
     l_i = tl.zeros((), tl.float32)
     acc1 = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -265,7 +267,7 @@ def _cross_attention_kernel(Q, K, V, VIS, OUT, T, scale, masked, stride_q, strid
         m_i, l_i, acc1, acc2 = _attend(tl.where(t < hi, scores, -float("inf")), vt1, vt2, m_i, l_i, acc1, acc2, dt)
         kt1, kt2, vt1, vt2 = nxt
     l_i = tl.where(l_i > 0, l_i, 1.0)  # a row that sees no image token: zeros (the gate's mask drops them)
-    out = OUT + m * stride_out + h * 2 * HALF
+    out = OUT + m * stride_out + h * d
     tl.store(out + r, (acc1 / l_i).to(dt), mask=ok)
     tl.store(out + HALF + r, (acc2 / l_i).to(dt), mask=ok)
 

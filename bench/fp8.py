@@ -42,7 +42,7 @@ from common import random_model, random_tensor, replayed, run_engine, synthetic_
 from gpu import decode_bytes  # noqa: E402
 from quant import cosine, teacher_forced  # noqa: E402
 
-from idefics import fp8, quantize  # noqa: E402
+from idefics import fp8, fused, quantize  # noqa: E402
 from idefics.config import (IdeficsConfig, PerceiverConfig, VisionConfig, idefics_9b, idefics_80b,  # noqa: E402
                             to_dict)
 from idefics.engine import Engine  # noqa: E402
@@ -174,6 +174,18 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
         r = decode_run(engine, prompts[b], args.new_tokens)
         runs["bf16"][b] = with_roofline(r, b, weights["bf16"], kv_bytes(config, b, args.new_tokens, 2), bw)
         print(f"bf16 batch {b}: {r}", flush=True)
+    if args.bf16_triton:  # the products of more than one row through fp8_gemm.plain_mm instead of cuBLAS
+        fused.GEMM_ROWS = max(args.batches)
+        triton_engine, runs["bf16 triton"] = Engine(model), {}
+        for b in args.batches:
+            r = decode_run(triton_engine, prompts[b], args.new_tokens)
+            r = with_roofline(r, b, weights["bf16"], kv_bytes(config, b, args.new_tokens, 2), bw)
+            r["vs_bf16"] = r["decode_tok_s"] / runs["bf16"][b]["decode_tok_s"]
+            r["ttft_vs_bf16"] = r["ttft_ms"] / runs["bf16"][b]["ttft_ms"]
+            runs["bf16 triton"][b] = r
+            print(f"bf16 (Triton GEMM) batch {b}: {r}", flush=True)
+        fused.GEMM_ROWS = 0
+        del triton_engine
     fidelity = synthetic_prompts(config, 4, seed=99)
     tokens = run_engine(engine, fidelity, 32)[0]
     ref = teacher_forced(model, fidelity, tokens)
@@ -368,6 +380,8 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+")
     parser.add_argument("--products", nargs="+", choices=fp8.PRODUCTS, default=list(fp8.PRODUCTS))
     parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--bf16-triton", action="store_true",
+                        help="bfloat16 decoded again with its products of several rows in the Triton GEMM")
     parser.add_argument("--rows", type=int, nargs="+", help="row counts of the per-matrix timings")
     parser.add_argument("--batch-80b", type=int, default=16)
     parser.add_argument("--new-tokens-80b", type=int)
@@ -431,7 +445,8 @@ def print_tables(r: dict):
               f"{r['bandwidth_tb_s']:.2f} TB/s | weights per step (GB): {r['weights_gb_per_step']}")
         print("| weights | product | batch | decode tok/s | vs bf16 | % of roofline (weights + KV) | % weights only "
               "| TTFT ms | vs bf16 | peak GB |\n|---|---|---|---|---|---|---|---|---|---|")
-        rows = [("bf16", "-", nine["bf16"])] + [("fp8", p, v) for p, v in nine["fp8"].items()]
+        rows = [("bf16", "-", nine["bf16"])] + [("bf16", "triton", nine["bf16 triton"])] * ("bf16 triton" in nine)
+        rows += [("fp8", p, v) for p, v in nine["fp8"].items()]
         for weights, product, runs in rows:
             for b, x in runs.items():
                 print(f"| {weights} | {product} | {b} | {x['decode_tok_s']:.0f} | {x.get('vs_bf16', 1):.2f}x "

@@ -2,10 +2,11 @@
 bfloat16 cuBLAS, torch._scaled_mm with the tokens quantized to fp8 (fp8.scaled_mm, its quantization launch
 included), and the two Triton GEMMs at their default launch shape and over a grid of them (block_n, block_k,
 split_k, warps, stages): the weight-only one (fp8_gemm.weight_only_mm; at the default shape also with Triton's own
-fp8 conversion, fp8_gemm.FAST_CONVERT off) and the one of fp8 tokens (fp8_gemm.tokens_fp8_mm, "scaled-triton").
+fp8 conversion, fp8_gemm.FAST_CONVERT off), the one of fp8 tokens (fp8_gemm.tokens_fp8_mm, "scaled-triton"), and
+the same GEMM on the bfloat16 weights (fp8_gemm.plain_mm, "bf16-triton", against cuBLAS).
 Each product is timed as back-to-back calls over copies of its weights larger than L2 in one CUDA graph; the median
 replay is reported, in microseconds and in TB/s of the weight bytes read (N * K for fp8, 2 * N * K for bfloat16).
-Every Triton shape is checked against x @ the dequantized weights in float32 first; one off by more than 1% of the
+Every Triton shape is checked against x @ the (dequantized) weights in float32 first; one off by more than 1% of the
 largest output (5% with fp8 tokens, their own rounding) is dropped. Ends with the sum over the four matrices (one
 decoder layer's products) per row count.
 
@@ -43,9 +44,12 @@ TILE_BYTES = (4096, 16384)  # fp8 weight tile: smaller ones issue too few loads,
 SHARED_BYTES = 192 * 1024  # stages * (weight tile + bfloat16 tokens' tile), within Hopper's 227 KB
 MAX_ERROR = 1e-2  # of the largest output: bfloat16's rounding of the result is 2^-9 of it
 SHOWN = 5  # best weight-only shapes printed per matrix and row count
-# The Triton products swept: bfloat16 tokens (weights converted), and tokens quantized to fp8 as scaled_mm does
-TRITON_PRODUCTS = {"weight-only": fp8_gemm.weight_only_mm, "scaled-triton": fp8_gemm.tokens_fp8_mm}
-MAX_ERRORS = {"weight-only": MAX_ERROR, "scaled-triton": 5 * MAX_ERROR}  # fp8 tokens: their own rounding too
+# The Triton products swept, each with the weights it reads: fp8 weights with bfloat16 tokens (weights converted)
+# or with tokens quantized to fp8 as scaled_mm does, and the bfloat16 weights themselves (fp8_gemm.plain_mm)
+TRITON_PRODUCTS = {"weight-only": (fp8_gemm.weight_only_mm, "fp8"), "scaled-triton": (fp8_gemm.tokens_fp8_mm, "fp8"),
+                   "bf16-triton": (fp8_gemm.plain_mm, "bf16")}
+MAX_ERRORS = {"weight-only": MAX_ERROR, "scaled-triton": 5 * MAX_ERROR, "bf16-triton": MAX_ERROR}  # fp8 tokens:
+# their own rounding too
 
 
 def shapes() -> dict:
@@ -78,10 +82,11 @@ def _compile(jobs: list) -> None:
     """Runs each (m, n, k, launch shape) once on zeros: Triton compiles it into its disk cache."""
     for m, n, k, c in jobs:
         x = torch.zeros(m, k, dtype=torch.bfloat16, device="cuda")
-        w = torch.zeros(n, k, dtype=fp8.FP8, device="cuda")
-        for product in TRITON_PRODUCTS.values():
+        weights = {"fp8": (torch.zeros(n, k, dtype=fp8.FP8, device="cuda"), torch.ones(n, device="cuda")),
+                   "bf16": (torch.zeros(n, k, dtype=torch.bfloat16, device="cuda"),)}
+        for product, kind in TRITON_PRODUCTS.values():
             try:
-                product(x, w, torch.ones(n, device="cuda"), **c)
+                product(x, *weights[kind], **c)
             except Exception:  # too large for the card: the timed run says so
                 pass
     if jobs:
@@ -171,9 +176,10 @@ def main():
         wb = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(c16)]
         q = [fp8.quantize_weight(torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02) for _ in range(c8)]
         deq = fp8.dequantize_weight(*q[0], torch.float32)
+        operands = {"fp8": (q, c8, 1), "bf16": ([(w,) for w in wb], c16, 2)}  # weights, copies, bytes per weight
         for m in rows:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            ref = x.float() @ deq.T
+            refs = {"fp8": x.float() @ deq.T, "bf16": x.float() @ wb[0].float().T}
 
             def record(product, us, nbytes, err, config=None):
                 row = dict(matrix=mat, rows=m, n=n, k=k, product=product, config=config, us=us,
@@ -183,29 +189,33 @@ def main():
 
             lines = [record("bf16", median_us(lambda i: x @ wb[i].T, c16, iters, cuda), 2 * n * k, None),
                      record("scaled", median_us(lambda i: fp8.scaled_mm(x, *q[i]), c8, iters, cuda), n * k,
-                            error(fp8.scaled_mm(x, *q[0]), ref))]
+                            error(fp8.scaled_mm(x, *q[0]), refs["fp8"]))]
             default = fp8_gemm.weight_only_config(m, n, k, sms)
             default = {key: default[key] for key in ("block_n", "block_k", "split_k", "warps", "stages")}
-            for label, fn, fast in (("weight-only default", fp8_gemm.weight_only_mm, True),
-                                    ("weight-only default, Triton's conversion", fp8_gemm.weight_only_mm, False),
-                                    ("scaled-triton default", fp8_gemm.tokens_fp8_mm, True)):
+            for label, (fn, kind), fast in (("weight-only default", TRITON_PRODUCTS["weight-only"], True),
+                                            ("weight-only default, Triton's conversion", TRITON_PRODUCTS["weight-only"],
+                                             False),
+                                            ("scaled-triton default", TRITON_PRODUCTS["scaled-triton"], True),
+                                            ("bf16-triton default", TRITON_PRODUCTS["bf16-triton"], True)):
                 fp8_gemm.FAST_CONVERT = fast
-                lines.append(record(label, median_us(lambda i: fn(x, *q[i]), c8, iters, cuda), n * k,
-                                    error(fn(x, *q[0]), ref), default))
+                ws, copies, size = operands[kind]
+                lines.append(record(label, median_us(lambda i: fn(x, *ws[i]), copies, iters, cuda), size * n * k,
+                                    error(fn(x, *ws[0]), refs[kind]), default))
             fp8_gemm.FAST_CONVERT = True
             swept = []
             for c in todo[mat, m]:
-                for product, fn in TRITON_PRODUCTS.items():
+                for product, (fn, kind) in TRITON_PRODUCTS.items():
+                    ws, copies, size = operands[kind]
                     try:
-                        err = error(fn(x, *q[0], **c), ref)
+                        err = error(fn(x, *ws[0], **c), refs[kind])
                     except Exception as e:  # out of shared memory or registers
                         print(f"  {mat} M={m} {product} {name(c)}: {type(e).__name__}", flush=True)
                         continue
                     if err > MAX_ERRORS[product]:
                         print(f"  {mat} M={m} {product} {name(c)}: WRONG, error {err:.2e}", flush=True)
                         continue
-                    us = median_us(lambda i: fn(x, *q[i], **c), c8, iters, cuda)
-                    swept.append(record(product, us, n * k, err, c))
+                    us = median_us(lambda i: fn(x, *ws[i], **c), copies, iters, cuda)
+                    swept.append(record(product, us, size * n * k, err, c))
             swept.sort(key=lambda r: r["us"])
             for product in TRITON_PRODUCTS:
                 mine = [r for r in swept if r["product"] == product]
@@ -225,7 +235,7 @@ def main():
     for m in rows:  # one decoder layer's four products
         total = {p: sum(r["us"] for r in results if r["rows"] == m and r["product"] == p)
                  for p in ("bf16", "scaled", "weight-only default", "weight-only default, Triton's conversion",
-                           "scaled-triton default")}
+                           "scaled-triton default", "bf16-triton default")}
         for product in TRITON_PRODUCTS:
             total[f"{product} best"] = sum(r["us"] for (_, mm, p), r in best.items() if mm == m and p == product)
         layer[m] = total

@@ -195,6 +195,18 @@ def test_split_k_weight_only_gemm_equals_the_upcast_product(dtype, m, n, k, spli
     assert torch.equal(got, again)  # the splits are added in a fixed order: no atomics
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m, k, split_k", [(5, 512, 1), (33, 320, 2), (16, 1100, 4)])
+def test_the_gemm_of_plain_weights_equals_the_matmul(dtype, m, k, split_k):
+    """fp8_gemm.plain_mm: the same GEMM on bfloat16 or float32 weights, nothing converted or scaled."""
+    w, x = torch.randn(40, k).to(dtype), torch.randn(m, k).to(dtype)
+    expected = x.float() @ w.float().T
+    got = fp8_gemm.plain_mm(x, w, block_n=16, block_k=64, split_k=split_k)
+    assert got.dtype == dtype and got.shape == (m, 40)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
+
+
 @pytest.mark.parametrize("n, k", [(12288, 4096), (22016, 4096), (4096, 4096), (4096, 11008), (48, 100)])
 @pytest.mark.parametrize("m", [2, 8, 33, 64, 500])
 def test_weight_only_launch_rule_splits_k_into_whole_tiles_none_empty(m, n, k):

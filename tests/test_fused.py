@@ -11,7 +11,8 @@ from PIL import Image
 
 import idefics
 from checkpoints import make_checkpoint
-from idefics import fp8, kernels
+from idefics import fp8, fp8_gemm, kernels
+from idefics import fused as fused_module
 from idefics import gemv as gemv_module
 from idefics.gemv import gemv
 from idefics.engine import Engine, split_batch
@@ -170,12 +171,15 @@ def image(seed: int) -> Image.Image:
     return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (36, 44, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("name", [*CONFIGS, "int8", "fp8"])
+@pytest.mark.parametrize("name", [*CONFIGS, "int8", "fp8", "gemm"])
 @pytest.mark.parametrize("batch", [1, 3])  # one sequence: the matrix products go through gemv.py too
-def test_fused_decode_steps_equal_the_plain_engine(tmp_path, name, batch):
+def test_fused_decode_steps_equal_the_plain_engine(tmp_path, name, batch, monkeypatch):
     """int8: quantized layers run their own modules inside the fused step. fp8: every fp8 layer is streamed by the
-    fused step's GEMV with its scales."""
+    fused step's GEMV with its scales. gemm: the products of several rows go through the Triton GEMM."""
     quantize = name if name in ("int8", "fp8") else None
+    monkeypatch.setattr(fused_module, "GEMM_ROWS", 64 if name == "gemm" else 0)
+    gemm_calls, plain_mm = [], fp8_gemm.plain_mm
+    monkeypatch.setattr(fp8_gemm, "plain_mm", lambda *a: gemm_calls.append(a) or plain_mm(*a))
     model = idefics.load(make_checkpoint(tmp_path, **CONFIGS.get(name, {}))[0], quantize=quantize)
     items = [[image(1), "This is an image of "], ["No image, just text."], ["User:", image(2), "And", image(3), "?"]]
     prompts = [split_batch(model.process([p]))[0] for p in items][-batch:]
@@ -195,3 +199,4 @@ def test_fused_decode_steps_equal_the_plain_engine(tmp_path, name, batch):
         runs.append(steps)
     for plain, fused in zip(*runs):
         torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    assert bool(gemm_calls) == (name == "gemm" and batch > 1)

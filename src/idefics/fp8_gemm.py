@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from idefics.fp8 import FP8_MAX
-from idefics.kernels import INTERPRET, _launch, _wait_inputs, _warps
+from idefics.kernels import INTERPRET, _launch, _prefetch_l2, _wait_inputs, _warps
 
 H100_SMS = 132  # the streaming multiprocessors the launch rule plans for off CUDA (the interpreter)
 
@@ -22,6 +22,7 @@ H100_SMS = 132  # the streaming multiprocessors the launch rule plans for off CU
 # table): at most about 2.8 TB/s of fp8 weights on an H200. There, a decoder layer's four products at 8 rows took
 # 89.9 us against 111.5 us with Triton's conversion (bench/fp8_gemm_sweep.py).
 FAST_CONVERT = True  # False: Triton's conversion (bench/fp8_gemm_sweep.py times both)
+PREFETCH = 1  # with PDL: weight tiles a program sends to L2 before it waits for the kernel before (0: none)
 _E4M3_TO_BF16 = tl.constexpr("""{
 .reg .b32 t, u, k;
 mov.b32 k, 0x7B807B80;
@@ -44,13 +45,15 @@ def to_bf16(w, FAST: tl.constexpr):
 
 
 @triton.jit
-def _fp8_mm_kernel(X, XS, W, S, Y, P, M, N, K, K_SPLIT, stride_x, stride_w, stride_y, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PARTIAL: tl.constexpr,
-                   X_FP8: tl.constexpr, DOT_F32: tl.constexpr, FAST_CVT: tl.constexpr, PDL: tl.constexpr):
+def _mm_kernel(X, XS, W, S, Y, P, M, N, K, K_SPLIT, stride_x, stride_w, stride_y, PREFETCH, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PARTIAL: tl.constexpr,
+               SCALED: tl.constexpr, X_FP8: tl.constexpr, DOT_F32: tl.constexpr, FAST_CVT: tl.constexpr,
+               LINE: tl.constexpr, PDL: tl.constexpr):
     # The product is computed transposed, Y.T (N, M) = W (N, K) @ X.T (K, M): the weight rows fill the tensor
     # cores' tall side, a few tokens their narrow side. Program (n, m, s) sums K[s * K_SPLIT, (s + 1) * K_SPLIT).
-    # X is bfloat16 (the weight-only product: the weights converted to bfloat16 on the way to the tensor cores), or
-    # with X_FP8 the tokens in fp8 with a scale each in XS (M,): fp8 tensor cores, nothing converted.
+    # SCALED: W is fp8 with a scale per row in S (N,), X bfloat16 (the weight-only product: the weights converted to
+    # bfloat16 on the way to the tensor cores), or with X_FP8 the tokens in fp8 with a scale each in XS (M,): fp8
+    # tensor cores, nothing converted. Else W and X are bfloat16 (or float32), unscaled.
     dt = Y.dtype.element_ty
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -59,6 +62,11 @@ def _fp8_mm_kernel(X, XS, W, S, Y, P, M, N, K, K_SPLIT, stride_x, stride_w, stri
     k_start = tl.program_id(2) * K_SPLIT
     k_end = tl.minimum(k_start + K_SPLIT, K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    # Launched early (PDL), the program's first weight tiles head for L2 while the kernel before finishes: the
+    # weights are no earlier kernel's output. One address per 128-byte line (LINE elements).
+    for t in range(0, tl.minimum(PREFETCH, tl.cdiv(k_end - k_start, BLOCK_K))):
+        cols = tl.minimum(k_start + t * BLOCK_K + tl.arange(0, BLOCK_K // LINE) * LINE, K - 1)
+        _prefetch_l2(W + tl.minimum(rn, N - 1)[:, None] * stride_w + cols[None, :])
     _wait_inputs(PDL)
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
@@ -71,7 +79,7 @@ def _fp8_mm_kernel(X, XS, W, S, Y, P, M, N, K, K_SPLIT, stride_x, stride_w, stri
             x = tl.load(X + rm[None, :] * stride_x + kk[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
         if DOT_F32:  # Triton's interpreter (3.9) multiplies bfloat16 tiles wrongly; float32 holds them exactly
             acc += tl.dot(w.to(tl.float32), x.to(tl.float32), input_precision="ieee")
-        elif X_FP8:
+        elif X_FP8 or not SCALED:
             acc = tl.dot(w, x, acc)
         else:  # fp8 -> bfloat16 is exact: the tensor cores see the stored weights
             acc = tl.dot(to_bf16(w, FAST_CVT), x, acc)
@@ -81,22 +89,25 @@ def _fp8_mm_kernel(X, XS, W, S, Y, P, M, N, K, K_SPLIT, stride_x, stride_w, stri
         p = P + tl.program_id(2) * M * N
         tl.store(p + rm[None, :] * N + rn[:, None], acc, mask=n_ok[:, None] & m_ok[None, :])
     else:
-        y = acc * tl.load(S + rn, mask=n_ok, other=0.0)[:, None]
-        tl.store(Y + rm[None, :] * stride_y + rn[:, None], y.to(dt), mask=n_ok[:, None] & m_ok[None, :])
+        if SCALED:
+            acc = acc * tl.load(S + rn, mask=n_ok, other=0.0)[:, None]
+        tl.store(Y + rm[None, :] * stride_y + rn[:, None], acc.to(dt), mask=n_ok[:, None] & m_ok[None, :])
 
 
 @triton.jit
-def _sum_splits_kernel(P, S, Y, M, N, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _sum_splits_kernel(P, S, Y, M, N, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr,
+                       PDL: tl.constexpr):
     # P (SPLIT_K, M, N) float32 -> Y (M, N) contiguous: the splits added in their order (the same sums every run),
-    # then scaled per channel
+    # then scaled per channel if SCALED
     _wait_inputs(PDL)
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = r < M * N
     acc = tl.load(P + r, mask=ok, other=0.0)
     for s in tl.static_range(1, SPLIT_K):
         acc += tl.load(P + s * M * N + r, mask=ok, other=0.0)
-    y = acc * tl.load(S + r % N, mask=ok, other=0.0)
-    tl.store(Y + r, y.to(Y.dtype.element_ty), mask=ok)
+    if SCALED:
+        acc = acc * tl.load(S + r % N, mask=ok, other=0.0)
+    tl.store(Y + r, acc.to(Y.dtype.element_ty), mask=ok)
 
 
 @functools.cache
@@ -131,7 +142,13 @@ def weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *
     float32 sums scaled once per channel. `launch` (block_n, block_k, split_k, warps, stages) overrides
     weight_only_config's launch shape; with K split, each split's sums go to a float32 workspace and a second launch
     adds them in a fixed order."""
-    return _fp8_mm(x, None, weight, scale, x.dtype, **launch)
+    return _mm(x, None, weight, scale, x.dtype, **launch)
+
+
+def plain_mm(x: torch.Tensor, weight: torch.Tensor, **launch) -> torch.Tensor:
+    """x (M, K) @ weight (N, K).T in x's dtype (bfloat16, or float32), float32 sums: the same GEMM on plain
+    weights (nothing converted, nothing scaled), for a bfloat16 decode step's products of a few rows."""
+    return _mm(x, None, weight, None, x.dtype, **launch)
 
 
 def tokens_fp8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, **launch) -> torch.Tensor:
@@ -139,10 +156,10 @@ def tokens_fp8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, **
     its own, fp8 tensor cores, float32 sums scaled per token and per channel), in Triton with weight_only_mm's
     launch shapes (split K for few rows) -> (M, N) bfloat16."""
     xq, xs = quantize_rows(x)
-    return _fp8_mm(xq, xs, weight, scale, x.dtype, **launch)
+    return _mm(xq, xs, weight, scale, x.dtype, **launch)
 
 
-def _fp8_mm(x: torch.Tensor, xs: torch.Tensor | None, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+def _mm(x: torch.Tensor, xs: torch.Tensor | None, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype,
             block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
             warps: int | None = None, stages: int | None = None) -> torch.Tensor:
     m, k = x.shape
@@ -153,15 +170,18 @@ def _fp8_mm(x: torch.Tensor, xs: torch.Tensor | None, weight: torch.Tensor, scal
     partial = c["split_k"] > 1
     p = torch.empty(c["split_k"], m, n, dtype=torch.float32, device=x.device) if partial else y
     grid = (triton.cdiv(n, c["block_n"]), triton.cdiv(m, c["block_m"]), c["split_k"])
-    _fp8_mm_kernel[grid](x, xs if xs is not None else scale, weight, scale, y, p, m, n, k, c["k_split"], x.stride(0),
-                         weight.stride(0), y.stride(0), BLOCK_M=c["block_m"], BLOCK_N=c["block_n"],
-                         BLOCK_K=c["block_k"], EVEN_K=k % c["block_k"] == 0, PARTIAL=partial, X_FP8=xs is not None,
-                         DOT_F32=INTERPRET or dtype == torch.float32, FAST_CVT=FAST_CONVERT and not INTERPRET,
-                         num_warps=c["warps"], num_stages=c["stages"], **_launch(x))
+    launch, s = _launch(x), scale if scale is not None else y
+    line = 128 // weight.element_size()
+    _mm_kernel[grid](x, xs if xs is not None else s, weight, s, y, p, m, n, k, c["k_split"], x.stride(0),
+                     weight.stride(0), y.stride(0), PREFETCH if launch["PDL"] and c["block_k"] >= line else 0,
+                     BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], EVEN_K=k % c["block_k"] == 0,
+                     PARTIAL=partial, SCALED=scale is not None, X_FP8=xs is not None,
+                     DOT_F32=INTERPRET or dtype == torch.float32, FAST_CVT=FAST_CONVERT and not INTERPRET, LINE=line,
+                     num_warps=c["warps"], num_stages=c["stages"], **launch)
     if partial:
         block = 1024
-        _sum_splits_kernel[(triton.cdiv(m * n, block),)](p, scale, y, m, n, SPLIT_K=c["split_k"], BLOCK=block,
-                                                         num_warps=4, **_launch(x))
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](p, s, y, m, n, SPLIT_K=c["split_k"], BLOCK=block,
+                                                         SCALED=scale is not None, num_warps=4, **launch)
     return y
 
 

@@ -10,12 +10,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from idefics import kernels
+from idefics import fp8_gemm, kernels
 from idefics.cache import KVCache
 from idefics.fp8 import Fp8Linear, kernels_ready
 from idefics.gemv import Normed, gemv
 from idefics.model import IdeficsModel
 from idefics.parallel import heads
+
+# Plain products of 2 to GEMM_ROWS rows through the Triton GEMM of fp8_gemm (K split over more programs where a
+# matrix has few tiles of rows, its weights heading for L2 before the kernel before it ends); 0: the modules'
+# own (cuBLAS). Read when a step is captured (bench/fp8.py --bf16-triton times both).
+GEMM_ROWS = 0
 
 
 def supported(model: IdeficsModel) -> bool:
@@ -68,6 +73,13 @@ class FusedDecoder:
             weight, scale = self.streamed[id(linear)]
             return gemv(inp, weight, swiglu, scale=scale, **fold)
 
+        def mm(linear, inp):
+            """linear(inp) for more than one row."""
+            weight, scale = self.streamed.get(id(linear), (None, None))
+            if weight is not None and scale is None and m <= GEMM_ROWS:
+                return fp8_gemm.plain_mm(inp, weight)
+            return linear(inp)
+
         def normed(norm, linear, swiglu=False):
             """linear(norm(x + pending)), SwiGLU'd if asked."""
             nonlocal x, pending, extra
@@ -78,7 +90,7 @@ class FusedDecoder:
             pending, extra = None, {}
             if streams(linear):
                 return product(n, linear, swiglu)
-            return kernels.silu_mul(linear(n)) if swiglu else linear(n)
+            return kernels.silu_mul(mm(linear, n)) if swiglu else mm(linear, n)
 
         def add(linear, inp, **gate):
             """x + gate * keep * linear(inp), now or at the next norm."""
@@ -87,7 +99,7 @@ class FusedDecoder:
             if streams(linear):
                 x = product(inp, linear, residual=x.x if isinstance(x, Normed) else x, **gate)
             else:
-                pending, extra = linear(inp), gate
+                pending, extra = mm(linear, inp), gate
 
         for i, layer in enumerate(model.layers):
             if layer.cross is not None:

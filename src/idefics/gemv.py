@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from idefics.kernels import _launch, _round, _wait_inputs
+from idefics.kernels import _launch, _prefetch_l2, _round, _wait_inputs
 
 PREFETCH = 1  # with PDL: a GEMV sends this many tiles of its weights to L2 before it waits (see _gemv_kernel)
 # fp8 weights read per thread and load: 8, as many as the bfloat16 activations' 16 bytes hold, gives both the same
@@ -19,13 +19,6 @@ PREFETCH = 1  # with PDL: a GEMV sends this many tiles of its weights to L2 befo
 # The activations' tile must fill the program too (BLOCK_K >= 256 * warps), or they are shuffled all the same.
 FP8_LOAD = 8
 AHEAD = False  # True: each weight tile loaded one tile early, two in flight a thread (bench/gemv_sweep.py --chain)
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Start loading the cache lines at ptrs into L2; nothing is returned or awaited."""
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

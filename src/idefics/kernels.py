@@ -49,6 +49,13 @@ def _wait_inputs(PDL: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Start loading the cache lines at ptrs into L2; nothing is returned or awaited."""
+    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _round(x, dt: tl.constexpr):
     """float32 x rounded to dt, bfloat16 or float32 (to nearest, ties to even), returned as float32. Done on the
     bits: on the GPU a cast there and back did not round (its results differed from eager)."""

@@ -647,6 +647,21 @@ def test_the_triton_scaled_product_equals_scaled_mm(m):
     assert ((got - want).abs() / want.abs().amax(1, keepdim=True)).max() <= 1e-2
 
 
+@pytest.mark.parametrize("m", [5, 32, 64])
+def test_the_gemm_of_bf16_weights_equals_the_float32_product(m):
+    """fp8_gemm.plain_mm (fused.GEMM_ROWS) at its default launch shapes (K split for wo's and w2's shapes), its
+    weight tiles prefetched before the PDL wait: the float32 product rounded once to bfloat16."""
+    from idefics import fp8_gemm
+
+    torch.manual_seed(0)
+    for n, k in ((4096, 4096), (4096, 11008), (12288, 4096)):
+        w = (torch.randn(n, k, device=DEVICE) * 0.02).to(torch.bfloat16)
+        x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
+        want = x.float() @ w.float().T
+        got = fp8_gemm.plain_mm(x, w).float()
+        assert ((got - want).abs() / want.abs().amax(1, keepdim=True)).max() <= 2 ** -8
+
+
 @pytest.mark.parametrize("method", list(QUANT_PACKAGES))
 def test_quantized_loading(method):
     pytest.importorskip(QUANT_PACKAGES[method])

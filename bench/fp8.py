@@ -3,12 +3,14 @@
     PYTHONPATH=src python bench/fp8.py [--batches 1 8 32 64] [--products auto weight-only scaled] [--new-tokens 128]
     PYTHONPATH=src python bench/fp8.py --small    # the same steps on a small config on the CPU (about a minute)
 
-1. idefics-9b shape, random weights: bfloat16 decode at each batch, then the same model quantized to fp8 in place
-   and decoded again with each product for rows > 1 (fp8.PRODUCT: "auto" the Triton GEMM up to 16 rows and
-   scaled_mm above, "weight-only" the Triton GEMM, "scaled" torch._scaled_mm with fp8 activations). Per run: decode tokens/s over the tokens after
-   the first, time to first token (image encoding included), peak memory, and the roofline: the card's copy
-   bandwidth over the bytes a step reads, the weights (without the embedding table and the cross-attention
-   key/value projections) plus the KV cache (self-attention at the run's mean length, and the image keys/values).
+1. idefics-9b shape, random weights: bfloat16 decode at each batch (with --bf16-triton, again with the products of
+   several rows in the Triton GEMM of fp8_gemm instead of cuBLAS), then the same model quantized to fp8 in place and
+   decoded again with each product for rows > 1 (fp8.PRODUCT: "auto" the Triton GEMM up to 16 rows and scaled_mm
+   above, "weight-only" the Triton GEMM, "scaled" torch._scaled_mm with fp8 activations, "scaled-triton" the Triton
+   GEMM with fp8 activations). Per run: decode tokens/s over the tokens after the first, time to first token (image
+   encoding included), peak memory, and the roofline: the card's copy bandwidth over the bytes a step reads, the
+   weights (without the embedding table and the cross-attention key/value projections) plus the KV cache
+   (self-attention at the run's mean length, and the image keys/values).
 2. Each 9b matrix (wqkv, wo, w13, w2 of all 32 layers, one after another in a CUDA graph) at 1 to 256 rows: bf16
    cuBLAS against each fp8 product (at 1 row fp8 runs its GEMV, bf16 still cuBLAS: the engine's bf16 GEMV is timed
    by bench/gemv_sweep.py).
@@ -42,7 +44,7 @@ from common import random_model, random_tensor, replayed, run_engine, synthetic_
 from gpu import decode_bytes  # noqa: E402
 from quant import cosine, teacher_forced  # noqa: E402
 
-from idefics import fp8, fused, quantize  # noqa: E402
+from idefics import fp8, fp8_gemm, fused, quantize  # noqa: E402
 from idefics.config import (IdeficsConfig, PerceiverConfig, VisionConfig, idefics_9b, idefics_80b,  # noqa: E402
                             to_dict)
 from idefics.engine import Engine  # noqa: E402
@@ -174,18 +176,19 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
         r = decode_run(engine, prompts[b], args.new_tokens)
         runs["bf16"][b] = with_roofline(r, b, weights["bf16"], kv_bytes(config, b, args.new_tokens, 2), bw)
         print(f"bf16 batch {b}: {r}", flush=True)
-    if args.bf16_triton:  # the products of more than one row through fp8_gemm.plain_mm instead of cuBLAS
-        fused.GEMM_ROWS = max(args.batches)
-        triton_engine, runs["bf16 triton"] = Engine(model), {}
+    for prefetch in args.bf16_triton:  # the products of several rows through fp8_gemm.plain_mm, not cuBLAS
+        fused.GEMM_ROWS, fp8_gemm.PREFETCH = max(args.batches), prefetch
+        triton_engine, name = Engine(model), f"triton, prefetch {prefetch}"
+        runs[name] = {}
         for b in args.batches:
             r = decode_run(triton_engine, prompts[b], args.new_tokens)
             r = with_roofline(r, b, weights["bf16"], kv_bytes(config, b, args.new_tokens, 2), bw)
             r["vs_bf16"] = r["decode_tok_s"] / runs["bf16"][b]["decode_tok_s"]
             r["ttft_vs_bf16"] = r["ttft_ms"] / runs["bf16"][b]["ttft_ms"]
-            runs["bf16 triton"][b] = r
-            print(f"bf16 (Triton GEMM) batch {b}: {r}", flush=True)
-        fused.GEMM_ROWS = 0
+            runs[name][b] = r
+            print(f"bf16 ({name}) batch {b}: {r}", flush=True)
         del triton_engine
+    fused.GEMM_ROWS, fp8_gemm.PREFETCH = 0, args.gemm_prefetch
     fidelity = synthetic_prompts(config, 4, seed=99)
     tokens = run_engine(engine, fidelity, 32)[0]
     ref = teacher_forced(model, fidelity, tokens)
@@ -380,8 +383,11 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+")
     parser.add_argument("--products", nargs="+", choices=fp8.PRODUCTS, default=list(fp8.PRODUCTS))
     parser.add_argument("--new-tokens", type=int)
-    parser.add_argument("--bf16-triton", action="store_true",
-                        help="bfloat16 decoded again with its products of several rows in the Triton GEMM")
+    parser.add_argument("--bf16-triton", type=int, nargs="*", default=[], metavar="PREFETCH",
+                        help="bfloat16 decoded again with its products of several rows in the Triton GEMM "
+                             "(fused.GEMM_ROWS), once per value of fp8_gemm.PREFETCH given")
+    parser.add_argument("--gemm-prefetch", type=int, default=fp8_gemm.PREFETCH,
+                        help="fp8_gemm.PREFETCH for the fp8 products")
     parser.add_argument("--rows", type=int, nargs="+", help="row counts of the per-matrix timings")
     parser.add_argument("--batch-80b", type=int, default=16)
     parser.add_argument("--new-tokens-80b", type=int)
@@ -445,7 +451,7 @@ def print_tables(r: dict):
               f"{r['bandwidth_tb_s']:.2f} TB/s | weights per step (GB): {r['weights_gb_per_step']}")
         print("| weights | product | batch | decode tok/s | vs bf16 | % of roofline (weights + KV) | % weights only "
               "| TTFT ms | vs bf16 | peak GB |\n|---|---|---|---|---|---|---|---|---|---|")
-        rows = [("bf16", "-", nine["bf16"])] + [("bf16", "triton", nine["bf16 triton"])] * ("bf16 triton" in nine)
+        rows = [("bf16", "-", nine["bf16"])] + [("bf16", k, v) for k, v in nine.items() if k.startswith("triton")]
         rows += [("fp8", p, v) for p, v in nine["fp8"].items()]
         for weights, product, runs in rows:
             for b, x in runs.items():

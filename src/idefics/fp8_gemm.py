@@ -22,7 +22,9 @@ H100_SMS = 132  # the streaming multiprocessors the launch rule plans for off CU
 # table): at most about 2.8 TB/s of fp8 weights on an H200. There, a decoder layer's four products at 8 rows took
 # 89.9 us against 111.5 us with Triton's conversion (bench/fp8_gemm_sweep.py).
 FAST_CONVERT = True  # False: Triton's conversion (bench/fp8_gemm_sweep.py times both)
-PREFETCH = 1  # with PDL: weight tiles a program sends to L2 before it waits for the kernel before (0: none)
+# With PDL: weight tiles a program sends to L2 before it waits for the kernel before, as gemv.PREFETCH does. 0 (none)
+# until timed on a GPU (bench/fp8.py --bf16-triton 0 1, --gemm-prefetch)
+PREFETCH = 0
 _E4M3_TO_BF16 = tl.constexpr("""{
 .reg .b32 t, u, k;
 mov.b32 k, 0x7B807B80;

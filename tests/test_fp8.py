@@ -207,6 +207,21 @@ def test_the_gemm_of_plain_weights_equals_the_matmul(dtype, m, k, split_k):
     torch.testing.assert_close(got.float(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
 
 
+@pytest.mark.parametrize("m, k, split_k", [(5, 512, 1), (33, 320, 2), (16, 1100, 4)])
+def test_the_gemm_applies_swiglu_as_silu_mul_does(m, k, split_k):
+    """swiglu: the weight holds the gate rows then the up rows; the GEMM (plain or fp8 weights, K split or not) gives
+    kernels.silu_mul of the plain product (float32: exact but for the sums' order)."""
+    torch.manual_seed(0)
+    w, x = torch.randn(80, k), torch.randn(m, k)
+    q, s = fp8_weights(80, k)
+    for got, product in ((fp8_gemm.plain_mm(x, w, swiglu=True, block_n=16, block_k=64, split_k=split_k), x @ w.T),
+                         (fp8_gemm.weight_only_mm(x, q, s, swiglu=True, block_n=16, block_k=64, split_k=split_k),
+                          fp8.upcast_mm(x, q, s))):
+        expected = kernels.silu_mul(product)
+        assert got.shape == (m, 40)
+        torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("n, k", [(12288, 4096), (22016, 4096), (4096, 4096), (4096, 11008), (48, 100)])
 @pytest.mark.parametrize("m", [2, 8, 33, 64, 500])
 def test_weight_only_launch_rule_splits_k_into_whole_tiles_none_empty(m, n, k):

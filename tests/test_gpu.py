@@ -648,18 +648,23 @@ def test_the_triton_scaled_product_equals_scaled_mm(m):
 
 
 @pytest.mark.parametrize("m", [5, 32, 64])
-def test_the_gemm_of_bf16_weights_equals_the_float32_product(m):
+def test_the_gemm_of_bf16_weights_equals_the_float32_product(m, monkeypatch):
     """fp8_gemm.plain_mm (fused.GEMM_ROWS) at its default launch shapes (K split for wo's and w2's shapes), its
-    weight tiles prefetched before the PDL wait: the float32 product rounded once to bfloat16."""
-    from idefics import fp8_gemm
+    weight tiles prefetched before the PDL wait: the float32 product rounded once to bfloat16; with swiglu (w13's
+    shape), kernels.silu_mul of that product."""
+    from idefics import fp8_gemm, kernels
 
     torch.manual_seed(0)
-    for n, k in ((4096, 4096), (4096, 11008), (12288, 4096)):
+    for n, k, swiglu in ((4096, 4096, False), (4096, 11008, False), (12288, 4096, False), (22016, 4096, True)):
         w = (torch.randn(n, k, device=DEVICE) * 0.02).to(torch.bfloat16)
         x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
         want = x.float() @ w.float().T
-        got = fp8_gemm.plain_mm(x, w).float()
-        assert ((got - want).abs() / want.abs().amax(1, keepdim=True)).max() <= 2 ** -8
+        if swiglu:
+            want = kernels.silu_mul(want.to(torch.bfloat16)).float()
+        for prefetch in (0, 1):
+            monkeypatch.setattr(fp8_gemm, "PREFETCH", prefetch)
+            got = fp8_gemm.plain_mm(x, w, swiglu).float()
+            assert ((got - want).abs() / want.abs().amax(1, keepdim=True)).max() <= 2 ** -7
 
 
 @pytest.mark.parametrize("method", list(QUANT_PACKAGES))

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from idefics.fp8 import FP8_MAX
-from idefics.kernels import INTERPRET, _launch, _prefetch_l2, _wait_inputs, _warps
+from idefics.kernels import INTERPRET, _launch, _prefetch_l2, _round, _wait_inputs, _warps
 
 H100_SMS = 132  # the streaming multiprocessors the launch rule plans for off CUDA (the interpreter)
 
@@ -47,69 +47,117 @@ def to_bf16(w, FAST: tl.constexpr):
 
 
 @triton.jit
+def _weights(rows, kk, n_ok, K, EVEN_K: tl.constexpr):
+    """The tile of weights at columns kk of the program's rows (zero past K)."""
+    if EVEN_K:
+        return tl.load(rows + kk[None, :], mask=n_ok[:, None], other=0.0)
+    return tl.load(rows + kk[None, :], mask=n_ok[:, None] & (kk < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _dot(acc, w, x, SCALED: tl.constexpr, X_FP8: tl.constexpr, DOT_F32: tl.constexpr, FAST_CVT: tl.constexpr):
+    if DOT_F32:  # Triton's interpreter (3.9) multiplies bfloat16 tiles wrongly; float32 holds them exactly
+        return acc + tl.dot(w.to(tl.float32), x.to(tl.float32), input_precision="ieee")
+    elif X_FP8 or not SCALED:
+        return tl.dot(w, x, acc)
+    else:  # fp8 -> bfloat16 is exact: the tensor cores see the stored weights
+        return tl.dot(to_bf16(w, FAST_CVT), x, acc)
+
+
+@triton.jit
+def _finish(g, u, dt: tl.constexpr, SWIGLU: tl.constexpr):
+    """Scaled float32 sums -> the output: themselves, or with SWIGLU silu(gate g) * up u, each step rounded to dt as
+    kernels.silu_mul rounds the products' rounded outputs."""
+    if SWIGLU:
+        g = _round(g, dt)
+        return _round(_round(g / (1.0 + tl.exp(-g)), dt) * _round(u, dt), dt)
+    return g
+
+
+@triton.jit
 def _mm_kernel(X, XS, W, S, Y, P, M, N, K, K_SPLIT, stride_x, stride_w, stride_y, PREFETCH, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PARTIAL: tl.constexpr,
-               SCALED: tl.constexpr, X_FP8: tl.constexpr, DOT_F32: tl.constexpr, FAST_CVT: tl.constexpr,
-               LINE: tl.constexpr, PDL: tl.constexpr):
+               SCALED: tl.constexpr, X_FP8: tl.constexpr, SWIGLU: tl.constexpr, DOT_F32: tl.constexpr,
+               FAST_CVT: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr):
     # The product is computed transposed, Y.T (N, M) = W (N, K) @ X.T (K, M): the weight rows fill the tensor
     # cores' tall side, a few tokens their narrow side. Program (n, m, s) sums K[s * K_SPLIT, (s + 1) * K_SPLIT).
     # SCALED: W is fp8 with a scale per row in S (N,), X bfloat16 (the weight-only product: the weights converted to
     # bfloat16 on the way to the tensor cores), or with X_FP8 the tokens in fp8 with a scale each in XS (M,): fp8
     # tensor cores, nothing converted. Else W and X are bfloat16 (or float32), unscaled.
+    # SWIGLU: W (2N, K) holds the gate rows then the up rows (S (2N,)); a program sums both for its N rows and Y gets
+    # silu(gate) * up.
     dt = Y.dtype.element_ty
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     n_ok, m_ok = rn < N, rm < M
+    up = N * stride_w  # SWIGLU: the up rows follow the gate's N rows
     k_start = tl.program_id(2) * K_SPLIT
     k_end = tl.minimum(k_start + K_SPLIT, K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc_up = acc
     # Launched early (PDL), the program's first weight tiles head for L2 while the kernel before finishes: the
     # weights are no earlier kernel's output. One address per 128-byte line (LINE elements).
     for t in range(0, tl.minimum(PREFETCH, tl.cdiv(k_end - k_start, BLOCK_K))):
         cols = tl.minimum(k_start + t * BLOCK_K + tl.arange(0, BLOCK_K // LINE) * LINE, K - 1)
-        _prefetch_l2(W + tl.minimum(rn, N - 1)[:, None] * stride_w + cols[None, :])
+        lines = tl.minimum(rn, N - 1)[:, None] * stride_w + cols[None, :]
+        _prefetch_l2(W + lines)
+        if SWIGLU:
+            _prefetch_l2(W + up + lines)
     _wait_inputs(PDL)
+    rows = W + rn[:, None] * stride_w
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
+        w = _weights(rows, kk, n_ok, K, EVEN_K)
         if EVEN_K:
-            w = tl.load(W + rn[:, None] * stride_w + kk[None, :], mask=n_ok[:, None], other=0.0)
             x = tl.load(X + rm[None, :] * stride_x + kk[:, None], mask=m_ok[None, :], other=0.0)
         else:
-            k_ok = kk < K
-            w = tl.load(W + rn[:, None] * stride_w + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            x = tl.load(X + rm[None, :] * stride_x + kk[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
-        if DOT_F32:  # Triton's interpreter (3.9) multiplies bfloat16 tiles wrongly; float32 holds them exactly
-            acc += tl.dot(w.to(tl.float32), x.to(tl.float32), input_precision="ieee")
-        elif X_FP8 or not SCALED:
-            acc = tl.dot(w, x, acc)
-        else:  # fp8 -> bfloat16 is exact: the tensor cores see the stored weights
-            acc = tl.dot(to_bf16(w, FAST_CVT), x, acc)
+            x = tl.load(X + rm[None, :] * stride_x + kk[:, None], mask=(kk < K)[:, None] & m_ok[None, :], other=0.0)
+        acc = _dot(acc, w, x, SCALED, X_FP8, DOT_F32, FAST_CVT)
+        if SWIGLU:
+            acc_up = _dot(acc_up, _weights(rows + up, kk, n_ok, K, EVEN_K), x, SCALED, X_FP8, DOT_F32, FAST_CVT)
     if X_FP8:  # each token's scale (a split's share is scaled alike: the sum is linear)
-        acc = acc * tl.load(XS + rm, mask=m_ok, other=0.0)[None, :]
-    if PARTIAL:  # this split's float32 sums into P (splits, M, N); _sum_splits_kernel adds them and scales
-        p = P + tl.program_id(2) * M * N
-        tl.store(p + rm[None, :] * N + rn[:, None], acc, mask=n_ok[:, None] & m_ok[None, :])
+        xs = tl.load(XS + rm, mask=m_ok, other=0.0)[None, :]
+        acc, acc_up = acc * xs, acc_up * xs
+    mask = n_ok[:, None] & m_ok[None, :]
+    if PARTIAL:  # this split's float32 sums into P (splits, M, N, or 2N with SWIGLU); _sum_splits_kernel adds them
+        width = 2 * N if SWIGLU else N
+        p = P + tl.program_id(2) * M * width + rm[None, :] * width + rn[:, None]
+        tl.store(p, acc, mask=mask)
+        if SWIGLU:
+            tl.store(p + N, acc_up, mask=mask)
     else:
         if SCALED:
             acc = acc * tl.load(S + rn, mask=n_ok, other=0.0)[:, None]
-        tl.store(Y + rm[None, :] * stride_y + rn[:, None], acc.to(dt), mask=n_ok[:, None] & m_ok[None, :])
+            if SWIGLU:
+                acc_up = acc_up * tl.load(S + N + rn, mask=n_ok, other=0.0)[:, None]
+        tl.store(Y + rm[None, :] * stride_y + rn[:, None], _finish(acc, acc_up, dt, SWIGLU).to(dt), mask=mask)
 
 
 @triton.jit
 def _sum_splits_kernel(P, S, Y, M, N, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr,
-                       PDL: tl.constexpr):
+                       SWIGLU: tl.constexpr, PDL: tl.constexpr):
     # P (SPLIT_K, M, N) float32 -> Y (M, N) contiguous: the splits added in their order (the same sums every run),
-    # then scaled per channel if SCALED
+    # then scaled per channel if SCALED; with SWIGLU, P (SPLIT_K, M, 2N) holds the gate's sums then the up's
     _wait_inputs(PDL)
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = r < M * N
-    acc = tl.load(P + r, mask=ok, other=0.0)
+    width = 2 * N if SWIGLU else N
+    col = r % N
+    at = (r // N) * width + col
+    g = tl.load(P + at, mask=ok, other=0.0)
+    u = g
+    if SWIGLU:
+        u = tl.load(P + at + N, mask=ok, other=0.0)
     for s in tl.static_range(1, SPLIT_K):
-        acc += tl.load(P + s * M * N + r, mask=ok, other=0.0)
+        g += tl.load(P + s * M * width + at, mask=ok, other=0.0)
+        if SWIGLU:
+            u += tl.load(P + s * M * width + at + N, mask=ok, other=0.0)
     if SCALED:
-        acc = acc * tl.load(S + r % N, mask=ok, other=0.0)
-    tl.store(Y + r, acc.to(Y.dtype.element_ty), mask=ok)
+        g = g * tl.load(S + col, mask=ok, other=0.0)
+        if SWIGLU:
+            u = u * tl.load(S + N + col, mask=ok, other=0.0)
+    tl.store(Y + r, _finish(g, u, Y.dtype.element_ty, SWIGLU).to(Y.dtype.element_ty), mask=ok)
 
 
 @functools.cache
@@ -139,18 +187,20 @@ def weight_only_config(m: int, n: int, k: int, sms: int = H100_SMS, block_n: int
                 k_split=per_split * block_k, warps=warps or 4, stages=stages or 4)
 
 
-def weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, **launch) -> torch.Tensor:
+def weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, swiglu: bool = False,
+                   **launch) -> torch.Tensor:
     """x (M, K) bfloat16 or float32 @ (weight (N, K) float8_e4m3fn * scale (N,)[:, None]).T -> (M, N) in x's dtype,
     float32 sums scaled once per channel. `launch` (block_n, block_k, split_k, warps, stages) overrides
     weight_only_config's launch shape; with K split, each split's sums go to a float32 workspace and a second launch
-    adds them in a fixed order."""
-    return _mm(x, None, weight, scale, x.dtype, **launch)
+    adds them in a fixed order. swiglu: weight (2N, K) holds gate rows then up rows -> silu(gate) * up (M, N)."""
+    return _mm(x, None, weight, scale, x.dtype, swiglu, **launch)
 
 
-def plain_mm(x: torch.Tensor, weight: torch.Tensor, **launch) -> torch.Tensor:
+def plain_mm(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, **launch) -> torch.Tensor:
     """x (M, K) @ weight (N, K).T in x's dtype (bfloat16, or float32), float32 sums: the same GEMM on plain
-    weights (nothing converted, nothing scaled), for a bfloat16 decode step's products of a few rows."""
-    return _mm(x, None, weight, None, x.dtype, **launch)
+    weights (nothing converted, nothing scaled), for a bfloat16 decode step's products of a few rows; swiglu as
+    weight_only_mm's (kernels.silu_mul's rounding)."""
+    return _mm(x, None, weight, None, x.dtype, swiglu, **launch)
 
 
 def tokens_fp8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, **launch) -> torch.Tensor:
@@ -161,29 +211,30 @@ def tokens_fp8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, **
     return _mm(xq, xs, weight, scale, x.dtype, **launch)
 
 
-def _mm(x: torch.Tensor, xs: torch.Tensor | None, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype,
-            block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-            warps: int | None = None, stages: int | None = None) -> torch.Tensor:
+def _mm(x: torch.Tensor, xs: torch.Tensor | None, weight: torch.Tensor, scale: torch.Tensor | None,
+        dtype: torch.dtype, swiglu: bool = False, block_n: int | None = None, block_k: int | None = None,
+        split_k: int | None = None, warps: int | None = None, stages: int | None = None) -> torch.Tensor:
     m, k = x.shape
-    n = weight.shape[0]
+    n = weight.shape[0] // 2 if swiglu else weight.shape[0]  # the output's columns
     assert weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
     c = weight_only_config(m, n, k, _sms(x.device), block_n, block_k, split_k, warps, stages)
     y = torch.empty(m, n, dtype=dtype, device=x.device)
     partial = c["split_k"] > 1
-    p = torch.empty(c["split_k"], m, n, dtype=torch.float32, device=x.device) if partial else y
+    p = torch.empty(c["split_k"], m, weight.shape[0], dtype=torch.float32, device=x.device) if partial else y
     grid = (triton.cdiv(n, c["block_n"]), triton.cdiv(m, c["block_m"]), c["split_k"])
     launch, s = _launch(x), scale if scale is not None else y
     line = 128 // weight.element_size()
     _mm_kernel[grid](x, xs if xs is not None else s, weight, s, y, p, m, n, k, c["k_split"], x.stride(0),
                      weight.stride(0), y.stride(0), PREFETCH if launch["PDL"] and c["block_k"] >= line else 0,
                      BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], EVEN_K=k % c["block_k"] == 0,
-                     PARTIAL=partial, SCALED=scale is not None, X_FP8=xs is not None,
+                     PARTIAL=partial, SCALED=scale is not None, X_FP8=xs is not None, SWIGLU=swiglu,
                      DOT_F32=INTERPRET or dtype == torch.float32, FAST_CVT=FAST_CONVERT and not INTERPRET, LINE=line,
                      num_warps=c["warps"], num_stages=c["stages"], **launch)
     if partial:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](p, s, y, m, n, SPLIT_K=c["split_k"], BLOCK=block,
-                                                         SCALED=scale is not None, num_warps=4, **launch)
+                                                         SCALED=scale is not None, SWIGLU=swiglu, num_warps=4,
+                                                         **launch)
     return y
 
 

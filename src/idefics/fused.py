@@ -18,8 +18,9 @@ from idefics.model import IdeficsModel
 from idefics.parallel import heads
 
 # Plain products of 2 to GEMM_ROWS rows through the Triton GEMM of fp8_gemm (K split over more programs where a
-# matrix has few tiles of rows, its weights heading for L2 before the kernel before it ends); 0: the modules'
-# own (cuBLAS). Read when a step is captured (bench/fp8.py --bf16-triton times both).
+# matrix has few tiles of rows, its weights heading for L2 before the kernel before it ends, SwiGLU applied by the
+# MLP's first product: one launch fewer); 0: the modules' own (cuBLAS). Read when a step is captured
+# (bench/fp8.py --bf16-triton times both).
 GEMM_ROWS = 0
 
 
@@ -73,12 +74,12 @@ class FusedDecoder:
             weight, scale = self.streamed[id(linear)]
             return gemv(inp, weight, swiglu, scale=scale, **fold)
 
-        def mm(linear, inp):
-            """linear(inp) for more than one row."""
+        def mm(linear, inp, swiglu=False):
+            """linear(inp) for more than one row, SwiGLU'd if asked."""
             weight, scale = self.streamed.get(id(linear), (None, None))
             if weight is not None and scale is None and m <= GEMM_ROWS:
-                return fp8_gemm.plain_mm(inp, weight)
-            return linear(inp)
+                return fp8_gemm.plain_mm(inp, weight, swiglu)
+            return kernels.silu_mul(linear(inp)) if swiglu else linear(inp)
 
         def normed(norm, linear, swiglu=False):
             """linear(norm(x + pending)), SwiGLU'd if asked."""
@@ -90,7 +91,7 @@ class FusedDecoder:
             pending, extra = None, {}
             if streams(linear):
                 return product(n, linear, swiglu)
-            return kernels.silu_mul(mm(linear, n)) if swiglu else mm(linear, n)
+            return mm(linear, n, swiglu)
 
         def add(linear, inp, **gate):
             """x + gate * keep * linear(inp), now or at the next norm."""

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from idefics.fp8 import FP8_MAX
-from idefics.kernels import INTERPRET, _launch, _prefetch_l2, _round, _wait_inputs, _warps
+from idefics.kernels import INTERPRET, _launch, _prefetch_weights, _round, _swiglu, _wait_inputs, _warps
 
 H100_SMS = 132  # the streaming multiprocessors the launch rule plans for off CUDA (the interpreter)
 
@@ -66,11 +66,10 @@ def _dot(acc, w, x, SCALED: tl.constexpr, X_FP8: tl.constexpr, DOT_F32: tl.const
 
 @triton.jit
 def _finish(g, u, dt: tl.constexpr, SWIGLU: tl.constexpr):
-    """Scaled float32 sums -> the output: themselves, or with SWIGLU silu(gate g) * up u, each step rounded to dt as
+    """Scaled float32 sums -> the output: themselves, or with SWIGLU silu(gate g) * up u, rounded to dt as
     kernels.silu_mul rounds the products' rounded outputs."""
     if SWIGLU:
-        g = _round(g, dt)
-        return _round(_round(g / (1.0 + tl.exp(-g)), dt) * _round(u, dt), dt)
+        return _swiglu(_round(g, dt), _round(u, dt), dt)
     return g
 
 
@@ -96,14 +95,9 @@ def _mm_kernel(X, XS, W, S, Y, P, M, N, K, K_SPLIT, stride_x, stride_w, stride_y
     k_end = tl.minimum(k_start + K_SPLIT, K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     acc_up = acc
-    # Launched early (PDL), the program's first weight tiles head for L2 while the kernel before finishes: the
-    # weights are no earlier kernel's output. One address per 128-byte line (LINE elements).
-    for t in range(0, tl.minimum(PREFETCH, tl.cdiv(k_end - k_start, BLOCK_K))):
-        cols = tl.minimum(k_start + t * BLOCK_K + tl.arange(0, BLOCK_K // LINE) * LINE, K - 1)
-        lines = tl.minimum(rn, N - 1)[:, None] * stride_w + cols[None, :]
-        _prefetch_l2(W + lines)
-        if SWIGLU:
-            _prefetch_l2(W + up + lines)
+    # Launched early (PDL), the program's first weight tiles head for L2 while the kernel before finishes (LINE
+    # elements: a 128-byte line).
+    _prefetch_weights(W, rn, N, stride_w, up, k_start, k_end, K, PREFETCH, BLOCK_K, LINE, SWIGLU)
     _wait_inputs(PDL)
     rows = W + rn[:, None] * stride_w
     for k0 in range(k_start, k_end, BLOCK_K):

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from idefics.kernels import _launch, _prefetch_l2, _round, _wait_inputs
+from idefics.kernels import _launch, _prefetch_weights, _round, _swiglu, _wait_inputs
 
 PREFETCH = 1  # with PDL: a GEMV sends this many tiles of its weights to L2 before it waits (see _gemv_kernel)
 # fp8 weights read per thread and load: 8, as many as the bfloat16 activations' 16 bytes hold, gives both the same
@@ -54,7 +54,7 @@ def _output(y, y_up, rn, n_ok, pid, Y, R, PART_OUT, G, KEEP, stride_g, dt: tl.co
     """Store the float32 sums of rows rn: rounded, SwiGLU'd, added to the residual stream as asked."""
     y = _round(y, dt)
     if SWIGLU:  # silu(gate) * up, each rounded as in eager
-        y = _round(_round(y / (1.0 + tl.exp(-y)), dt) * _round(y_up, dt), dt)
+        y = _swiglu(y, _round(y_up, dt), dt)
     if RESIDUAL:  # the residual add of add_rms_norm, and this block's share of the next norm's sum of squares
         if GATE:
             if MASKED:
@@ -83,13 +83,9 @@ def _gemv_kernel(X, W, Y, N, K, stride_w,
     up = N * stride_w  # SWIGLU: the up projection's rows follow the gate's N rows
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # summed over K in place, reduced once
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    # Launched early (PDL), the first weight tiles head for L2 while the previous kernel finishes.
-    for t in range(0, tl.minimum(PREFETCH, tl.cdiv(K, BLOCK_K))):
-        cols = tl.minimum(t * BLOCK_K + tl.arange(0, BLOCK_K // 64) * 64, K - 1)  # one per 128-byte line
-        lines = tl.minimum(rn, N - 1)[:, None] * stride_w + cols[None, :]
-        _prefetch_l2(W + lines)
-        if SWIGLU:
-            _prefetch_l2(W + up + lines)
+    # Launched early (PDL), the first weight tiles head for L2 while the previous kernel finishes (64 bfloat16
+    # columns: a 128-byte line).
+    _prefetch_weights(W, rn, N, stride_w, up, 0, K, K, PREFETCH, BLOCK_K, 64, SWIGLU)
     _wait_inputs(PDL)
     rstd = 1.0
     if NORM:

@@ -56,6 +56,20 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
+def _prefetch_weights(W, rn, N, stride_w, up, k_start, k_end, K, PREFETCH, BLOCK_K: tl.constexpr,
+                      LINE: tl.constexpr, SWIGLU: tl.constexpr):
+    """Send the first PREFETCH tiles of BLOCK_K columns (from k_start, before k_end) of weight rows rn to L2, and
+    with SWIGLU the up rows' (`up` elements on): one address per LINE columns. A product launched early (PDL) calls
+    it before it waits: the weights are no earlier kernel's output."""
+    for t in range(0, tl.minimum(PREFETCH, tl.cdiv(k_end - k_start, BLOCK_K))):
+        cols = tl.minimum(k_start + t * BLOCK_K + tl.arange(0, BLOCK_K // LINE) * LINE, K - 1)
+        lines = tl.minimum(rn, N - 1)[:, None] * stride_w + cols[None, :]
+        _prefetch_l2(W + lines)
+        if SWIGLU:
+            _prefetch_l2(W + up + lines)
+
+
+@triton.jit
 def _round(x, dt: tl.constexpr):
     """float32 x rounded to dt, bfloat16 or float32 (to nearest, ties to even), returned as float32. Done on the
     bits: on the GPU a cast there and back did not round (its results differed from eager)."""
@@ -107,6 +121,12 @@ def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, 
 
 
 @triton.jit
+def _swiglu(g, u, dt: tl.constexpr):
+    """silu(g) * u of float32 g and u already rounded to dt: the silu rounded, then the product, as eager rounds."""
+    return _round(_round(g / (1.0 + tl.exp(-g)), dt) * u, dt)
+
+
+@triton.jit
 def _silu_mul_kernel(X, Y, N, stride_x, stride_y, BLOCK: tl.constexpr, PDL: tl.constexpr):
     _wait_inputs(PDL)
     row, col = tl.program_id(0), tl.program_id(1)
@@ -115,8 +135,7 @@ def _silu_mul_kernel(X, Y, N, stride_x, stride_y, BLOCK: tl.constexpr, PDL: tl.c
     ok = r < N
     g = tl.load(X + row * stride_x + r, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(X + row * stride_x + N + r, mask=ok, other=0.0).to(tl.float32)
-    a = _round(g / (1.0 + tl.exp(-g)), dt)
-    tl.store(Y + row * stride_y + r, _round(a * u, dt).to(dt), mask=ok)
+    tl.store(Y + row * stride_y + r, _swiglu(g, u, dt).to(dt), mask=ok)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:

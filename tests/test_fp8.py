@@ -289,13 +289,17 @@ def test_demo_accuracy_in_fp8_within_half_a_point_of_float32(demo_models):
 
 
 def test_demo_teacher_forced_logits_in_fp8_against_bfloat16(demo_models):
-    """Held-out prompts of every task followed by their answers. Mean cosine 0.9998; the worst position moves
-    about as much as bfloat16's own worst against float32 (0.997)."""
+    """Held-out prompts of every task followed by their answers: mean cosine 0.9998 against bfloat16. The worst
+    position is judged against float32, where both sit: bfloat16's own rounding moves it (0.994 on one CPU, 0.997
+    on another), and fp8's can move it the other way, so against each other it can read 0.977 (AVX2 bfloat16
+    products) where each is 0.994 from float32."""
     items = [evaluate.heldout(task, i, "mixed") for task in evaluate.TASKS for i in range(4)]
     batch = demo_models["bfloat16"].process([prompt + [" " + example.answer] for example, prompt in items])
     real = batch["attention_mask"].bool()
-    ref = full_logits(demo_models["bfloat16"].model, batch).float()[real]
-    got = full_logits(demo_models["fp8 bfloat16"].model, batch).float()[real]
+    exact, ref, got = (full_logits(demo_models[name].model, batch).float()[real]
+                       for name in ("float32", "bfloat16", "fp8 bfloat16"))
     cos = F.cosine_similarity(got, ref, dim=-1)
-    assert cos.mean() >= 0.999 and cos.min() >= 0.98, (cos.mean(), cos.min())
+    assert cos.mean() >= 0.999, cos.mean()
+    worst_bf16, worst_fp8 = (F.cosine_similarity(v, exact, dim=-1).min() for v in (ref, got))
+    assert worst_fp8 >= worst_bf16 - 0.005, (worst_fp8, worst_bf16)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99

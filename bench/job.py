@@ -1,6 +1,6 @@
 """The user's whole job: caption a folder of photos, end to end, files to text.
 
-    PYTHONPATH=src python bench/job.py --out job.json [--images 256] [--batch 64] [--workers 16]
+    PYTHONPATH=src python bench/job.py --out job.json [--images 256] [--batch 64] [--workers 16 [15 ...]]
     PYTHONPATH=src python bench/job.py --small --out small.json    # the same on the CPU, a tiny model, < 1 minute
 
 Writes photo-sized JPEGs (1600x1067, about 450 kB: smooth colour fields under sensor-like noise), builds
@@ -187,7 +187,8 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="CPU, tiny model, 16 photos in batches of 8")
     parser.add_argument("--images", type=int, help="photos to caption (default 256; 16 with --small)")
     parser.add_argument("--batch", type=int, help="images per call (default 64; 8 with --small)")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="image decoding processes")
+    parser.add_argument("--workers", type=int, nargs="+", default=[default_workers()],
+                        help="image decoding processes (the pool started afresh for each value after the first)")
     parser.add_argument("--skip-reference", action="store_true", help="no transformers run")
     # Settings tried side by side: the API and idefics batch run once more with each value after the first, which
     # the rest of the job uses.
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
                     "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                     "cpus": os.cpu_count(), "model": "tiny" if args.small else "idefics-9b shape, random weights",
                     "dtype": str(dtype).removeprefix("torch."), "images": n, "batch": batch,
-                    "max_new_tokens": NEW_TOKENS, "workers": args.workers, "photo": f"{PHOTO[0]}x{PHOTO[1]} JPEG"}
+                    "max_new_tokens": NEW_TOKENS, "workers": args.workers[0], "photo": f"{PHOTO[0]}x{PHOTO[1]} JPEG"}
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -227,7 +228,9 @@ def main(argv=None) -> int:
         result["photo_kb_mean"] = sum(f.stat().st_size for f in files) / n / 1e3
         print(f"{n} photos, {result['photo_kb_mean']:.0f} kB each on average", file=sys.stderr)
 
-        m = ours(config, device, dtype, args.workers, batch)
+        m = ours(config, device, dtype, args.workers[0], batch)
+        settings["workers"] = (args.workers, lambda v: (m.processor.images.close(),
+                                                        setattr(m.processor.images, "workers", v)))
         m.caption(warmup, PROMPT, max_new_tokens=NEW_TOKENS)  # kernels, graphs, buffers
         result["api_call_s"] = []
         seconds, api = timed(lambda: run_api(m, files, batch, result["api_call_s"]))

@@ -659,12 +659,14 @@ def test_the_gemm_of_bf16_weights_equals_the_float32_product(m, monkeypatch):
         w = (torch.randn(n, k, device=DEVICE) * 0.02).to(torch.bfloat16)
         x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
         want = x.float() @ w.float().T
-        if swiglu:
-            want = kernels.silu_mul(want.to(torch.bfloat16)).float()
+        # one rounding to bfloat16: half a step on the GPU; Triton's interpreter truncates (a whole step)
+        bound = 2 ** -7 if kernels.INTERPRET else 2 ** -8
+        if swiglu:  # and the gate and up rounded from sums of another order: one bfloat16 step apart at most
+            want, bound = kernels.silu_mul(want.to(torch.bfloat16)).float(), 2 ** -7
         for prefetch in (0, 1):
             monkeypatch.setattr(fp8_gemm, "PREFETCH", prefetch)
             got = fp8_gemm.plain_mm(x, w, swiglu).float()
-            assert ((got - want).abs() / want.abs().amax(1, keepdim=True)).max() <= 2 ** -7
+            assert ((got - want).abs() / want.abs().amax(1, keepdim=True)).max() <= bound
 
 
 @pytest.mark.parametrize("method", list(QUANT_PACKAGES))

@@ -3,11 +3,12 @@
     PYTHONPATH=src python bench/fp8.py [--batches 1 8 32 64] [--products auto weight-only scaled] [--new-tokens 128]
     PYTHONPATH=src python bench/fp8.py --small    # the same steps on a small config on the CPU (about a minute)
 
-1. idefics-9b shape, random weights: bfloat16 decode at each batch (with --bf16-triton, again with the products of
-   several rows in the Triton GEMM of fp8_gemm instead of cuBLAS), then the same model quantized to fp8 in place and
-   decoded again with each product for rows > 1 (fp8.PRODUCT: "auto" the Triton GEMM up to 16 rows and scaled_mm
-   above, "weight-only" the Triton GEMM, "scaled" torch._scaled_mm with fp8 activations, "scaled-triton" the Triton
-   GEMM with fp8 activations). Per run: decode tokens/s over the tokens after the first, time to first token (image
+1. idefics-9b shape, random weights: bfloat16 decode at each batch with the engine's defaults (with
+   --bf16-gemm-rows, again with fused.GEMM_ROWS set to each value given: the products of up to that many rows in the
+   Triton GEMM of fp8_gemm, cuBLAS above; 0 is cuBLAS for all), then the same model quantized to fp8 in place and
+   decoded again with each product for rows > 1 (fp8.PRODUCT: "auto" as fp8.py's table, "weight-only" the Triton
+   GEMM of bfloat16 activations, "scaled" torch._scaled_mm with fp8 activations, "scaled-triton" the Triton GEMM
+   with fp8 activations). Per run: decode tokens/s over the tokens after the first, time to first token (image
    encoding included), peak memory, and the roofline: the card's copy bandwidth over the bytes a step reads, the
    weights (without the embedding table and the cross-attention key/value projections) plus the KV cache
    (self-attention at the run's mean length, and the image keys/values).
@@ -176,19 +177,20 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
         r = decode_run(engine, prompts[b], args.new_tokens)
         runs["bf16"][b] = with_roofline(r, b, weights["bf16"], kv_bytes(config, b, args.new_tokens, 2), bw)
         print(f"bf16 batch {b}: {r}", flush=True)
-    for prefetch in args.bf16_triton:  # the products of several rows through fp8_gemm.plain_mm, not cuBLAS
-        fused.GEMM_ROWS, fp8_gemm.PREFETCH = max(args.batches), prefetch
-        triton_engine, name = Engine(model), f"triton, prefetch {prefetch}"
+    default_rows = fused.GEMM_ROWS
+    for rows in args.bf16_gemm_rows:  # products of up to `rows` rows through fp8_gemm.plain_mm, cuBLAS above
+        fused.GEMM_ROWS = rows
+        other, name = Engine(model), f"gemm rows {rows}"
         runs[name] = {}
         for b in args.batches:
-            r = decode_run(triton_engine, prompts[b], args.new_tokens)
+            r = decode_run(other, prompts[b], args.new_tokens)
             r = with_roofline(r, b, weights["bf16"], kv_bytes(config, b, args.new_tokens, 2), bw)
             r["vs_bf16"] = r["decode_tok_s"] / runs["bf16"][b]["decode_tok_s"]
             r["ttft_vs_bf16"] = r["ttft_ms"] / runs["bf16"][b]["ttft_ms"]
             runs[name][b] = r
             print(f"bf16 ({name}) batch {b}: {r}", flush=True)
-        del triton_engine
-    fused.GEMM_ROWS, fp8_gemm.PREFETCH = 0, args.gemm_prefetch
+        del other
+    fused.GEMM_ROWS = default_rows
     fidelity = synthetic_prompts(config, 4, seed=99)
     tokens = run_engine(engine, fidelity, 32)[0]
     ref = teacher_forced(model, fidelity, tokens)
@@ -383,11 +385,11 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+")
     parser.add_argument("--products", nargs="+", choices=fp8.PRODUCTS, default=list(fp8.PRODUCTS))
     parser.add_argument("--new-tokens", type=int)
-    parser.add_argument("--bf16-triton", type=int, nargs="*", default=[], metavar="PREFETCH",
-                        help="bfloat16 decoded again with its products of several rows in the Triton GEMM "
-                             "(fused.GEMM_ROWS), once per value of fp8_gemm.PREFETCH given")
+    parser.add_argument("--bf16-gemm-rows", type=int, nargs="*", default=[], metavar="ROWS",
+                        help="bfloat16 decoded again with fused.GEMM_ROWS at each value (0: cuBLAS for every "
+                             "product of several rows)")
     parser.add_argument("--gemm-prefetch", type=int, default=fp8_gemm.PREFETCH,
-                        help="fp8_gemm.PREFETCH for the fp8 products")
+                        help="fp8_gemm.PREFETCH for every product of the Triton GEMM (bfloat16 and fp8)")
     parser.add_argument("--rows", type=int, nargs="+", help="row counts of the per-matrix timings")
     parser.add_argument("--batch-80b", type=int, default=16)
     parser.add_argument("--new-tokens-80b", type=int)
@@ -399,6 +401,7 @@ def main():
     parser.add_argument("--write-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--load-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    fp8_gemm.PREFETCH = args.gemm_prefetch
     small = args.small
     defaults = dict(batches=[1, 2] if small else [1, 8, 32, 64], new_tokens=6 if small else 128,
                     rows=[1, 4] if small else [1, 8, 16, 32, 64, 256], new_tokens_80b=6 if small else 64,
@@ -418,7 +421,8 @@ def main():
         return load_child(args)
     device = torch.device(args.device)
     results = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "small": small,
-               "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}
+               "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+               "gemm_rows": fused.GEMM_ROWS, "gemm_prefetch": fp8_gemm.PREFETCH}
     bw = bandwidth(device)
     results["bandwidth_tb_s"] = bw / 1e12
     print(f"{results['card']}: copy bandwidth {results['bandwidth_tb_s']:.2f} TB/s", flush=True)
@@ -451,7 +455,8 @@ def print_tables(r: dict):
               f"{r['bandwidth_tb_s']:.2f} TB/s | weights per step (GB): {r['weights_gb_per_step']}")
         print("| weights | product | batch | decode tok/s | vs bf16 | % of roofline (weights + KV) | % weights only "
               "| TTFT ms | vs bf16 | peak GB |\n|---|---|---|---|---|---|---|---|---|---|")
-        rows = [("bf16", "-", nine["bf16"])] + [("bf16", k, v) for k, v in nine.items() if k.startswith("triton")]
+        defaults = f"defaults (gemm rows {r['gemm_rows']})"
+        rows = [("bf16", defaults, nine["bf16"])] + [("bf16", k, v) for k, v in nine.items() if k.startswith("gemm")]
         rows += [("fp8", p, v) for p, v in nine["fp8"].items()]
         for weights, product, runs in rows:
             for b, x in runs.items():

@@ -4,16 +4,20 @@
     2-16 rows      fp8_gemm.weight_only_mm: a Triton GEMM converting each fp8 weight tile to bfloat16 in registers,
                    the activations untouched, K split over more programs where a matrix has few tiles of rows (the
                    splits' float32 sums added by a second launch)
-    more rows      torch._scaled_mm: activations quantized to fp8 per token (one scale each), fp8 tensor cores at
-                   twice bfloat16's rate, the per-token and per-channel scales applied in its epilogue
-    (on request)   "scaled-triton", fp8_gemm.tokens_fp8_mm: the same arithmetic in the Triton GEMM's launch shapes
+    17-64 rows     fp8_gemm.tokens_fp8_mm ("scaled-triton"): activations quantized to fp8 per token (one scale
+                   each), fp8 tensor cores, the per-token and per-channel scales applied to the float32 sums, in the
+                   Triton GEMM's launch shapes
+    more rows      torch._scaled_mm: the same arithmetic in cuBLAS (prefill)
 
-On an H100 (bench/fp8_gemm_sweep.py, one decoder layer's four products of the 9b) the weight-only GEMM takes 1.45x,
-1.40x and 1.33x less time than bfloat16's cuBLAS at 8, 16 and 32 rows, scaled_mm 1.16-1.19x; at 64 rows scaled_mm
-leads (1.28x against 1.17x). In the whole decode step (bench/fp8.py) the weight-only GEMM gains at batch 8 (1.23x
-bfloat16's tokens/s, scaled_mm 1.15x) but not at 32 (1.14x, scaled_mm 1.16x), hence the split at 16 rows; it also
-keeps the activations in bfloat16 (logits cosine 0.998 against the dequantized weights, scaled_mm 0.93, on random
-weights). PRODUCT (IDEFICS_FP8_PRODUCT) forces one of them for every row count above one.
+On an H100 (bench/fp8.py, one run, 2026-12-07; all 32 layers' wqkv, wo, w13 and w2 one after another) the four
+products of 32 rows took 99 us with tokens_fp8_mm, 117 with the weight-only GEMM, 130 with scaled_mm and 159 in
+bfloat16 (cuBLAS); at 64 rows 105, 134, 129 and 163; at 256 rows scaled_mm leads (145 against 264 for
+tokens_fp8_mm). Decoding at batch 32: 1.44x bfloat16's tokens/s with tokens_fp8_mm, 1.27x weight-only, 1.19x
+scaled_mm. Up to 16 rows the weight-only GEMM keeps the activations in bfloat16 (logits cosine 0.9988 against the
+dequantized weights on random 9b-shaped weights, fp8 tokens 0.963), though tokens_fp8_mm is faster there too
+(batch 8: 1.64x against 1.43x): a decode step of a few sequences stays as close to bfloat16 as fp8 weights allow,
+and larger batches, like every prefill, take fp8 tokens. PRODUCT (IDEFICS_FP8_PRODUCT) forces one product for every
+row count above one: "weight-only", "scaled" (scaled_mm) or "scaled-triton".
 
 Those kernels need Hopper (fp8 conversion in Triton and row-wise scaled_mm), bfloat16 activations and dimensions
 that are multiples of 16. Anywhere else (the CPU, older GPUs, float32) the layer upcasts: the fp8 weights are
@@ -33,7 +37,8 @@ FP8_MAX = 448.0  # the largest finite e4m3fn value: each row's largest weight ma
 PRODUCTS = ("auto", "weight-only", "scaled", "scaled-triton")
 # Which product serves rows > 1 on Hopper (IDEFICS_FP8_PRODUCT, default "auto"); bench/fp8.py sets it to time each.
 PRODUCT = os.environ.get("IDEFICS_FP8_PRODUCT", "auto")  # (checked where fp8 is asked for: quantize.method)
-WEIGHT_ONLY_ROWS = 16  # "auto": the weight-only GEMM up to this many rows, scaled_mm above
+WEIGHT_ONLY_ROWS = 16  # "auto": the weight-only GEMM up to this many rows,
+TRITON_ROWS = 64  # tokens_fp8_mm up to this many, scaled_mm above
 _CHUNK = 2048  # rows quantized at a time: the float32 temporaries stay small next to the layer
 
 
@@ -94,7 +99,7 @@ class Fp8Linear(nn.Module):
             from idefics.fp8_gemm import weight_only_mm
 
             y = weight_only_mm(x.contiguous(), self.weight, self.scale)
-        elif PRODUCT == "scaled-triton":
+        elif PRODUCT == "scaled-triton" or (PRODUCT == "auto" and x.shape[0] <= TRITON_ROWS):
             from idefics.fp8_gemm import tokens_fp8_mm
 
             y = tokens_fp8_mm(x.contiguous(), self.weight, self.scale)

@@ -178,6 +178,7 @@ def test_fused_decode_steps_equal_the_plain_engine(tmp_path, name, batch, monkey
     fused step's GEMV with its scales. gemm: the products of several rows go through the Triton GEMM."""
     quantize = name if name in ("int8", "fp8") else None
     monkeypatch.setattr(fused_module, "GEMM_ROWS", 64 if name == "gemm" else 0)
+    monkeypatch.setattr(fused_module, "GEMM_DTYPES", (torch.bfloat16, torch.float32))  # (these models' dtype)
     gemm_calls, plain_mm = [], fp8_gemm.plain_mm
     monkeypatch.setattr(fp8_gemm, "plain_mm", lambda *a: gemm_calls.append(a) or plain_mm(*a))
     model = idefics.load(make_checkpoint(tmp_path, **CONFIGS.get(name, {}))[0], quantize=quantize)

@@ -218,6 +218,56 @@ def test_a_worker_process_that_dies_fails_its_image_in_one_line_and_the_next_ima
     p.close()
 
 
+class HeldImport:
+    """A finder whose module `name`, imported by a thread other than the main one, waits for `release` before its
+    code runs, holding that module's import lock as a long import does."""
+
+    def __init__(self, name: str):
+        self.name, self.entered, self.release = name, threading.Event(), threading.Event()
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.name or threading.current_thread() is threading.main_thread():
+            return None  # the usual finders import it
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        exec_module = spec.loader.exec_module
+
+        def held(module):
+            self.entered.set()
+            self.release.wait(30)
+            exec_module(module)
+
+        spec.loader.exec_module = held
+        return spec
+
+
+def test_workers_forked_while_another_thread_imports_a_pillow_plugin_do_not_hang(monkeypatch):
+    """Image.open's first call imports Pillow's plugins. A worker forked while another thread (another request's
+    PIL image, resized in a thread) is inside such an import would inherit that module's lock held, and hang on
+    it in its own first Image.open; the pool is forked only once every plugin is imported."""
+    import PIL
+
+    data = jpeg(photo(300, 200, 0))  # (written first: saving it imports plugins too)
+    monkeypatch.setattr(Image, "_initialized", 0)  # as in a process where no image was opened yet
+    monkeypatch.delitem(sys.modules, "PIL.BmpImagePlugin", raising=False)
+    monkeypatch.delattr(PIL, "BmpImagePlugin", raising=False)
+    held = HeldImport("PIL.BmpImagePlugin")
+    monkeypatch.setattr(sys, "meta_path", [held, *sys.meta_path])
+    importer = threading.Thread(target=Image.preinit)
+    importer.start()
+    assert held.entered.wait(30)  # the importing thread holds the plugin's lock
+    threading.Timer(0.5, held.release.set).start()
+    p = ImagePipeline(ImageTransform(), workers=1)
+    try:
+        assert torch.equal(p.submit(data).result(30).pixels, p.pixels(data))
+    finally:
+        for worker in list(p._processes._processes.values()):
+            worker.kill()  # a hung one too
+        p.close()
+        importer.join(30)
+
+
 def test_the_workers_hold_none_of_the_sockets_open_when_they_were_forked():
     """A server that closes a connection must close it for good: the workers forked from it drop its sockets."""
     import socket

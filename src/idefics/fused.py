@@ -23,6 +23,9 @@ from idefics.parallel import heads
 # (bench/fp8.py --bf16-gemm-rows, one run) bfloat16 decode at batch 8 and 32 gained 1.11x and 1.05x over cuBLAS, and
 # lost at 64 (0.97x): hence 32.
 GEMM_ROWS = 32
+# Weights of these dtypes only: float32's tiles, twice the bytes, overflow an H100's shared memory with SwiGLU at
+# the GEMM's launch shapes (make test-gpu's float32 demo model).
+GEMM_DTYPES = (torch.bfloat16,)
 
 
 def supported(model: IdeficsModel) -> bool:
@@ -78,7 +81,7 @@ class FusedDecoder:
         def mm(linear, inp, swiglu=False):
             """linear(inp) for more than one row, SwiGLU'd if asked."""
             weight, scale = self.streamed.get(id(linear), (None, None))
-            if weight is not None and scale is None and m <= GEMM_ROWS:
+            if weight is not None and scale is None and m <= GEMM_ROWS and weight.dtype in GEMM_DTYPES:
                 return fp8_gemm.plain_mm(inp, weight, swiglu)
             return kernels.silu_mul(linear(inp)) if swiglu else linear(inp)
 

@@ -205,6 +205,10 @@ class ImagePipeline:
                     return _Then(self._processes.submit(prepare, *args), _as_pixels)
                 except BrokenProcessPool:  # a worker died since the last image: a fresh pool for this one
                     self._processes.shutdown(wait=False, cancel_futures=True)
+            # Every Pillow plugin imported before the fork: a thread importing one at that moment (Image.open's
+            # first call imports them) holds its module's lock, which the workers would inherit held and wait on
+            # forever. Image.init waits for such an import to end.
+            Image.init()
             self._processes = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"),
                                                   initializer=_worker_started, initargs=(self.budget, os.getpid()))
             # The first submit forks every worker. Objects frozen then are left alone by the workers' garbage

@@ -12,12 +12,13 @@
 On an H100 (bench/fp8.py, one run, 2026-12-07; all 32 layers' wqkv, wo, w13 and w2 one after another) the four
 products of 32 rows took 99 us with tokens_fp8_mm, 117 with the weight-only GEMM, 130 with scaled_mm and 159 in
 bfloat16 (cuBLAS); at 64 rows 105, 134, 129 and 163; at 256 rows scaled_mm leads (145 against 264 for
-tokens_fp8_mm). Decoding at batch 32: 1.44x bfloat16's tokens/s with tokens_fp8_mm, 1.27x weight-only, 1.19x
-scaled_mm. Up to 16 rows the weight-only GEMM keeps the activations in bfloat16 (logits cosine 0.9988 against the
-dequantized weights on random 9b-shaped weights, fp8 tokens 0.963), though tokens_fp8_mm is faster there too
-(batch 8: 1.64x against 1.43x): a decode step of a few sequences stays as close to bfloat16 as fp8 weights allow,
-and larger batches, like every prefill, take fp8 tokens. PRODUCT (IDEFICS_FP8_PRODUCT) forces one product for every
-row count above one: "weight-only", "scaled" (scaled_mm) or "scaled-triton".
+tokens_fp8_mm). Decoding at batch 32: 1.44x cuBLAS bfloat16's tokens/s with tokens_fp8_mm, 1.27x weight-only, 1.19x
+scaled_mm (in a later run 1.40x the bfloat16 default's, which has its own Triton GEMM: fused.GEMM_ROWS). Up to 16
+rows the weight-only GEMM keeps the activations in bfloat16 (logits cosine 0.9988 against the dequantized weights on
+random 9b-shaped weights, fp8 tokens 0.963), though tokens_fp8_mm is faster there too (batch 8: 1.64x against
+1.43x): a decode step of a few sequences stays as close to bfloat16 as fp8 weights allow, and larger batches, like
+every prefill, take fp8 tokens. PRODUCT (IDEFICS_FP8_PRODUCT) forces one product for every row count above one:
+"weight-only", "scaled" (scaled_mm) or "scaled-triton".
 
 Those kernels need Hopper (fp8 conversion in Triton and row-wise scaled_mm), bfloat16 activations and dimensions
 that are multiples of 16. Anywhere else (the CPU, older GPUs, float32) the layer upcasts: the fp8 weights are

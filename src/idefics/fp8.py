@@ -38,7 +38,7 @@ FP8_MAX = 448.0  # the largest finite e4m3fn value: each row's largest weight ma
 PRODUCTS = ("auto", "weight-only", "scaled", "scaled-triton")
 # Which product serves rows > 1 on Hopper (IDEFICS_FP8_PRODUCT, default "auto"); bench/fp8.py sets it to time each.
 PRODUCT = os.environ.get("IDEFICS_FP8_PRODUCT", "auto")  # (checked where fp8 is asked for: quantize.method)
-WEIGHT_ONLY_ROWS = 16  # "auto": the weight-only GEMM up to this many rows,
+WEIGHT_ONLY_ROWS = 16  # "auto": the weight-only GEMM up to this many rows
 TRITON_ROWS = 64  # tokens_fp8_mm up to this many, scaled_mm above
 _CHUNK = 2048  # rows quantized at a time: the float32 temporaries stay small next to the layer
 

@@ -259,3 +259,52 @@ def test_more_slots_after_a_long_single_sequence_size_the_length_again(m, monkey
     run(Scheduler(e, m.tokenizer, max_batch=8), {0: rs})
     assert (e.slots, e.max_len) == (8, 64)
     assert [r.generated for r in rs] == [alone(m, p, max_new_tokens=4).token_ids for p in PROMPTS]
+
+
+def test_requests_parked_ahead_join_without_another_prefill_and_give_their_tokens_alone(m, monkeypatch):
+    """park() prefills requests not added yet (they wait at a gate); added, they join at the next step, their first
+    token from that prefill; they take room from admission meanwhile, and an abort frees a parked one's slot."""
+    options = [dict(max_new_tokens=10), dict(max_new_tokens=7, repetition_penalty=1.8),
+               dict(max_new_tokens=9, do_sample=True, seed=3, temperature=0.7, top_k=20),
+               dict(max_new_tokens=12, min_new_tokens=10, do_sample=True, seed=5, top_p=0.8)]
+    expected = [alone(m, p, **o).token_ids for p, o in zip(PROMPTS, options)]
+    rs = [requests(m, [p], **o)[0] for p, o in zip(PROMPTS, options)]
+    dropped = requests(m, PROMPTS[1:2], max_new_tokens=5)[0]
+    s = Scheduler(m.engine, m.tokenizer, max_batch=4)
+    prefills, prefill = [], m.engine.prefill_batch
+    monkeypatch.setattr(m.engine, "prefill_batch",
+                        lambda prompts, *a, **k: prefills.append(len(prompts)) or prefill(prompts, *a, **k))
+    s.add(rs[0])
+    s.step()  # one running
+    assert s.park([rs[1], rs[2], dropped, rs[3]]) == [rs[1], rs[2], dropped]  # the room max_batch leaves
+    assert prefills == [1, 3] and all(r.slot is not None for r in (rs[1], rs[2], dropped))
+    s.add(rs[3])
+    for _ in range(3):
+        s.step()
+    assert rs[3].slot is None and len(rs[0].generated) == 4  # no room: waits while the parked hold their slots
+    assert all(r.generated == [] for r in (rs[1], rs[2], dropped))  # parked rows do not step
+    s.abort(dropped.id)
+    s.add(rs[1])
+    s.add(rs[2])
+    s.step()  # the parked two join; the aborted one's slot goes to the waiting request
+    assert dropped.finish == "abort" and dropped.slot is None and not s.parked
+    assert [len(r.generated) for r in rs] == [5, 1, 1, 1] and prefills == [1, 3, 1]
+    while s.busy:
+        s.step()
+    assert [r.generated for r in rs] == expected
+    assert not m.engine.active
+
+
+def test_a_scheduler_that_holds_admission_parks_nothing(m):
+    s = Scheduler(m.engine, m.tokenizer)
+    r = requests(m, PROMPTS[1:2], max_new_tokens=3)[0]
+    s.hold = True
+    assert s.park([r]) == [] and r.slot is None
+    s.hold = False
+    assert s.park([r]) == [r]
+    s.reset()  # (an engine fault): parked requests are forgotten, their slots free
+    assert r.slot is None and not s.parked and not m.engine.active
+    s.add(r)
+    while s.busy:
+        s.step()
+    assert r.finish == "length" and len(r.generated) == 3

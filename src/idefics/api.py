@@ -287,7 +287,7 @@ class Idefics:
             self._ahead.extendleft(reversed(waiting))
             return
         parked = set()
-        if PREFILL_AHEAD:
+        if PREFILL_AHEAD and not self.scheduler.running:  # (a prefill between decode steps would delay the next)
             for gate in {id(g): g for _, g in waiting}.values():
                 held = gate.park([r for r, g in waiting if g is gate])
                 parked.update(r.id for r in self.scheduler.park(held))

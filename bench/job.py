@@ -203,9 +203,6 @@ def main(argv=None) -> int:
     # the rest of the job uses.
     parser.add_argument("--ahead", type=int, nargs="+", default=[api_module.AHEAD_IMAGES],
                         help="images encoded ahead at once, at least (api.AHEAD_IMAGES)")
-    parser.add_argument("--prefill-ahead", type=int, nargs="+", default=[int(api_module.PREFILL_AHEAD)],
-                        help="1: prompts waiting for others prefilled meanwhile, 0: only their images encoded "
-                             "(api.PREFILL_AHEAD)")
     parser.add_argument("--hold", type=int, nargs="+", default=[api_module.HOLD],
                         help="ready prompts that enter the batch together while others still load (api.HOLD)")
     parser.add_argument("--switch-interval", type=float, nargs="+", default=[sys.getswitchinterval()],
@@ -216,7 +213,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     settings = {  # name -> (values, apply)
         "ahead": (args.ahead, lambda v: setattr(api_module, "AHEAD_IMAGES", v)),
-        "prefill_ahead": (args.prefill_ahead, lambda v: setattr(api_module, "PREFILL_AHEAD", bool(v))),
         "hold": (args.hold, lambda v: setattr(api_module, "HOLD", v)),
         "switch_interval": (args.switch_interval, sys.setswitchinterval),
         "batch_graph_len": (args.batch_graph_len, lambda v: setattr(engine_module, "BATCH_GRAPH_LEN", v)),

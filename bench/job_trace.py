@@ -94,8 +94,6 @@ def main():
     parser.add_argument("--slots", type=int, help="the running batch's slots (default --batch; job.py has 64)")
     parser.add_argument("--ahead", type=int, default=api.AHEAD_IMAGES, help="images encoded ahead at once, at least")
     parser.add_argument("--decodes", nargs="+", default=["exact", "fast"], choices=["exact", "fast"])
-    parser.add_argument("--prefill-ahead", type=int, nargs="+", default=[int(api.PREFILL_AHEAD)],
-                        help="1: waiting prompts prefilled ahead, 0: only their images encoded (api.PREFILL_AHEAD)")
     parser.add_argument("--warm-ups", type=int, default=3, help="untimed calls of other photos before each trace")
     args = parser.parse_args()
     api.AHEAD_IMAGES = args.ahead
@@ -116,8 +114,7 @@ def main():
         else:
             def job(photos):
                 m.caption(photos, PROMPT, max_new_tokens=NEW_TOKENS)
-        for ahead, decode in [(a, d) for a in args.prefill_ahead for d in args.decodes]:
-            api.PREFILL_AHEAD = bool(ahead)
+        for decode in args.decodes:
             m.processor.images.decode = decode
             for _ in range(args.warm_ups):  # (the shapes a call meets depend on how its photos arrive)
                 job(files[args.batch:])
@@ -129,7 +126,7 @@ def main():
             job(files[: args.batch])
             sync()
             wall = time.perf_counter() - t0
-            print(f"{decode} ({args.path}, prefill ahead {ahead}): {args.batch} images in {1e3 * wall:.0f} ms ({args.batch / wall:.1f} "
+            print(f"{decode} ({args.path}): {args.batch} images in {1e3 * wall:.0f} ms ({args.batch / wall:.1f} "
                   "images/s)", flush=True)
             report(t0)
 

@@ -62,20 +62,3 @@ def test_a_calls_thread_gets_only_the_outputs_that_end_its_requests():
         ends.put(output)
     got = [events.get_nowait() for _ in range(events.qsize())]
     assert [(o.id, o.finish_reason) for o in got] == [(2, "error"), (1, "length")]
-
-
-def test_requests_parked_while_held_are_aborted_with_their_call_and_forgotten_once_in():
-    g, entered = gate()
-    for _ in range(3):
-        g.started()
-    g.loaded(request(1), "A")
-    g.loaded(request(2), "A")
-    assert [r.id for r in g.park([request(1), request(2), request(9)])] == [1, 2]  # 9 is not held here
-    assert g.leave({1}, loading=0) == {1}  # parked: it holds a slot, its call aborts it
-    assert g.leave({2}, loading=1) == {2} and entered == []
-    g.started()
-    g.started()
-    assert g.loaded(request(3), "B")
-    g.park([request(3)])
-    assert not g.loaded(request(4), "B") and [i for i, _ in entered[-1]] == [3, 4]  # in, and no longer parked
-    assert g.parked == set() and g.leave({3, 4}, loading=0) == {3, 4}

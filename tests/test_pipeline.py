@@ -3,7 +3,6 @@ workers; each prompt, prepared alone, equals its row of the batch; a bad image i
 prompt of 12 large photos stays under 1 GB; the fast JPEG path stays close to the exact one."""
 import io
 import os
-import queue
 import subprocess
 import sys
 import textwrap
@@ -23,8 +22,6 @@ from idefics import api
 from idefics.encoder import ImageEncoder
 from idefics.engine import split_batch
 from idefics.errors import IdeficsError, ItemErrors
-from idefics.gate import Gate
-from idefics.generate import completion
 from idefics.images import ImageTransform
 from idefics.pipeline import ImagePipeline, prepare
 from idefics.processor import Processor
@@ -154,63 +151,23 @@ def test_the_prompts_of_one_call_enter_the_batch_in_one_prefill(demo, monkeypatc
 
 def test_images_ahead_of_their_prefill_are_encoded_several_at_a_time_and_once(demo, monkeypatch):
     monkeypatch.setattr(api, "AHEAD_IMAGES", 3)
-    monkeypatch.setattr(api, "PREFILL_AHEAD", False)
     images = sorted(DEMO_IMAGES.iterdir())[:4]
     requests = demo.requests([[image, "This is"] for image in images] + [[images[0], "Here is"]])
-    gate = Gate(demo.loop.submit, 64)
     encoded, encode = [], demo.engine.encoder._encode
     monkeypatch.setattr(demo.engine.encoder, "_encode", lambda x: encoded.append(x.shape[0]) or encode(x))
     demo.engine.encoder.cache.clear()
-    demo._ahead.extend((r, gate) for r in requests[:2])
-    demo._work_ahead()
-    assert encoded == [] and [r for r, _ in demo._ahead] == requests[:2]  # two images wait for a third
+    demo._ahead.extend(requests[:2])
+    demo._encode_ahead()
+    assert encoded == [] and list(demo._ahead) == requests[:2]  # two images wait for a third
     requests[1].finish = "abort"  # ended while waiting: dropped, not encoded
-    demo._ahead.extend((r, gate) for r in requests[2:4])
-    demo._work_ahead()
+    demo._ahead.extend(requests[2:4])
+    demo._encode_ahead()
     assert encoded == [3] and not demo._ahead
     requests[4].slot = 0  # admitted meanwhile: its prefill encoded it
-    demo._ahead.extend((r, gate) for r in requests[:1] + requests[4:])
-    demo._work_ahead()
-    assert encoded == [3] and [r for r, _ in demo._ahead] == requests[:1]  # the first waits on (its image is cached)
+    demo._ahead.extend(requests[:1] + requests[4:])
+    demo._encode_ahead()
+    assert encoded == [3] and list(demo._ahead) == requests[:1]  # the first waits on (its image is in the cache)
     demo._ahead.clear()
-
-
-def test_prompts_waiting_at_a_gate_are_prefilled_ahead_and_enter_without_another_prefill(demo, monkeypatch):
-    """Once AHEAD_IMAGES images wait at a gate, the prompts still held there are prefilled (the scheduler parks
-    them); let in, they join the batch with that prefill. Those that left the gate, and those without room, only
-    have their images encoded. The answers are those of the prompts alone."""
-    monkeypatch.setattr(api, "AHEAD_IMAGES", 3)
-    images = sorted(DEMO_IMAGES.iterdir())[:4]
-    expected = [demo.caption(image, "This is", max_new_tokens=4) for image in images]
-    requests = demo.requests([[image, "This is"] for image in images], max_new_tokens=4)
-    prefills, prefill = [], demo.engine.prefill_batch
-    monkeypatch.setattr(demo.engine, "prefill_batch",
-                        lambda prompts, *a, **k: prefills.append(len(prompts)) or prefill(prompts, *a, **k))
-    encoded, encode = [], demo.engine.encoder._encode
-    monkeypatch.setattr(demo.engine.encoder, "_encode", lambda x: encoded.append(x.shape[0]) or encode(x))
-    demo.engine.encoder.cache.clear()
-    sinks = [queue.SimpleQueue() for _ in requests]
-    gate = Gate(demo.loop.submit, 64)
-    for _ in requests:
-        gate.started()
-    for r, sink in zip(requests[:3], sinks):
-        assert gate.loaded(r, sink)  # waiting: the fourth is still loading
-    demo.scheduler.max_batch = 2  # room for two
-    try:
-        demo._ahead.extend((r, gate) for r in requests[:3])
-        demo.loop.call(demo._work_ahead)
-    finally:
-        demo.scheduler.max_batch = None
-    assert prefills == [2] and set(demo.scheduler.parked) == {r.id for r in requests[:2]}
-    assert encoded == [2, 1]  # the parked two's images in their prefill, then the third's alone
-    assert gate.leave({requests[1].id}, 0) == {requests[1].id}  # its call ended: a parked request is aborted
-    demo.loop.abort(requests[1].id)
-    gate.loaded(requests[3], sinks[3])  # the last is ready: the held ones enter
-    outputs = [list(demo.loop.outputs(sink, r.id)) for r, sink in zip(requests, sinks) if r is not requests[1]]
-    assert prefills == [2, 2] and not demo.scheduler.parked and not demo.engine.active
-    texts = [completion(demo.tokenizer, r).text for r in requests if r is not requests[1]]
-    assert texts == [expected[0], expected[2], expected[3]] and all(o[-1].finish_reason in ("stop", "length") for o in outputs)
-    assert requests[1].finish == "abort" and requests[1].generated == []
 
 
 def test_the_workers_hash_the_images_and_the_encoder_uses_their_keys(demo, monkeypatch):

@@ -63,15 +63,10 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
 PROCESS_OPTIONS = ("add_end_of_utterance_token",)
 WINDOW = 256  # prompts of one generate() call between the image workers and the end of their generation at once
 HOLD = 64  # ready prompts waiting for others still loading, at most, before they enter the batch (gate.py)
-# Prompts waiting at a gate are prefilled ahead (scheduler.park) once this many of their images have gathered; with
-# no free slot for them, their images are encoded ahead instead (their prefill finds them in the encoder's cache):
-# an encoder call of 1 image keeps the GPU about as long as one of 16, and while a batch decodes, every such call
-# delays its next step.
+# Images waiting at a gate are encoded ahead of their prefill once this many have gathered (the prefill encodes any
+# left): an encoder call of 1 image keeps the GPU about as long as one of 16, and while a batch decodes, every such
+# call delays its next step.
 AHEAD_IMAGES = 16
-# False: images encoded ahead, prompts prefilled only once their gate lets them in. A call of 64 photos spends its
-# end on the last prompts' encode and prefill and its decode steps; prefilled ahead, only the last group's prefill
-# is left there (bench/job.py --prefill-ahead 1 0).
-PREFILL_AHEAD = True
 
 
 class _Ends:
@@ -116,9 +111,9 @@ class Idefics:
         # it on while its lines run, each line a call of its own. Off, a call's prompts wait only for each other.
         self.gather = False
         self._gate = Gate(self.loop.submit, HOLD)
-        # Requests waiting at a gate (with their gate), of every call: prefilled or their images encoded meanwhile,
-        # AHEAD_IMAGES images or more at a time (one call posted at a time), not one call per prompt.
-        self._ahead: deque[tuple[Request, Gate]] = deque()
+        # Requests waiting at a gate, of every call: their images are encoded meanwhile, AHEAD_IMAGES or more at a
+        # time (one encoder call posted at a time), not one call per prompt.
+        self._ahead: deque[Request] = deque()
         self._ahead_posted = False
         if team is not None:  # collected without close(): the engine thread stops the workers between steps
             team.post = self.loop.post
@@ -264,36 +259,28 @@ class Idefics:
                     continue
                 running[r.id] = b
                 if gate.loaded(r, ends) and r.prompt.pixels.shape[0]:
-                    self._ahead.append((r, gate))
+                    self._ahead.append(r)
                     if not self._ahead_posted:  # (else the one posted, not run yet, takes this prompt too)
                         self._ahead_posted = True
-                        self.loop.post(self._work_ahead)
+                        self.loop.post(self._encode_ahead)
         finally:  # an interrupted call leaves nothing behind
             for id in gate.leave(set(running), loading):
                 self.loop.abort(id)
         return results
 
-    def _work_ahead(self):
-        """On the engine thread, once the requests queued ahead and still waiting have AHEAD_IMAGES images: prefill
-        those still held at their gate (scheduler.park), as many as there is room for, and encode the images of the
-        others into the encoder's cache, where their prefill finds them. Fewer images stay queued."""
+    def _encode_ahead(self):
+        """On the engine thread: encode the images of the requests queued ahead and still waiting, into the encoder's
+        cache where their prefill finds them, once AHEAD_IMAGES have gathered; fewer stay queued."""
         self._ahead_posted = False  # (before taking: a request queued from now on posts a call of its own)
         waiting = []
         while self._ahead:
-            r, gate = self._ahead.popleft()
-            if r.slot is None and r.finish is None:  # not admitted or parked (its prefill encoded them), not ended
-                waiting.append((r, gate))
-        if sum(r.prompt.pixels.shape[0] for r, _ in waiting) < AHEAD_IMAGES:
+            r = self._ahead.popleft()
+            if r.slot is None and r.finish is None:  # not admitted (its prefill encoded its images), not ended
+                waiting.append(r)
+        if sum(r.prompt.pixels.shape[0] for r in waiting) < AHEAD_IMAGES:
             self._ahead.extendleft(reversed(waiting))
-            return
-        parked = set()
-        if PREFILL_AHEAD and not self.scheduler.running:  # (a prefill between decode steps would delay the next)
-            for gate in {id(g): g for _, g in waiting}.values():
-                held = gate.park([r for r, g in waiting if g is gate])
-                parked.update(r.id for r in self.scheduler.park(held))
-        rest = [r.prompt for r, _ in waiting if r.id not in parked]
-        if rest:
-            self.engine.encoder.of_prompts(rest)
+        elif waiting:
+            self.engine.encoder.of_prompts([r.prompt for r in waiting])
 
     def stream(self, prompt, *, add_end_of_utterance_token: bool | None = None, **options) -> Iterator[str]:
         """Yield the continuation of one prompt as text pieces, as tokens are decoded (never a broken character).

@@ -4,8 +4,7 @@ A prompt is ready once its images are decoded. Prompts trickling in one by one w
 each prefill reads every weight of the model; so ready prompts wait while others they can join are still loading,
 and enter in one prefill once none is loading or `group` of them are waiting. Each generate() call has a gate of
 its own (its prompts wait only for each other); calls made to fill one job, such as `idefics batch`'s lines, share
-one (Idefics.gather). A waiting request may be prefilled meanwhile (`park`, scheduler.park): it holds a slot then,
-and enters without a prefill."""
+one (Idefics.gather)."""
 from __future__ import annotations
 
 import threading
@@ -21,7 +20,6 @@ class Gate:
         self.lock = threading.Lock()
         self.loading = 0  # prompts started whose images are not ready yet
         self.held: list[tuple[Request, object]] = []  # (request, where its outputs go)
-        self.parked: set = set()  # ids of held requests given to park()
 
     def started(self):
         with self.lock:
@@ -37,29 +35,17 @@ class Gate:
             self._release()
             return request is not None and bool(self.held)
 
-    def park(self, requests: list[Request]) -> list[Request]:
-        """-> those of requests still held here, marked as about to be prefilled ahead (scheduler.park): one that
-        leaves the gate with its call is then aborted, as one that had entered would be."""
-        with self.lock:
-            held = {r.id for r, _ in self.held}
-            ready = [r for r in requests if r.id in held]
-            self.parked.update(r.id for r in ready)
-        return ready
-
     def leave(self, ids: set, loading: int) -> set:
         """A call ends early: its requests still held go, and its `loading` prompts are no longer waited for.
-        -> the ids of its requests that hold a slot: those that had entered the batch already, or were parked."""
+        -> the ids of its requests that had entered the batch already."""
         with self.lock:
             self.loading -= loading
             gone = {r.id for r, _ in self.held if r.id in ids}
             self.held = [(r, s) for r, s in self.held if r.id not in ids]
-            parked = gone & self.parked
-            self.parked -= gone
             self._release()
-        return ids - gone | parked
+        return ids - gone
 
     def _release(self):  # (under the lock: two releases never interleave their requests)
         if self.held and (self.loading <= 0 or len(self.held) >= self.group):
             held, self.held = self.held, []
-            self.parked.difference_update(r.id for r, _ in held)
             self.submit([r for r, _ in held], [s for _, s in held])

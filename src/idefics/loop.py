@@ -135,6 +135,6 @@ class EngineLoop:
     def _fail_all(self, error: Exception) -> list[Output]:
         s = self.scheduler
         message = str(error) if isinstance(error, IdeficsError) else f"internal error: {type(error).__name__}: {error}"
-        failed = [r.id for r in (*s.running, *s.joining, *s.waiting, *s.parked.values())]
+        failed = [r.id for r in s.running] + [r.id for r in s.waiting]
         s.reset()
         return [Output(id, None, "", "error", error=message.splitlines()[0]) for id in failed]

@@ -6,9 +6,7 @@ token with that row's own options, launches the next decode step before reading 
 host's bookkeeping overlaps the device's work) and returns each request's new token, text piece and finish
 reason. Admission takes the oldest waiting request first (with a backlog, grouped with those closest to its length),
 bounded by free slots and an images-per-step budget, so a request with many images delays the others by one
-prefill, not more. `park()` prefills requests that are not to run yet (they wait at a gate for others still
-loading: gate.py) while the device has time; added later, they join the batch at the next step without a prefill.
-The engine (engine.py) executes; this file decides."""
+prefill, not more. The engine (engine.py) executes; this file decides."""
 from __future__ import annotations
 
 import itertools
@@ -79,7 +77,6 @@ class Request:
     slot: int | None = None
     finish: str | None = None
     stop_at: int | None = None  # character offset of a matched stop string in the decoded continuation
-    first_logits: torch.Tensor | None = None  # (V,) while parked: its prefill's next-token logits
 
     @classmethod
     def make(cls, prompt: Prompt, options: GenerationOptions, tokenizer: Tokenizer, context: int, *,
@@ -147,8 +144,6 @@ class Scheduler:
         self.images_per_step = images_per_step
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in the order of `logits`' rows
-        self.parked: dict = {}  # request id -> a request prefilled ahead (park), not added yet
-        self.joining: list[Request] = []  # parked requests added since the last step
         self.aborted: set = set()
         self.logits: torch.Tensor | None = None  # the last decode step's output, for `running`
         self.sampler: RowSampler | None = None
@@ -156,45 +151,31 @@ class Scheduler:
         self.deferred = 0  # steps admission has waited to gather a group
 
     def add(self, request: Request):
-        """Queue a request made by Request.make (which checks it, so a bad one fails alone, before it is queued); a
-        parked one joins the batch at the next step."""
-        if self.parked.pop(request.id, None) is not None:
-            self.joining.append(request)
-        else:
-            self.waiting.append(request)
+        """Queue a request made by Request.make (which checks it, so a bad one fails alone, before it is queued)."""
+        self.waiting.append(request)
 
     def abort(self, id):
         self.aborted.add(id)
 
     @property
     def busy(self) -> bool:
-        return bool(self.running or self.joining or (self.waiting and not self.hold) or (self.aborted and self.parked))
+        return bool(self.running or (self.waiting and not self.hold))
 
     def reset(self):
         """Forget every request (after a fault of the engine)."""
         self.waiting.clear()
-        for r in self.parked.values():
-            r.slot = None
-        self.parked.clear()
-        self.running, self.joining, self.logits = [], [], None
+        self.running, self.logits = [], None
         self.aborted.clear()
         self.engine.release_all()
 
     def step(self) -> list[Output]:
         out = self._apply_aborts()
-        joined, self.joining = self.joining, []
         new, new_logits = self._admit()
-        rows = self.running + joined + new
+        rows = self.running + new
         if not rows:
             return out
-        parts = [self.logits] if self.running else []
-        if joined:  # their first logits, from the prefill that parked them
-            parts.append(torch.stack([r.first_logits for r in joined]))
-            for r in joined:
-                r.first_logits = None
-        if new:
-            parts.append(new_logits)
-        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        logits = new_logits if not self.running else \
+            self.logits if not new else torch.cat([self.logits, new_logits])
         slots = self.engine.index([r.slot for r in rows])
         tokens, bad = self.sampler(logits, rows, slots)
         picks = self._logprobs(logits, tokens, rows)
@@ -269,13 +250,6 @@ class Scheduler:
             self.waiting.remove(r)
             r.finish = "abort"
             out.append(Output(r.id, None, "", "abort"))
-        for r in [r for r in [*self.parked.values(), *self.joining] if r.id in self.aborted]:
-            self.parked.pop(r.id, None)
-            if r in self.joining:
-                self.joining.remove(r)
-            self.engine.release(r.slot)
-            r.slot, r.first_logits, r.finish = None, None, "abort"
-            out.append(Output(r.id, None, "", "abort"))
         keep = []
         for i, r in enumerate(self.running):
             if r.id in self.aborted:
@@ -294,13 +268,14 @@ class Scheduler:
         """Waiting requests into free slots (in the order of _candidates) -> those admitted and their first logits."""
         if not self.waiting or self.hold:
             return [], None
-        self._reserve(list(self.waiting))
+        self._reserve()
         batch, images = [], 0
         free = self.engine.free_slots()  # lowest first
-        room = self._room(free)
+        limit = self.max_batch or self.engine.slots
+        room = min(len(free), limit - len(self.running))
         if room <= 0:
             return [], None
-        group = max(1, min(ADMIT_GROUP, (self.max_batch or self.engine.slots) // ADMIT_SHARE))
+        group = max(1, min(ADMIT_GROUP, limit // ADMIT_SHARE))
         if self.running and len(self.waiting) > room and room < group and self.deferred < ADMIT_WAIT:
             self.deferred += 1
             return [], None
@@ -319,50 +294,12 @@ class Scheduler:
             return [], None
         for r in batch:
             self.waiting.remove(r)
-        return batch, self._prefill(batch, free)
-
-    def park(self, requests: list[Request]) -> list[Request]:
-        """Prefill requests that are not added yet into free slots now -> those parked (as many as the room and
-        the images-per-step budget allow, in order). Each keeps its slot and first logits until it is added (it
-        joins the batch) or aborted. A prompt's prefill costs the same now as at its admission; a gate holds it
-        back meanwhile (gate.py), while the device, waiting for the images of others, has time."""
-        if self.hold or not requests:
-            return []
-        self._reserve(list(self.waiting) + requests)
-        free = self.engine.free_slots()
-        batch, images = [], 0
-        for r in requests[: max(0, self._room(free))]:
-            n = r.prompt.pixels.shape[0]
-            if (batch and images + n > self.images_per_step) or not self._fits(r):
-                break
-            batch.append(r)
-            images += n
-        if not batch:
-            return []
-        try:
-            logits = self._prefill(batch, free)
-        except Exception:  # (the same prefill at admission gives the requests their error)
-            for r in batch:
-                self.engine.release(r.slot)
-                r.slot = None
-            raise
-        for r, row in zip(batch, logits):
-            r.first_logits = row
-            self.parked[r.id] = r
-        return batch
-
-    def _room(self, free: list[int]) -> int:
-        """Requests that may enter now: free slots, within max_batch counting those running or parked."""
-        limit = self.max_batch or self.engine.slots
-        return min(len(free), limit - len(self.running) - len(self.parked) - len(self.joining))
-
-    def _prefill(self, batch: list[Request], free: list[int]) -> torch.Tensor:
-        """The requests into the first free slots, in one prefill -> their first logits (B, V)."""
         for r, slot in zip(batch, free):
             r.slot = slot
             r.seed(self.engine.device)
             self.sampler.start(slot, r.prompt_ids)
-        return self.engine.prefill_batch([r.prompt for r in batch], slots=[r.slot for r in batch])
+        logits = self.engine.prefill_batch([r.prompt for r in batch], slots=[r.slot for r in batch])
+        return batch, logits
 
     def _candidates(self, room: int) -> list[Request]:
         """The order admission considers waiting requests in: first come, first served; with a backlog, the oldest
@@ -378,11 +315,12 @@ class Scheduler:
         e = self.engine
         return r.prompt.ids.shape[0] + r.budget <= e.max_len and r.prompt.pixels.shape[0] <= e.max_images
 
-    def _reserve(self, need: list[Request]):
+    def _reserve(self):
         """Size the buffers when nothing runs (the slots only grow): the slots and length `capacity` gives, never less
-        than the requests in `need` need; and the sampler's with them."""
+        than the waiting requests need; and the sampler's with them."""
         e = self.engine
         if not (self.running or e.active):
+            need = list(self.waiting)
             length = min(-(-max(r.prompt.ids.shape[0] + r.budget for r in need) // LEN_RESERVE) * LEN_RESERVE,
                          self.context)
             images = max(r.prompt.pixels.shape[0] for r in need)

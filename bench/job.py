@@ -210,12 +210,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-graph-len", type=int, nargs="+", default=[engine_module.BATCH_GRAPH_LEN],
                         help="prompts of up to this many tokens prefilled together by a captured graph, 0: none "
                              "(engine.BATCH_GRAPH_LEN)")
+    parser.add_argument("--batch-len-bucket", type=int, nargs="+", default=[engine_module.BATCH_LEN_BUCKET],
+                        help="captured prefills of several prompts pad their length to a multiple of this "
+                             "(engine.BATCH_LEN_BUCKET)")
     args = parser.parse_args(argv)
     settings = {  # name -> (values, apply)
         "ahead": (args.ahead, lambda v: setattr(api_module, "AHEAD_IMAGES", v)),
         "hold": (args.hold, lambda v: setattr(api_module, "HOLD", v)),
         "switch_interval": (args.switch_interval, sys.setswitchinterval),
         "batch_graph_len": (args.batch_graph_len, lambda v: setattr(engine_module, "BATCH_GRAPH_LEN", v)),
+        "batch_len_bucket": (args.batch_len_bucket, lambda v: setattr(engine_module, "BATCH_LEN_BUCKET", v)),
     }
     for values, apply in settings.values():
         apply(values[0])

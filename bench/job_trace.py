@@ -117,8 +117,8 @@ def main():
         for decode in args.decodes:
             m.processor.images.decode = decode
             for _ in range(args.warm_ups):  # (the shapes a call meets depend on how its photos arrive)
-                job(files[args.batch:])
                 m.engine.encoder.cache.clear()
+                job(files[args.batch:])
             m.engine.encoder.cache.clear()
             EVENTS.clear()
             sync()

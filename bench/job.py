@@ -45,6 +45,7 @@ from idefics.config import IdeficsConfig, PerceiverConfig, VisionConfig, idefics
 from idefics.images import ImageTransform  # noqa: E402
 from idefics.pipeline import ImagePipeline, default_workers  # noqa: E402
 from idefics.processor import Processor  # noqa: E402
+from idefics.stage import Resizer, Stage  # noqa: E402
 from idefics.tokenizer import Tokenizer  # noqa: E402
 
 TOKENIZER = HERE / "llama_tokenizer"
@@ -86,7 +87,9 @@ def tiny_config() -> IdeficsConfig:
 def ours(config: IdeficsConfig, device: str, dtype: torch.dtype, workers: int, batch: int) -> Idefics:
     model = random_model(config, device, dtype)
     tokenizer = Tokenizer.from_dir(TOKENIZER)
-    processor = Processor(tokenizer, ImageTransform(image_size=config.vision.image_size), workers=workers)
+    # As idefics.load: on a GPU the workers decode and the GPU resizes (stage.py)
+    processor = Processor(tokenizer, ImageTransform(image_size=config.vision.image_size), workers=workers,
+                          resize_on=device if device == "cuda" else None)
     m = Idefics(model, tokenizer, processor, Path("random-idefics"))
     # Both models share the card: reserve the batch's slots (the default sizes them for full 2048-token contexts
     # in half the free memory, which the reference's copy of the weights would halve).
@@ -210,6 +213,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-graph-len", type=int, nargs="+", default=[engine_module.BATCH_GRAPH_LEN],
                         help="prompts of up to this many tokens prefilled together by a captured graph, 0: none "
                              "(engine.BATCH_GRAPH_LEN)")
+    parser.add_argument("--resize-on-device", type=int, nargs="+", choices=[0, 1],
+                        help="1: the workers decode and the GPU resizes (stage.py; the default on a GPU), 0: the "
+                             "workers resize too")
     parser.add_argument("--batch-len-bucket", type=int, nargs="+", default=[engine_module.BATCH_LEN_BUCKET],
                         help="captured prefills of several prompts pad their length to a multiple of this "
                              "(engine.BATCH_LEN_BUCKET)")
@@ -244,6 +250,11 @@ def main(argv=None) -> int:
         m = ours(config, device, dtype, args.workers[0], batch)
         settings["workers"] = (args.workers, lambda v: (m.processor.images.close(),
                                                         setattr(m.processor.images, "workers", v)))
+        images = m.processor.images  # (the pool starts afresh, its workers forked with the new slab or none)
+        settings["resize_on_device"] = (args.resize_on_device or [int(device == "cuda")], lambda v: (
+            images.close(), setattr(images, "resizer", Resizer(Stage(), images.transform, device) if v else None)))
+        settings["resize_on_device"][1](settings["resize_on_device"][0][0])
+        result["resize_on_device"] = settings["resize_on_device"][0][0]
         warm_up(m, files, batch, root)
         result["api_call_s"] = []
         seconds, api = timed(lambda: run_api(m, files, batch, result["api_call_s"]))

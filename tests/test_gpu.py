@@ -38,7 +38,10 @@ from idefics.demo.examples import paths as demo_images
 from idefics.engine import BATCH_LEN_BUCKET, Engine, _round_up, split_batch
 from idefics.graphs import slot_bucket
 from idefics.hub import DEMO_DIR
+from idefics.images import ImageTransform
 from idefics.inputs import full_logits
+from idefics.pipeline import ImagePipeline
+from idefics.resize import resize
 from idefics.sampling import GenerationOptions
 from idefics.scheduler import Request, Scheduler, default_banned
 
@@ -136,6 +139,27 @@ def test_the_device_runs_fused_decoding_and_cuda_graphs(models):
         assert s["device"].startswith(DEVICE) and s["dtype"] == dtype
         if CUDA:  # the paths the rest of this file exercises
             assert s["fused_decode"] and s["cuda_graphs"], s
+
+
+def test_images_resized_on_the_device_equal_pillows(tmp_path):
+    """resize.py on the device at shapes of both pass orders, and a pipeline staging JPEG photos there (stage.py),
+    against Pillow's resize and the workers' own pixels."""
+    rng = np.random.default_rng(0)
+    for width, height in ((1600, 1067), (1067, 1600), (300, 1000), (4000, 3000), (120, 90), (1, 1), (2000, 10)):
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        want = np.asarray(Image.fromarray(image).resize((224, 224), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+        assert np.array_equal(resize(torch.from_numpy(image).to(DEVICE), 224).cpu().numpy(), want), (width, height)
+    paths = []
+    for i, size in enumerate([(1600, 1067), (900, 1600), (150, 100)]):
+        paths.append(tmp_path / f"{i}.jpg")
+        noise(size, i).save(paths[-1], quality=85)
+    transform = ImageTransform()
+    staged = ImagePipeline(transform, workers=2, resize_on=DEVICE)
+    for path in paths:
+        got = staged.submit(path).result()
+        assert np.array_equal(got.pixels.numpy(), transform.pixels(Image.open(path).convert("RGB")))
+    assert staged.resizer.checked and staged.resizer.stage.enabled.value
+    staged.close()
 
 
 def test_the_captured_image_encoders_equal_the_eager_one(models):

@@ -102,7 +102,7 @@ def test_the_table_normalizes_exactly_as_the_reference_arithmetic():
     expected = ((x.double() * t.rescale_factor).float() - torch.tensor(t.image_mean).view(3, 1, 1)) \
         / torch.tensor(t.image_std).view(3, 1, 1)
     assert torch.equal(torch.from_numpy(t.pixels(image)), expected)
-    table = t._table
+    table = t.table
     direct = ((torch.arange(256, dtype=torch.float64) * t.rescale_factor).float()
               - torch.tensor(t.image_mean)[:, None]) / torch.tensor(t.image_std)[:, None]
     assert torch.equal(torch.from_numpy(table), direct)

@@ -457,7 +457,9 @@ def load(model: str | os.PathLike | None = None, *, device=None, dtype=None, qua
     config = IdeficsConfig.from_file(path / "config.json")
     files = weight_files(path)
     tokenizer = Tokenizer.from_dir(path)
-    processor = Processor(tokenizer, ImageTransform.from_dir(path), workers=workers, image_decode=image_decode)
+    # On a GPU, the image workers decode and the GPU resizes (stage.py).
+    processor = Processor(tokenizer, ImageTransform.from_dir(path), workers=workers, image_decode=image_decode,
+                          resize_on=device if device.type == "cuda" else None)
     if processor.image_transform.image_size != config.vision.image_size:
         # The vision tower's position embeddings fit one image size only.
         raise IdeficsError(f"{path}: images are resized to {processor.image_transform.image_size} px "

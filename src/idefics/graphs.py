@@ -2,11 +2,15 @@
 once, which removes the per-kernel launch cost that dominates small-batch decoding and short prefills."""
 from __future__ import annotations
 
+import threading
 from typing import Callable, Hashable
 
 import torch
 
 SLOT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# Held while a graph is captured: CUDA work that other threads of this process start (stage.py's resizes) waits
+# for it, as a capture fails when another thread allocates or synchronizes meanwhile.
+CAPTURE = threading.Lock()
 
 
 def slot_bucket(n: int, limit: int) -> int:
@@ -36,6 +40,6 @@ class Graphs:
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with CAPTURE, torch.cuda.graph(graph, pool=self.pool):
             out = fn()
         return graph, out

@@ -86,17 +86,20 @@ def load_image(source: ImageSource, limits: ImageLimits = ImageLimits(), prepare
     decoded: to set a draft mode or to reserve memory for it."""
     if isinstance(source, Image.Image):
         return _loaded(source, describe(source))
+    return decode(source_bytes(source, limits), describe(source), limits, prepare)
+
+
+def source_bytes(source: str | Path | bytes | bytearray, limits: ImageLimits = ImageLimits()) -> bytes:
+    """The encoded image a source names (a file's, a URL's, a data URI's bytes), refused past limits.max_bytes."""
     if isinstance(source, (bytes, bytearray)):
-        data = bytes(source)
-    elif isinstance(source, str) and source.startswith("data:"):
-        data = _data_uri_bytes(source)
-    elif isinstance(source, str) and is_image_reference(source):
-        data = fetch.fetch(source, limits.max_bytes, limits.timeout, limits.max_redirects, describe(source))
-    elif isinstance(source, (str, Path)):
-        data = _read_file(source, limits)
-    else:
-        raise IdeficsError(f"unsupported image source of type {type(source).__name__}")
-    return _decode(data, describe(source), limits, prepare)
+        return bytes(source)
+    if isinstance(source, str) and source.startswith("data:"):
+        return _data_uri_bytes(source)
+    if isinstance(source, str) and is_image_reference(source):
+        return fetch.fetch(source, limits.max_bytes, limits.timeout, limits.max_redirects, describe(source))
+    if isinstance(source, (str, Path)):
+        return _read_file(source, limits)
+    raise IdeficsError(f"unsupported image source of type {type(source).__name__}")
 
 
 def read_stream(stream: BinaryIO, name: str, limits: ImageLimits = ImageLimits()) -> bytes:
@@ -160,7 +163,8 @@ def _loaded(image: Image.Image, name: str) -> Image.Image:
     return image
 
 
-def _decode(data: bytes, name: str, limits: ImageLimits, prepare=None) -> Image.Image:
+def decode(data: bytes, name: str, limits: ImageLimits = ImageLimits(), prepare=None) -> Image.Image:
+    """Encoded bytes -> an RGB image, as load_image decodes them; `name` heads its errors."""
     if len(data) > limits.max_bytes:
         raise TooLarge(f"{name}: image data is {len(data)} bytes, over the limit of {limits.max_bytes}")
     try:
@@ -240,10 +244,10 @@ class ImageTransform:
         """One image -> (3, image_size, image_size) float32."""
         x = np.asarray(self.resized(image))  # (H, W, 3) uint8
         # One look-up per pixel, in numpy: single-threaded, as many of these run side by side in the workers.
-        return self._table[_CHANNELS, x.transpose(2, 0, 1)]
+        return self.table[_CHANNELS, x.transpose(2, 0, 1)]
 
     @functools.cached_property
-    def _table(self) -> np.ndarray:
+    def table(self) -> np.ndarray:
         """(3, 256) float32: every normalized value a uint8 pixel can give, per channel, computed as the reference
         computes each pixel (rescale in float64 then round to float32, normalize in float32), so a look-up is exact."""
         x = (torch.arange(256, dtype=torch.float64) * self.rescale_factor).float()

@@ -34,7 +34,9 @@ import torch
 from PIL import Image
 
 from idefics.errors import IdeficsError
-from idefics.images import ImageLimits, ImageTransform, load_image, pixel_key
+from idefics.images import ImageLimits, ImageTransform, decode as decode_image, describe, load_image, pixel_key, \
+    source_bytes
+from idefics.stage import Resizer, Stage, Staged, key_of
 
 DECODES = ("exact", "fast")
 MEMORY = 1 << 29  # bytes of decoded images the workers may hold at once (512 MiB)
@@ -107,7 +109,9 @@ def prepare(source, transform: ImageTransform, limits: ImageLimits, decode: str,
             budget: Budget | None = None):
     """Load, decode, resize and normalize one image, in the calling thread or process -> ((3, H, W) float32 numpy
     pixels, their key); resized: the image at the model's size instead (what the processor turns into the same
-    pixels as the source). budget: the pipeline's (in a worker process: the one it was started with)."""
+    pixels as the source). budget: the pipeline's (in a worker process: the one it was started with). In a worker
+    of a pipeline that stages images (stage.py), an RGB image not at the model's size yet is left decoded in the
+    slab if there is room: -> its Staged."""
     budget = budget or _worker_budget
     taken = []
     size = (transform.image_size,) * 2
@@ -118,7 +122,14 @@ def prepare(source, transform: ImageTransform, limits: ImageLimits, decode: str,
         taken.append(budget.take(decoded_bytes(image)))
 
     try:
-        image = load_image(source, limits, opened)  # (a PIL image given as such is decoded already)
+        if _worker_stage is not None and not resized and not isinstance(source, Image.Image):
+            data = source_bytes(source, limits)
+            image = decode_image(data, describe(source), limits, opened)
+            if image.size != size and image.info.get("transparency") is None:  # (RGB, as decoded)
+                if (staged := _worker_stage.put(image, key_of(data, decode))) is not None:
+                    return staged
+        else:
+            image = load_image(source, limits, opened)  # (a PIL image given as such is decoded already)
         if resized:
             return transform.resized(image)
         x = transform.pixels(image)
@@ -130,12 +141,14 @@ def prepare(source, transform: ImageTransform, limits: ImageLimits, decode: str,
 
 
 _worker_budget: Budget | None = None  # in a worker process, its pipeline's budget
+_worker_stage: Stage | None = None  # and its slab, where the pipeline stages images
 PARENT_CHECK = 0.5  # seconds between a worker's checks that its parent is alive
 
 
-def _worker_started(budget: Budget, parent: int):
-    global _worker_budget
-    _worker_budget = budget  # (handed over at the fork: a shared lock and counter cannot travel with each image)
+def _worker_started(budget: Budget, stage: Stage | None, parent: int):
+    global _worker_budget, _worker_stage
+    # (handed over at the fork: shared locks, counters and memory cannot travel with each image)
+    _worker_budget, _worker_stage = budget, stage
     _return_freed_images()
     _drop_inherited_sockets()
     _exit_with(parent)
@@ -177,12 +190,14 @@ class ImagePipeline:
     """Worker processes (and, for images given decoded, threads) that turn image sources into Pixels."""
 
     def __init__(self, transform: ImageTransform, limits: ImageLimits = ImageLimits(), workers: int | None = None,
-                 decode: str = "exact", memory: int | None = None):
+                 decode: str = "exact", memory: int | None = None, resize_on: torch.device | str | None = None):
+        """resize_on: a device where the workers' decoded images are resized (stage.py), None: by the workers."""
         self.transform = transform
         self.limits = limits
         self.workers = check_workers(workers)
         self.decode = check_decode(decode)
         self.budget = Budget(MEMORY if memory is None else memory)
+        self.resizer = Resizer(Stage(), transform, resize_on) if resize_on is not None else None
         _return_freed_images()
         self._processes: ProcessPoolExecutor | None = None
         self._threads: ThreadPoolExecutor | None = None
@@ -202,24 +217,30 @@ class ImagePipeline:
         with self._pool_lock:
             if self._processes is not None:
                 try:
-                    return _Then(self._processes.submit(prepare, *args), _as_pixels)
+                    return _Then(self._processes.submit(prepare, *args), self._done)
                 except BrokenProcessPool:  # a worker died since the last image: a fresh pool for this one
                     self._processes.shutdown(wait=False, cancel_futures=True)
             # Every Pillow plugin imported before the fork: a thread importing one at that moment (Image.open's
             # first call imports them) holds its module's lock, which the workers would inherit held and wait on
             # forever. Image.init waits for such an import to end.
             Image.init()
+            stage = self.resizer.stage if self.resizer is not None else None
             self._processes = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"),
-                                                  initializer=_worker_started, initargs=(self.budget, os.getpid()))
+                                                  initializer=_worker_started,
+                                                  initargs=(self.budget, stage, os.getpid()))
             # The first submit forks every worker. Objects frozen then are left alone by the workers' garbage
             # collector, which would otherwise write to the pages holding them and so copy much of the interpreter
             # into each worker (tests/test_pipeline.py's twelve photos: 1.33 GB, against 0.86 frozen); the caller's
             # collector gets them back at once.
             gc.freeze()
             try:
-                return _Then(self._processes.submit(prepare, *args), _as_pixels)
+                return _Then(self._processes.submit(prepare, *args), self._done)
             finally:
                 gc.unfreeze()
+
+    def _done(self, result) -> Pixels | Future:
+        """A worker's result -> its Pixels, or for a staged image the Future of the resizer's."""
+        return self.resizer.submit(result) if isinstance(result, Staged) else _as_pixels(result)
 
     def pixels(self, source) -> torch.Tensor:
         """Load, decode, resize and normalize one image, in the calling thread -> (3, H, W) float32."""
@@ -236,6 +257,8 @@ def _shut(state: dict):
             if state[name] is not None:
                 state[name].shutdown(wait=False, cancel_futures=True)
                 state[name] = None
+    if state["resizer"] is not None:
+        state["resizer"].close()
 
 
 def _as_pixels(result) -> Pixels:
@@ -244,7 +267,8 @@ def _as_pixels(result) -> Pixels:
 
 
 class _Then(Future):
-    """A Future of fn(inner's result), whose cancel() cancels the inner one (if it has not started)."""
+    """A Future of fn(inner's result), whose cancel() cancels the inner one (if it has not started). Where fn returns
+    a Future (a staged image's resize), this one ends with that one's result, through _as_pixels."""
 
     def __init__(self, inner: Future, fn):
         super().__init__()
@@ -256,15 +280,19 @@ class _Then(Future):
         return super().cancel()
 
     def _finish(self, f: Future, fn):
-        if self.cancelled():
-            return
         if f.cancelled():
             super().cancel()
             return
         error = f.exception()
         if isinstance(error, BrokenProcessPool):  # a worker that died is one image's one-line error
             error = IdeficsError("the image worker decoding it stopped (it crashed or ran out of memory)")
-        if error is not None:
+        # fn runs even for a cancelled Future: a staged image's place in the slab is freed by its resize.
+        result = fn(f.result()) if error is None else None
+        if isinstance(result, Future):  # (not cancelled with this one: it frees the slab)
+            result.add_done_callback(lambda g: self._finish(g, _as_pixels))
+        elif self.cancelled():
+            return
+        elif error is not None:
             self.set_exception(error)
         else:
-            self.set_result(fn(f.result()))
+            self.set_result(result)

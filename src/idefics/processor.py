@@ -110,7 +110,7 @@ class Pending:
 
 class Processor:
     def __init__(self, tokenizer: Tokenizer, image_transform: ImageTransform, limits: ImageLimits = ImageLimits(),
-                 workers: int | None = None, image_decode: str = "exact"):
+                 workers: int | None = None, image_decode: str = "exact", resize_on: torch.device | str | None = None):
         if tokenizer.image_id is None or tokenizer.fake_image_id is None:
             raise IdeficsError(f"the tokenizer lacks the {IMAGE_TOKEN} or {FAKE_IMAGE_TOKEN} token")
         if tokenizer.bos_token is None:
@@ -118,8 +118,9 @@ class Processor:
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.limits = limits
-        # Decodes, resizes and normalizes every image, in parallel threads (see idefics.pipeline).
-        self.images = ImagePipeline(image_transform, limits, workers, image_decode)
+        # Decodes, resizes and normalizes every image in parallel processes, or decodes them there and resizes them on
+        # the device resize_on (see idefics.pipeline and idefics.stage).
+        self.images = ImagePipeline(image_transform, limits, workers, image_decode, resize_on=resize_on)
 
     def __call__(self, prompts, add_end_of_utterance_token: bool | None = None) -> dict[str, torch.Tensor]:
         """-> input_ids (B, S) and attention_mask (B, S) int64, pixel_values (B, N, 3, H, W) float32 zero-padded to
@@ -243,5 +244,5 @@ class Processor:
 
     @classmethod
     def from_dir(cls, path: str | Path, limits: ImageLimits = ImageLimits(), workers: int | None = None,
-                 image_decode: str = "exact") -> Processor:
-        return cls(Tokenizer.from_dir(path), ImageTransform.from_dir(path), limits, workers, image_decode)
+                 image_decode: str = "exact", resize_on: torch.device | str | None = None) -> Processor:
+        return cls(Tokenizer.from_dir(path), ImageTransform.from_dir(path), limits, workers, image_decode, resize_on)

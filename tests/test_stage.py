@@ -71,7 +71,9 @@ def used(pipeline: ImagePipeline) -> int:
 def drain(pipeline: ImagePipeline):
     """Wait until every worker's and the resizer's work is done."""
     pipeline._processes.shutdown(wait=True)
-    pipeline.resizer.pool.shutdown(wait=True)
+    thread = pipeline.resizer.thread
+    pipeline.resizer.close()
+    thread.join()
 
 
 def test_a_staged_pipeline_gives_the_reference_processors_pixels(photos, tmp_path):

@@ -3,7 +3,7 @@ thread's prefills, encodes and decode steps (host time, and device time between 
 for one m.caption call of --batch photos after a warm-up, in the exact and the fast decode.
 
     PYTHONPATH=src python bench/job_trace.py [--batch 64] [--slots 64] [--workers 16] [--path api|batch]
-                                             [--ahead 16] [--decodes exact fast] [--small]
+                                             [--ahead 16] [--decodes exact fast] [--resize-on-device 1|0] [--small]
 """
 from __future__ import annotations
 
@@ -95,6 +95,8 @@ def main():
     parser.add_argument("--ahead", type=int, default=api.AHEAD_IMAGES, help="images encoded ahead at once, at least")
     parser.add_argument("--decodes", nargs="+", default=["exact", "fast"], choices=["exact", "fast"])
     parser.add_argument("--warm-ups", type=int, default=3, help="untimed calls of other photos before each trace")
+    parser.add_argument("--resize-on-device", type=int, choices=[0, 1], default=1,
+                        help="0: the workers resize (on the GPU the default is 1: the GPU resizes, stage.py)")
     args = parser.parse_args()
     api.AHEAD_IMAGES = args.ahead
     trace_images()
@@ -108,6 +110,8 @@ def main():
         slots = args.slots or args.batch
         m = ours(tiny_config(), "cpu", torch.float32, args.workers, slots) if args.small else \
             ours(idefics_9b(), "cuda", torch.bfloat16, args.workers, slots)
+        if not args.resize_on_device:
+            m.processor.images.resizer = None
         if args.path == "batch":  # the same photos as lines of a tasks.jsonl, through idefics batch
             def job(photos):
                 run_batch(m, photos, Path(tmp))

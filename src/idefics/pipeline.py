@@ -13,6 +13,10 @@ of this process instead, as are images asked for only resized (ranked classifica
 decoder crash, the out-of-memory killer) fails the images then in flight, each with a one-line error, and the next
 image starts a fresh pool; workers whose process was killed outright end within a second.
 
+A pipeline made with resize_on (a CUDA device: idefics.load's) leaves an RGB image not at the model's size
+decoded in a slab of memory shared with this process, where there is room, and the GPU resizes and normalizes it
+(stage.py): a worker's share of a photo is then its decoding alone, and the images' keys hash their encoded bytes.
+
 decode "exact" gives the reference processor's pixel values bit for bit. decode "fast" lets JPEG decoding scale
 the picture down by 2, 4 or 8 in the DCT (Pillow's draft mode) to the smallest size still at least the target on
 both sides, before the same resize: several times less work on photos, slightly different pixels (measured in

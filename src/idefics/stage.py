@@ -31,7 +31,7 @@ from idefics.images import ImageTransform
 
 STAGE = 1 << 28  # bytes of the shared slab (256 MiB: sixteen workers' photos of 16 megapixels)
 CHUNK = 1 << 20  # its unit of allocation
-MAX_BATCH = 64  # staged images resized together at most
+MAX_BATCH = 16  # staged images resized together at most (see Resizer)
 
 
 class Staged(NamedTuple):

@@ -195,7 +195,8 @@ class ImagePipeline:
 
     def __init__(self, transform: ImageTransform, limits: ImageLimits = ImageLimits(), workers: int | None = None,
                  decode: str = "exact", memory: int | None = None, resize_on: torch.device | str | None = None):
-        """resize_on: a device where the workers' decoded images are resized (stage.py), None: by the workers."""
+        """resize_on: the device where the workers' decoded images are resized (stage.py; a GPU's is the point, any
+        other runs the same arithmetic), None: the workers resize them."""
         self.transform = transform
         self.limits = limits
         self.workers = check_workers(workers)

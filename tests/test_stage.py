@@ -118,14 +118,24 @@ def test_cancelled_images_give_their_places_back(photos):
     assert used(pipeline) == 0
 
 
-def test_a_device_whose_resize_differs_from_pillow_stops_the_staging(photos, monkeypatch):
-    monkeypatch.setattr(stage_module.resize, "resize", lambda image, size: resize(image, size) ^ 1)
+def wrong(image, size):
+    return resize(image, size) ^ 1
+
+
+def failing(image, size):
+    raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul")
+
+
+@pytest.mark.parametrize("resized, said", [(wrong, "does not give Pillow"), (failing, "failed (CUBLAS_STATUS")])
+def test_a_device_whose_resize_differs_from_pillow_or_fails_stops_the_staging(photos, monkeypatch, resized, said):
+    """(A GPU without int8 tensor-core products fails the check as one whose arithmetic differs does.)"""
+    monkeypatch.setattr(stage_module.resize, "resize", resized)
     transform = ImageTransform()
     pipeline = ImagePipeline(transform, workers=2, resize_on="cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = pipeline.submit(photos[0]).result()
-    assert any("does not give Pillow" in str(w.message) for w in caught)
+    assert any(said in str(w.message) and "\n" not in str(w.message) for w in caught)
     assert not pipeline.resizer.stage.enabled.value and not pipeline.resizer.checked
     later = [pipeline.submit(p).result() for p in photos]
     for source, got in zip([photos[0]] + photos, [first] + later):

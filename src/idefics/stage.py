@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from idefics import graphs, resize
+from idefics.errors import reason
 from idefics.images import ImageTransform
 
 STAGE = 1 << 28  # bytes of the shared slab (256 MiB: 51 photos of 1600 x 1067, 5 of 16 megapixels)
@@ -73,7 +74,11 @@ class Stage:
         anchor = ctypes.c_char.from_buffer(self.buffer)  # (keeps the mapping from being closed while pinned)
         address, nbytes = ctypes.addressof(anchor), len(self.buffer)
         cudart = torch.cuda.cudart()
-        if cudart.cudaHostRegister(address, nbytes, 0) == cudart.cudaError.success:
+        try:
+            registered = cudart.cudaHostRegister(address, nbytes, 0) == cudart.cudaError.success
+        except RuntimeError:  # (then copied from pageable memory: slower, the same pixels)
+            registered = False
+        if registered:
             self.pinned = True
             weakref.finalize(self, cudart.cudaHostUnregister, address)
             self._anchor = anchor
@@ -196,16 +201,23 @@ class Resizer:
 
     def _check(self) -> bool:
         """Once: the device's resize of a few images (wide, tall, small) against Pillow's. A mismatch (another
-        Pillow's arithmetic) turns staging off, with a warning."""
+        Pillow's arithmetic) or a failure (a GPU without int8 products) turns staging off, with a warning."""
         if self.checked:
             return True
         rng = np.random.default_rng(0)
-        for width, height in ((1600, 1067), (1067, 1600), (300, 1000), (1000, 300), (150, 100)):
-            image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            if not np.array_equal(self._on_device([image])[0], self.transform.pixels(Image.fromarray(image))):
-                self.stage.enabled.value = 0
-                warnings.warn(f"resizing images on {self.device} does not give Pillow {Image.__version__}'s pixels: "
-                              "the image workers resize them again", stacklevel=2)
-                return False
+        problem = None
+        try:
+            for width, height in ((1600, 1067), (1067, 1600), (300, 1000), (1000, 300), (150, 100)):
+                image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+                if not np.array_equal(self._on_device([image])[0], self.transform.pixels(Image.fromarray(image))):
+                    problem = f"does not give Pillow {Image.__version__}'s pixels"
+                    break
+        except RuntimeError as e:
+            problem = f"failed ({reason(e)})"
+        if problem is not None:
+            self.stage.enabled.value = 0
+            warnings.warn(f"resizing images on {self.device} {problem}: the image workers resize them again",
+                          stacklevel=2)
+            return False
         self.checked = True
         return True

@@ -24,14 +24,16 @@ from idefics.pipeline import ImagePipeline, default_workers  # noqa: E402
 
 
 def rate(pipeline: ImagePipeline, files: list[Path], rounds: int) -> float:
-    """Images per second, the best round."""
-    best = float("inf")
-    for _ in range(rounds + 1):  # the first starts the workers (and checks the device's resize)
+    """Images per second, the best round, after one that starts the workers (and checks the device's resize)."""
+
+    def one_round() -> float:
         start = time.perf_counter()
         for future in [pipeline.submit(f) for f in files]:
             future.result()
-        best = min(best, time.perf_counter() - start) if _ else float("inf")
-    return len(files) / best
+        return time.perf_counter() - start
+
+    one_round()
+    return len(files) / min(one_round() for _ in range(rounds))
 
 
 def main():

@@ -35,16 +35,16 @@ def _bicubic(x: float) -> float:
     return 0.0
 
 
-@functools.lru_cache(maxsize=64)
 def coefficients(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) float64: Pillow's fixed-point coefficients of one pass (precompute_coeffs, then
+    """(out_size, in_size) int64: Pillow's fixed-point coefficients of one pass (precompute_coeffs, then
     normalize_coeffs_8bpc), each output's in its input columns, zero elsewhere. Python's floats are C doubles and
-    Python does not contract a * b + c into one rounding, as Pillow's x86-64 build does not."""
+    Python does not contract a * b + c into one rounding, as Pillow's x86-64 build does not. (Not kept: _digits
+    keeps what the products need, a quarter of the bytes.)"""
     scale = float(in_size) / out_size
     filterscale = max(scale, 1.0)
     support = SUPPORT * filterscale
     ss = 1.0 / filterscale
-    k = np.zeros((out_size, in_size), dtype=np.float64)
+    k = np.zeros((out_size, in_size), dtype=np.int64)
     for xx in range(out_size):
         center = (xx + 0.5) * scale
         xmin = max(int(center - support + 0.5), 0)  # int() truncates toward zero, as C's cast
@@ -56,7 +56,6 @@ def coefficients(in_size: int, out_size: int) -> np.ndarray:
         for x, v in enumerate(w):
             v = v / ww if ww != 0.0 else v
             k[xx, xmin + x] = int(-0.5 + v * (1 << PRECISION_BITS)) if v < 0 else int(0.5 + v * (1 << PRECISION_BITS))
-    k.flags.writeable = False
     return k
 
 
@@ -70,15 +69,15 @@ def _digits(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Te
     """A pass's coefficients as three signed bytes each, k = d2 * 2^16 + d1 * 2^8 + d0 (|k| < 2^23) -> digits (3,
     out, in) int8, padded with zeros to multiples of 8 (the int8 product's shapes), and each output's 128 * sum(k)
     (out,) int64, which the inputs' offset by -128 (bytes as int8) takes away."""
-    k = coefficients(in_size, out_size).astype(np.int64)
+    k = coefficients(in_size, out_size)
+    offset = 128 * k.sum(axis=1)
     digits = np.zeros((3, -(-out_size // 8) * 8, -(-in_size // 8) * 8), dtype=np.int8)
     for i in range(3):
         low = ((k + 128) & 255) - 128
         digits[i, :out_size, :in_size] = low
         k = (k - low) >> 8
     assert not k.any(), "a coefficient outside 24 signed bits"
-    return torch.from_numpy(digits).to(device), torch.from_numpy(128 * coefficients(in_size, out_size).astype(
-        np.int64).sum(axis=1)).to(device)
+    return torch.from_numpy(digits).to(device), torch.from_numpy(offset).to(device)
 
 
 def _int8_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

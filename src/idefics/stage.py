@@ -47,6 +47,11 @@ class Staged(NamedTuple):
         return self.height * self.width * 3
 
 
+def _chunks(nbytes: int) -> int:
+    """The CHUNKs of the slab that nbytes take."""
+    return -(-nbytes // CHUNK)
+
+
 def key_of(data: bytes, decode: str) -> bytes:
     """A staged image's key: its encoded bytes decoded the same way make the same pixels (a key of its own kind:
     the workers' keys of pixels, images.pixel_key, never equal one)."""
@@ -88,7 +93,7 @@ class Stage:
         no room (or staging is off)."""
         width, height = image.size
         n = height * width * 3
-        chunks = -(-n // CHUNK)
+        chunks = _chunks(n)
         if not self.enabled.value or max(width, height) > resize.MAX_SIDE:
             return None
         with self.used.get_lock():
@@ -105,7 +110,7 @@ class Stage:
         return np.frombuffer(self.buffer, np.uint8, s.nbytes, s.offset).reshape(s.height, s.width, 3)
 
     def give(self, s: Staged):
-        start, chunks = s.offset // CHUNK, -(-s.nbytes // CHUNK)
+        start, chunks = s.offset // CHUNK, _chunks(s.nbytes)
         with self.used.get_lock():
             self.used[start : start + chunks] = bytes(chunks)
 

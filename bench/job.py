@@ -40,7 +40,7 @@ from common import random_model, reference_from  # noqa: E402
 from idefics import api as api_module  # noqa: E402
 from idefics import engine as engine_module  # noqa: E402
 from idefics.api import Idefics  # noqa: E402
-from idefics.batch import run_file  # noqa: E402
+from idefics.batch import WINDOW, run_file  # noqa: E402
 from idefics.config import IdeficsConfig, PerceiverConfig, VisionConfig, idefics_9b  # noqa: E402
 from idefics.images import ImageTransform  # noqa: E402
 from idefics.pipeline import ImagePipeline, default_workers  # noqa: E402
@@ -128,13 +128,18 @@ def warm_up(m: Idefics, files: list[Path], batch: int, root: Path):
     run_batch(m, files, root)
 
 
+def set_window(lines: int):
+    global WINDOW
+    WINDOW = lines
+
+
 def run_batch(m: Idefics, files: list[Path], root: Path) -> list[str]:
     m.engine.encoder.cache.clear()
     tasks, out = root / "tasks.jsonl", root / "results.jsonl"
     lines = [{"task": "caption", "id": f.name, "image": f.name, "prompt": PROMPT} for f in files]
     tasks.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out.unlink(missing_ok=True)
-    assert run_file(str(tasks), out, root, {"max_new_tokens": NEW_TOKENS}, 256, lambda: m) == 0
+    assert run_file(str(tasks), out, root, {"max_new_tokens": NEW_TOKENS}, WINDOW, lambda: m) == 0
     results = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert all("result" in r for r in results.values()), [r for r in results.values() if "error" in r][:3]
     return [results[f.name]["result"] for f in files]
@@ -208,6 +213,8 @@ def main(argv=None) -> int:
                         help="images encoded ahead at once, at least (api.AHEAD_IMAGES)")
     parser.add_argument("--hold", type=int, nargs="+", default=[api_module.HOLD],
                         help="ready prompts that enter the batch together while others still load (api.HOLD)")
+    parser.add_argument("--window", type=int, nargs="+", default=[WINDOW],
+                        help="idefics batch's lines in flight at once (its --window)")
     parser.add_argument("--switch-interval", type=float, nargs="+", default=[sys.getswitchinterval()],
                         help="the interpreter's thread switch interval in seconds (sys.setswitchinterval)")
     parser.add_argument("--batch-graph-len", type=int, nargs="+", default=[engine_module.BATCH_GRAPH_LEN],
@@ -224,6 +231,7 @@ def main(argv=None) -> int:
         "ahead": (args.ahead, lambda v: setattr(api_module, "AHEAD_IMAGES", v)),
         "hold": (args.hold, lambda v: setattr(api_module, "HOLD", v)),
         "switch_interval": (args.switch_interval, sys.setswitchinterval),
+        "window": (args.window, set_window),
         "batch_graph_len": (args.batch_graph_len, lambda v: setattr(engine_module, "BATCH_GRAPH_LEN", v)),
         "batch_len_bucket": (args.batch_len_bucket, lambda v: setattr(engine_module, "BATCH_LEN_BUCKET", v)),
     }

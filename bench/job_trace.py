@@ -26,6 +26,7 @@ from idefics.encoder import ImageEncoder  # noqa: E402
 from idefics.engine import Engine  # noqa: E402
 from idefics.pipeline import ImagePipeline, default_workers  # noqa: E402
 from idefics.scheduler import Scheduler  # noqa: E402
+from idefics.stage import Resizer  # noqa: E402
 
 EVENTS: list = []
 
@@ -105,6 +106,7 @@ def main():
     traced(Engine, "decode", "decode", lambda self, tokens, *a, **k: f"{tokens.shape[0]} rows", gpu=True)
     traced(ImageEncoder, "__call__", "encode", lambda self, pixels, *a: f"{sum(map(len, pixels))} images", gpu=True)
     traced(Scheduler, "step", "step")
+    traced(Resizer, "_on_device", "resize", lambda self, images: f"{len(images)} images")  # (it waits for its copies)
     with tempfile.TemporaryDirectory() as tmp:
         files = write_photos(Path(tmp), 2 * args.batch)
         slots = args.slots or args.batch

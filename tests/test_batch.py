@@ -247,3 +247,29 @@ def test_the_lines_enter_the_batch_together_and_give_what_they_give_alone(model,
     assert sorted(records(together), key=lambda r: r["id"]) == records(alone)
     assert sum(prefills) == 12 and len(prefills) <= 2, prefills
     assert model.gather is False  # (on only while the lines run)
+
+
+def test_a_fault_escaping_a_line_stops_the_run_and_its_threads(model, tmp_path, monkeypatch):
+    """run_line turns every error of a line into its record; should anything escape it all the same (a bug of
+    ours), the run raises it on the caller's thread instead of waiting for the line forever, and the line threads,
+    started before the first line, end."""
+    import threading
+
+    import idefics.batch as batch_module
+
+    real = batch_module.run_line
+
+    def faulty(m, line, *args):
+        if line.number == 3:
+            raise RuntimeError("a bug")
+        return real(m, line, *args)
+
+    monkeypatch.setattr(batch_module, "run_line", faulty)
+    tasks, out = write_lines(tmp_path / "tasks.jsonl", captions(6)), tmp_path / "out.jsonl"
+    with pytest.raises(RuntimeError, match="a bug"):
+        batch(model, tasks, out, window=4)
+    deadline = time.monotonic() + 60
+    while any(t.name.startswith("idefics-batch") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name.startswith("idefics-batch") for t in threading.enumerate())
+    assert model.gather is False

@@ -6,9 +6,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from idefics.engine import Prompt, images_seen
+from idefics.engine import Prompt
 from idefics.errors import IdeficsError
 from idefics.images import ImageLimits, ImageTransform, is_image_reference, is_image_source
 from idefics.pipeline import ImagePipeline
@@ -30,15 +31,22 @@ def as_batch(prompts) -> list[list]:
 def image_attention_mask(input_ids: torch.Tensor, image_id: int, eos_id: int | None, num_images: int) -> torch.Tensor:
     """(B, S) ids -> (B, S, num_images) int64, one-hot of the latest image at or before each token. Tokens before
     any image, after an EOS with no image since, or whose image index is >= num_images see none."""
-    pos = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-    is_image = input_ids == image_id
-    latest = is_image.long().cumsum(1) - 1  # index of the latest image; -1 before the first
-    last_image_pos = torch.where(is_image, pos, -1).cummax(1).values
-    eos_pos = torch.where(input_ids == eos_id, pos, -1).cummax(1).values if eos_id is not None else -torch.ones_like(pos)
-    eos_before = torch.cat([torch.full_like(eos_pos[:, :1], -1), eos_pos[:, :-1]], dim=1)  # EOS strictly before
+    return torch.from_numpy(_image_mask(input_ids.cpu().numpy(), image_id, eos_id, num_images).astype(np.int64))
+
+
+def _image_mask(ids: np.ndarray, image_id: int, eos_id: int | None, num_images: int) -> np.ndarray:
+    """(B, S) ids -> (B, S, num_images) bool: image_attention_mask's, in NumPy. A prompt's ids are few, and each
+    torch call lets go of the interpreter's lock and takes it back, which waits its turn (up to the switch
+    interval, 5 ms) while other threads run: the dozen calls of this mask held up every prompt of a busy process."""
+    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    is_image = ids == image_id
+    latest = np.cumsum(is_image, axis=1) - 1  # index of the latest image; -1 before the first
+    last_image_pos = np.maximum.accumulate(np.where(is_image, pos, -1), axis=1)
+    eos_pos = np.maximum.accumulate(np.where(ids == eos_id, pos, -1), axis=1) if eos_id is not None \
+        else np.full(ids.shape, -1)
+    eos_before = np.concatenate([np.full_like(eos_pos[:, :1], -1), eos_pos[:, :-1]], axis=1)  # EOS strictly before
     blind = (latest < 0) | (latest >= num_images) | (eos_before > last_image_pos)
-    mask = torch.nn.functional.one_hot(latest.clamp(0, num_images - 1), num_images)
-    return mask.masked_fill(blind[..., None], 0)
+    return (np.clip(latest, 0, num_images - 1)[..., None] == np.arange(num_images)) & ~blind[..., None]
 
 
 class Pending:
@@ -91,17 +99,19 @@ class Pending:
 
     def prompt(self) -> Prompt:
         """-> the engine's Prompt: what the reference processor gives this prompt alone, padding removed and image
-        slots cut to the images its tokens see (as engine.split_batch cuts a batch's rows)."""
+        slots cut to the images its tokens see (as engine.split_batch cuts a batch's rows). (In NumPy and Python
+        but for three torch calls: see _image_mask.)"""
         pixels = self.pixels()
         p = self.processor
-        ids = torch.tensor(self.ids, dtype=torch.long)
-        used = pixels[: int((ids == p.tokenizer.image_id).sum())]
-        mask = image_attention_mask(ids[None], p.tokenizer.image_id, p.tokenizer.eos_id, max(1, len(used)))[0]
-        n = images_seen(mask)
+        used = pixels[: self.ids.count(p.tokenizer.image_id)]
+        mask = _image_mask(np.array([self.ids]), p.tokenizer.image_id, p.tokenizer.eos_id, max(1, len(used)))[0]
+        seen = np.flatnonzero(mask.any(axis=0))
+        n = int(seen[-1]) + 1 if seen.size else 0  # up to the last image a token sees (engine.images_seen)
         t = p.image_transform
         images = torch.stack(used[:n]) if n else torch.zeros(0, 3, t.image_size, t.image_size)
         keys = tuple(self.keys.get(future) for _, future in self.images[:n])
-        return Prompt(ids, images, mask[:, :n], keys if None not in keys else None)
+        return Prompt(torch.tensor(self.ids, dtype=torch.long), images,
+                      torch.from_numpy(mask[:, :n].astype(np.int64)), keys if None not in keys else None)
 
     def cancel(self):
         for _, future in self.images:

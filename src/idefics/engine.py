@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from idefics.cache import ImageKV, KVCache
@@ -32,10 +33,12 @@ class Prompt:
     keys: tuple[bytes, ...] | None = None
 
 
-def images_seen(image_mask: torch.Tensor) -> int:
-    """(S, N) which image each token sees -> how many image slots the prompt needs: up to the last one seen."""
-    used = image_mask.bool().any(dim=0)
-    return int(used.nonzero().max()) + 1 if used.any() else 0
+def images_seen(image_mask: torch.Tensor | np.ndarray) -> int:
+    """(S, N) which image each token sees, on the CPU -> how many image slots the prompt needs: up to the last one
+    seen. (In NumPy: the processor calls it for every prompt, where torch's calls would each wait for the
+    interpreter's lock; see processor._image_mask.)"""
+    seen = np.flatnonzero(np.asarray(image_mask).any(axis=0))
+    return int(seen[-1]) + 1 if seen.size else 0
 
 
 def split_batch(batch: dict[str, torch.Tensor]) -> list[Prompt]:

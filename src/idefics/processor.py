@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from idefics.engine import Prompt
+from idefics.engine import Prompt, images_seen
 from idefics.errors import IdeficsError
 from idefics.images import ImageLimits, ImageTransform, is_image_reference, is_image_source
 from idefics.pipeline import ImagePipeline
@@ -105,8 +105,7 @@ class Pending:
         p = self.processor
         used = pixels[: self.ids.count(p.tokenizer.image_id)]
         mask = _image_mask(np.array([self.ids]), p.tokenizer.image_id, p.tokenizer.eos_id, max(1, len(used)))[0]
-        seen = np.flatnonzero(mask.any(axis=0))
-        n = int(seen[-1]) + 1 if seen.size else 0  # up to the last image a token sees (engine.images_seen)
+        n = images_seen(mask)
         t = p.image_transform
         images = torch.stack(used[:n]) if n else torch.zeros(0, 3, t.image_size, t.image_size)
         keys = tuple(self.keys.get(future) for _, future in self.images[:n])

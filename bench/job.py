@@ -223,6 +223,9 @@ def main(argv=None) -> int:
     parser.add_argument("--resize-on-device", type=int, nargs="+", choices=[0, 1],
                         help="1: the workers decode and the GPU resizes (stage.py; the default on a GPU), 0: the "
                              "workers resize too")
+    parser.add_argument("--slots", type=int, nargs="+",
+                        help="rows the running batch holds at most (the scheduler's max_batch; default --batch): "
+                             "idefics batch keeps its window's lines in it")
     parser.add_argument("--batch-len-bucket", type=int, nargs="+", default=[engine_module.BATCH_LEN_BUCKET],
                         help="captured prefills of several prompts pad their length to a multiple of this "
                              "(engine.BATCH_LEN_BUCKET)")
@@ -262,7 +265,10 @@ def main(argv=None) -> int:
         settings["resize_on_device"] = (args.resize_on_device or [int(device == "cuda")], lambda v: (
             images.close(), setattr(images, "resizer", Resizer(Stage(), images.transform, device) if v else None)))
         settings["resize_on_device"][1](settings["resize_on_device"][0][0])
+        settings["slots"] = (args.slots or [batch], lambda v: setattr(m.scheduler, "max_batch", v))
+        settings["slots"][1](settings["slots"][0][0])
         result["resize_on_device"] = settings["resize_on_device"][0][0]
+        result["slots"] = settings["slots"][0][0]
         warm_up(m, files, batch, root)
         result["api_call_s"] = []
         seconds, api = timed(lambda: run_api(m, files, batch, result["api_call_s"]))

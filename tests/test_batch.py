@@ -210,6 +210,8 @@ def test_a_lone_surrogate_fails_its_line_only_and_the_output_stays_utf8(model, t
     (["--workers", "-3"], "batch: --workers must be >= 1, got -3"),
     (["--workers", "many"], "batch: argument --workers: invalid int value: 'many'"),
     (["--window", "0"], "batch: --window must be >= 1, got 0"),
+    (["--max-batch", "0"], "batch: --max-batch must be >= 1, got 0"),
+    (["--max-batch", "4", "--ray"], "--max-batch does not combine with --ray"),
     (["--image-decode", "turbo"], "batch: argument --image-decode: invalid choice: 'turbo'"),
 ])
 def test_bad_pipeline_flags_are_one_line_errors_before_any_work(tmp_path, capsys, flags, message):
@@ -247,6 +249,22 @@ def test_the_lines_enter_the_batch_together_and_give_what_they_give_alone(model,
     assert sorted(records(together), key=lambda r: r["id"]) == records(alone)
     assert sum(prefills) == 12 and len(prefills) <= 2, prefills
     assert model.gather is False  # (on only while the lines run)
+
+
+def test_max_batch_bounds_the_running_batch_while_the_job_runs(model, tmp_path, monkeypatch):
+    """--max-batch: no step runs more rows than asked, the captions are those of the model's own batch size, and
+    the model's setting is back once the job ends."""
+    tasks = write_lines(tmp_path / "tasks.jsonl", captions(8))
+    own, bounded = tmp_path / "own.jsonl", tmp_path / "bounded.jsonl"
+    assert batch(model, tasks, own, window=8) == 0
+    rows = []
+    real = model.engine.decode
+    monkeypatch.setattr(model.engine, "decode", lambda tokens, *a, **k: rows.append(len(tokens)) or real(tokens, *a, **k))
+    kept = model.scheduler.max_batch
+    assert run_file(str(tasks), bounded, IMAGES, {"max_new_tokens": 2}, 8, lambda: model, max_batch=3) == 0
+    assert max(rows) == 3, rows
+    assert sorted(records(bounded), key=lambda r: r["line"]) == sorted(records(own), key=lambda r: r["line"])
+    assert model.scheduler.max_batch == kept
 
 
 def test_a_fault_escaping_a_line_stops_the_run_and_its_threads(model, tmp_path, monkeypatch):

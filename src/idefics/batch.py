@@ -435,10 +435,12 @@ def reason_of(e: Exception) -> str:
     return getattr(e, "strerror", None) or ("not a valid file name" if isinstance(e, ValueError) else str(e))
 
 
-def run_file(source: str, output: Path, image_root: Path, defaults: dict, window: int, load) -> int:
+def run_file(source: str, output: Path, image_root: Path, defaults: dict, window: int, load,
+             max_batch: int | None = None) -> int:
     """The `idefics batch` command: input file (or - for stdin) -> output file, resumed when it exists, with a
     progress bar on stderr (lines, images/s, tokens/s). The output is only appended to. window: lines in flight at
-    once. load() gives the model, called only when lines are left to run. -> exit status."""
+    once; max_batch: rows of the running batch at most, while the job runs (None: the model's own). load() gives
+    the model, called only when lines are left to run. -> exit status."""
     from tqdm import tqdm
 
     job = open_job(source, output)
@@ -447,6 +449,9 @@ def run_file(source: str, output: Path, image_root: Path, defaults: dict, window
     lines, todo, out = job
     with out:
         m = load()
+        kept = m.scheduler.max_batch
+        if max_batch is not None:
+            m.scheduler.max_batch = max_batch
         bar = tqdm(total=len(lines), initial=len(lines) - len(todo), unit="line", file=sys.stderr,
                    dynamic_ncols=True, desc="batch")
         progress = Progress(m, bar)
@@ -465,5 +470,6 @@ def run_file(source: str, output: Path, image_root: Path, defaults: dict, window
             raise IdeficsError(f"{output}: cannot write ({reason_of(e)})") from None
         finally:
             bar.close()
+            m.scheduler.max_batch = kept
     print(f"idefics: batch: {len(todo) - failures} done, {failures} failed, results in {output}", file=sys.stderr)
     return 0

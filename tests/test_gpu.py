@@ -477,12 +477,13 @@ def _decode_logits(engine: Engine, prompts, steps: int = 6) -> list[torch.Tensor
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 3], ids=["gemv", "batch"])
+@pytest.mark.parametrize("rows", [1, 3, 130], ids=["gemv", "batch", "wide"])
 def test_fused_and_captured_decode_equal_the_plain_step(models, cpu, prompts, dtype, rows):
     """The fused decode step (Triton; at one row the GEMV kernels) captured in CUDA graphs, against the plain
-    model's step run eagerly, and in float32 against the CPU."""
+    model's step run eagerly, and in float32 against the CPU. "wide": past 64 rows (a larger --max-batch), slot
+    buckets up to 192."""
     m = models(dtype)
-    ps = split_batch(m.process(prompts[1 : 1 + rows]))
+    ps = split_batch(m.process((prompts * rows)[1 : 1 + rows]))
     fused = Engine(m.model, graphs=CUDA, fused=True)
     assert fused.fused is not None
     plain = Engine(m.model, graphs=False, fused=False)

@@ -140,7 +140,8 @@ def test_batch_runs_every_line_and_reports_bad_ones(run, files):
     root, _ = files
     write_jobs(root / "jobs.jsonl")
     (root / "out.jsonl").unlink(missing_ok=True)
-    status, _, err = run("batch", "jobs.jsonl", "-o", "out.jsonl", "--max-new-tokens", "3", "--window", "4")
+    status, _, err = run("batch", "jobs.jsonl", "-o", "out.jsonl", "--max-new-tokens", "3", "--window", "4",
+                         "--max-batch", "2")
     assert status == 0
     records = json_lines((root / "out.jsonl").read_text())
     assert sorted(r["line"] for r in records) == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12]  # line 5 is blank

@@ -267,6 +267,22 @@ def test_max_batch_bounds_the_running_batch_while_the_job_runs(model, tmp_path, 
     assert model.scheduler.max_batch == kept
 
 
+def test_a_max_batch_past_the_memory_fails_its_lines_in_one_sentence_and_the_model_runs_on(model, tmp_path):
+    """Rows whose cache cannot fit are refused before anything is allocated: each line's record says so in one
+    sentence, and the next job runs."""
+    tasks = write_lines(tmp_path / "tasks.jsonl", captions(3))
+    out = tmp_path / "out.jsonl"
+    assert run_file(str(tasks), out, IMAGES, {"max_new_tokens": 2}, 4, lambda: model, max_batch=10**9) == 0
+    errors = [r["error"] for r in records(out)]
+    assert len(errors) == 3 and all(re.fullmatch(r"line \d: 1000000000 rows of up to \d+ tokens need about [\d.]+ "
+                                                 r"GiB of cache, and cpu has [\d.]+ GiB free: lower the rows "
+                                                 r"decoded at once \(max_batch: idefics batch --max-batch, idefics "
+                                                 r"serve --max-concurrent\) or the prompts' length", e)
+                                    for e in errors), errors
+    again = tmp_path / "again.jsonl"
+    assert batch(model, tasks, again) == 0 and all("result" in r for r in records(again))
+
+
 def test_a_fault_escaping_a_line_stops_the_run_and_its_threads(model, tmp_path, monkeypatch):
     """run_line turns every error of a line into its record; should anything escape it all the same (a bug of
     ours), the run raises it on the caller's thread instead of waiting for the line forever, and the line threads,

@@ -104,14 +104,15 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_room(engine: "Engine", slots: int, max_len: int, images: int, what: str):
+def check_room(engine: "Engine", slots: int, max_len: int, images: int, what: str,
+               advice: str = "use fewer prompts, beams or new tokens"):
     """Refuse, before reserve() tries, buffers that cannot be allocated (reserve frees the old ones first)."""
     m = engine.model
     held = cache_bytes(m, engine.slots, engine.max_len, engine.max_images) if engine.cache is not None else 0
     needed, free = cache_bytes(m, slots, max_len, images), free_memory(engine.device)
     if free is not None and needed > free + held:
         raise IdeficsError(f"{what} need about {needed / 2**30:.1f} GiB of cache, and {engine.device} has "
-                           f"{(free + held) / 2**30:.1f} GiB free: use fewer prompts, beams or new tokens")
+                           f"{(free + held) / 2**30:.1f} GiB free: {advice}")
 
 
 class Engine:

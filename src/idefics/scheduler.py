@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from idefics.engine import Engine, Prompt, cache_bytes, free_memory
+from idefics.engine import Engine, Prompt, cache_bytes, check_room, free_memory
 from idefics.errors import IdeficsError
 from idefics.generate import completion
 from idefics.sampling import GenerationOptions, RowSampler, StopStrings
@@ -329,7 +329,12 @@ class Scheduler:
                 # Growing the slots and the length separately could ask for their product (a 1-slot cache of
                 # the whole context, then 64 slots): the length is sized again for the slots kept.
                 slots, images = max(slots, e.slots), max(images, e.max_images)
-                e.reserve(*capacity(e, length, images, slots), images)
+                slots, length = capacity(e, length, images, slots)
+                # (a max_batch set too high for the memory fails the requests with this sentence, not the process)
+                check_room(e, slots, length, images, f"{slots} rows of up to {length} tokens",
+                           "lower the rows decoded at once (max_batch: idefics batch --max-batch, idefics serve "
+                           "--max-concurrent) or the prompts' length")
+                e.reserve(slots, length, images)
                 e.warmup()
         if self.sampler is None or tuple(self.sampler.history.shape) != (e.slots, e.max_len):
             self.sampler = RowSampler(e.slots, e.max_len, e.device)

@@ -343,9 +343,7 @@ def reply(conversation, text: str, images: list, as_json: bool) -> None:
 def cmd_batch(args):
     from idefics.batch import run_file
 
-    if args.window < 1:
-        raise IdeficsError(f"batch: --window must be >= 1, got {args.window}")
-    for flag in ("workers", "max_batch"):
+    for flag in ("window", "workers", "max_batch"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise IdeficsError(f"batch: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     options = generation_options(args)

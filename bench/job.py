@@ -119,6 +119,18 @@ def run_api(m: Idefics, files: list[Path], batch: int, calls: list[float] | None
     return out
 
 
+def alternate(variants: dict, rounds: int, images: int) -> dict[str, list[float]]:
+    """Each variant (name -> a setup function returning the job to time) timed `rounds` times, every other round in
+    reverse order, so that no variant always runs first -> name -> images/s of each round."""
+    out: dict = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            out[name].append(images / timed(variants[name]())[0])
+        print({k: round(v[-1], 1) for k, v in out.items()}, file=sys.stderr, flush=True)
+    return out
+
+
 def warm_up(m: Idefics, files: list[Path], batch: int, root: Path):
     """The job once through each path, untimed: the shapes it meets captured (the encoder's batch sizes depend on
     how the photos arrive) and the workers started, as a long job amortizes them. On an H100, with one call of 64

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from job import ours, run_api, run_batch, timed, tiny_config, warm_up, write_photos  # noqa: E402
+from job import alternate, ours, run_api, run_batch, tiny_config, warm_up, write_photos  # noqa: E402
 
 import idefics.batch as batch_module  # noqa: E402
 import idefics.processor as processor_module  # noqa: E402
@@ -56,16 +56,15 @@ def main():
         m = ours(tiny_config(), "cpu", torch.float32, 2, batch) if args.small else \
             ours(idefics_9b(), "cuda", torch.bfloat16, 16, batch)
         warm_up(m, files, batch, root)
-        out: dict = {name: [] for name in variants}
-        names = list(variants)
-        for r in range(args.rounds):
-            for name in names if r % 2 == 0 else names[::-1]:
-                process, prompt = variants[name]
-                batch_module.process, processor_module.Pending.prompt = process or now[0], prompt
-                job = (lambda: run_api(m, files, batch)) if process is None else (lambda: run_batch(m, files, root))
-                out[name].append(n / timed(job)[0])
+
+        def setup(process, prompt):
+            batch_module.process, processor_module.Pending.prompt = process or now[0], prompt
+            return (lambda: run_api(m, files, batch)) if process is None else (lambda: run_batch(m, files, root))
+
+        try:
+            out = alternate({name: lambda v=v: setup(*v) for name, v in variants.items()}, args.rounds, n)
+        finally:
             batch_module.process, processor_module.Pending.prompt = now
-            print({k: round(v[-1], 1) for k, v in out.items()}, file=sys.stderr, flush=True)
         out |= {"against": args.against, "images": n, "cpus": os.cpu_count(),
                 "device": torch.cuda.get_device_name() if not args.small else "cpu"}
         print(json.dumps(out, indent=1))

@@ -21,7 +21,7 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from job import ours, run_api, run_batch, timed, tiny_config, warm_up, write_photos  # noqa: E402
+from job import alternate, ours, run_api, run_batch, tiny_config, warm_up, write_photos  # noqa: E402
 
 from idefics.config import idefics_9b  # noqa: E402
 
@@ -49,14 +49,15 @@ def main():
         for limit in limits:
             m.scheduler.max_batch = limit
             out["equal_api"][limit] = sum(a == b for a, b in zip(run_batch(m, files, root), api)) / n
-        names = [f"batch_{limit}" for limit in limits] + ["api"]
-        runs: dict = {name: [] for name in names}
-        for r in range(args.rounds):
-            for name in names if r % 2 == 0 else names[::-1]:
-                m.scheduler.max_batch = batch if name == "api" else int(name.removeprefix("batch_"))
-                job = (lambda: run_api(m, files, batch)) if name == "api" else (lambda: run_batch(m, files, root))
-                runs[name].append(n / timed(job)[0])
-            print({k: round(v[-1], 1) for k, v in runs.items()}, file=sys.stderr, flush=True)
+
+        def setup(rows: int, job):
+            m.scheduler.max_batch = rows
+            return job
+
+        variants = {f"batch_{limit}": lambda limit=limit: setup(limit, lambda: run_batch(m, files, root))
+                    for limit in limits}
+        variants["api"] = lambda: setup(batch, lambda: run_api(m, files, batch))
+        runs = alternate(variants, args.rounds, n)
         out |= {"images_s": runs, "median": {k: statistics.median(v) for k, v in runs.items()}, "images": n,
                 "cpus": os.cpu_count(), "device": torch.cuda.get_device_name() if not args.small else "cpu"}
         print(json.dumps(out, indent=1))

@@ -463,6 +463,23 @@ def test_buffers_grow_between_requests(files):
     same_completions(got, [reference.generate([p], **o)[0] for p, o in calls])
 
 
+def test_rows_past_the_cards_memory_fail_their_request_and_the_buffers_stay(models, prompts):
+    """max_batch far past what the card holds (idefics batch --max-batch): the request fails with one sentence before
+    reserve() frees anything; the buffers and graphs already there serve the next requests, with the same answers."""
+    m = models("bfloat16")
+    before = m.generate(prompts[:2], max_new_tokens=4)
+    held = (m.engine.slots, m.engine.max_len, m.engine.max_images)
+    kept, m.scheduler.max_batch = m.scheduler.max_batch, 10**9
+    try:
+        with pytest.raises(idefics.IdeficsError, match=r"^1000000000 rows of up to \d+ tokens need about [\d.]+ GiB "
+                                                       rf"of cache, and {DEVICE}\S* has [\d.]+ GiB free: lower"):
+            m.generate(prompts[:2], max_new_tokens=4)
+    finally:
+        m.scheduler.max_batch = kept
+    assert (m.engine.slots, m.engine.max_len, m.engine.max_images) == held
+    same_completions(m.generate(prompts[:2], max_new_tokens=4), before)
+
+
 def _decode_logits(engine: Engine, prompts, steps: int = 6) -> list[torch.Tensor]:
     """The prompts prefilled, then `steps` decode steps on fixed tokens -> the logits of every step (n, V)."""
     engine.release_all()

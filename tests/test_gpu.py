@@ -35,7 +35,8 @@ from idefics import quantize
 from idefics.api import Idefics
 from idefics.demo import evaluate
 from idefics.demo.examples import paths as demo_images
-from idefics.engine import BATCH_LEN_BUCKET, Engine, _round_up, split_batch
+from idefics.batch import run_file
+from idefics.engine import BATCH_LEN_BUCKET, Engine, _round_up, cache_bytes, free_memory, split_batch
 from idefics.graphs import slot_bucket
 from idefics.hub import DEMO_DIR
 from idefics.images import ImageTransform
@@ -43,7 +44,7 @@ from idefics.inputs import full_logits
 from idefics.pipeline import ImagePipeline
 from idefics.resize import resize
 from idefics.sampling import GenerationOptions
-from idefics.scheduler import Request, Scheduler, default_banned
+from idefics.scheduler import ROWS, Request, Scheduler, default_banned
 
 DEVICE = os.environ.get("IDEFICS_TEST_GPU_DEVICE", "cuda")
 CUDA = DEVICE.startswith("cuda")
@@ -478,6 +479,44 @@ def test_rows_past_the_cards_memory_fail_their_request_and_the_buffers_stay(mode
         m.scheduler.max_batch = kept
     assert (m.engine.slots, m.engine.max_len, m.engine.max_images) == held
     same_completions(m.generate(prompts[:2], max_new_tokens=4), before)
+
+
+def test_idefics_batch_reserves_its_window_of_rows_and_the_model_its_own_after(files, cpu, tmp_path):
+    """Without --max-batch, idefics batch reserves rows for its window of lines (where they fit: the tiny model's
+    do), more than the model's own 64; the captions are the CPU's; the model's setting is back after the job."""
+    path, a, b = files
+    m = idefics.load(path, device=DEVICE, dtype="float32")
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"task": "caption", "image": str(f)}) + "\n" for f in [a, b] * 3))
+    out = tmp_path / "out.jsonl"
+    assert run_file(str(tasks), out, tmp_path, {"max_new_tokens": 4}, 100, lambda: m) == 0
+    got = {r["line"]: r["result"] for r in map(json.loads, out.read_text().splitlines())}
+    assert [got[i] for i in range(1, 7)] == cpu.caption([a, b] * 3, max_new_tokens=4)
+    assert m.scheduler.rows == ROWS and m.engine.slots >= (100 if CUDA else 16)
+
+
+@pytest.mark.skipif(not CUDA, reason="fills the card's memory")
+def test_the_default_rows_shrink_for_a_request_the_kept_ones_cannot_hold(tmp_path, cpu):
+    """The card filled but for three times the cache of 64 rows of 256 tokens: short requests reserve 64 rows; a
+    request of 1,024 tokens, when nothing runs, gets fewer rows of its length (64 of them would need more than the
+    card has: before, the request failed); its tokens are the CPU's, as are the short ones' after it."""
+    path, _ = make_checkpoint(tmp_path / "long", max_position_embeddings=2048, hidden_size=128)
+    m, reference = (idefics.load(path, device=d, dtype="float32") for d in (DEVICE, "cpu"))
+    short, long = [["Question: what is it? Answer:"]], [["Story:" + " and then" * 300]]
+    torch.cuda.empty_cache()  # (what the allocator holds unused cannot make one block with what the card has free)
+    blocker = torch.empty(free_memory(m.engine.device) - 3 * cache_bytes(m.model, 64, 256, 1), dtype=torch.uint8,
+                          device=DEVICE)
+    try:
+        calls = [(short, 4), (long, 40), (short, 4)]
+        got = []
+        for prompt, tokens in calls:
+            got.append(m.generate(prompt, max_new_tokens=tokens)[0])
+            if prompt is short and not got[1:]:
+                assert m.engine.slots == 64, m.engine.slots
+        assert m.engine.max_len >= 1024 and 0 < m.engine.slots < 64, (m.engine.slots, m.engine.max_len)
+    finally:
+        del blocker
+    same_completions(got, [reference.generate(p, max_new_tokens=t)[0] for p, t in calls])
 
 
 def _decode_logits(engine: Engine, prompts, steps: int = 6) -> list[torch.Tensor]:

@@ -85,17 +85,13 @@ def tiny_config() -> IdeficsConfig:
     )
 
 
-def ours(config: IdeficsConfig, device: str, dtype: torch.dtype, workers: int, batch: int) -> Idefics:
+def ours(config: IdeficsConfig, device: str, dtype: torch.dtype, workers: int) -> Idefics:
     model = random_model(config, device, dtype)
     tokenizer = Tokenizer.from_dir(TOKENIZER)
     # As idefics.load: on a GPU the workers decode and the GPU resizes (stage.py)
     processor = Processor(tokenizer, ImageTransform(image_size=config.vision.image_size), workers=workers,
                           resize_on=device if device == "cuda" else None)
-    m = Idefics(model, tokenizer, processor, Path("random-idefics"))
-    # Both models share the card: reserve the batch's slots (the default sizes them for full 2048-token contexts
-    # in half the free memory, which the reference's copy of the weights would halve).
-    m.scheduler.max_batch = batch
-    return m
+    return Idefics(model, tokenizer, processor, Path("random-idefics"))
 
 
 def timed(fn) -> tuple[float, object]:
@@ -237,8 +233,9 @@ def main(argv=None) -> int:
                         help="1: the workers decode and the GPU resizes (stage.py; the default on a GPU), 0: the "
                              "workers resize too")
     parser.add_argument("--slots", type=int, nargs="+",
-                        help="rows the running batch holds at most (the scheduler's max_batch; default --batch): "
-                             "idefics batch keeps its window's lines in it")
+                        help="rows the running batch holds at most (the scheduler's max_batch, idefics batch "
+                             "--max-batch; default none: the model's 64 rows for the API, the window's 256 lines "
+                             "for idefics batch, where they fit)")
     parser.add_argument("--batch-len-bucket", type=int, nargs="+", default=[engine_module.BATCH_LEN_BUCKET],
                         help="captured prefills of several prompts pad their length to a multiple of this "
                              "(engine.BATCH_LEN_BUCKET)")
@@ -271,14 +268,14 @@ def main(argv=None) -> int:
         result["photo_kb_mean"] = sum(f.stat().st_size for f in files) / n / 1e3
         print(f"{n} photos, {result['photo_kb_mean']:.0f} kB each on average", file=sys.stderr)
 
-        m = ours(config, device, dtype, args.workers[0], batch)
+        m = ours(config, device, dtype, args.workers[0])
         settings["workers"] = (args.workers, lambda v: (m.processor.images.close(),
                                                         setattr(m.processor.images, "workers", v)))
         images = m.processor.images  # (the pool starts afresh, its workers forked with the new slab or none)
         settings["resize_on_device"] = (args.resize_on_device or [int(device == "cuda")], lambda v: (
             images.close(), setattr(images, "resizer", Resizer(Stage(), images.transform, device) if v else None)))
         settings["resize_on_device"][1](settings["resize_on_device"][0][0])
-        settings["slots"] = (args.slots or [batch], lambda v: setattr(m.scheduler, "max_batch", v))
+        settings["slots"] = (args.slots or [None], lambda v: setattr(m.scheduler, "max_batch", v))
         settings["slots"][1](settings["slots"][0][0])
         result["resize_on_device"] = settings["resize_on_device"][0][0]
         result["slots"] = settings["slots"][0][0]

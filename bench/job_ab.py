@@ -53,8 +53,8 @@ def main():
             "api_now": (None, now[1]), "api_old_prompt": (None, old_processor.Pending.prompt)}
         n, batch = (64, 8) if args.small else (256, 64)
         files = write_photos(root, n)
-        m = ours(tiny_config(), "cpu", torch.float32, 2, batch) if args.small else \
-            ours(idefics_9b(), "cuda", torch.bfloat16, 16, batch)
+        m = ours(tiny_config(), "cpu", torch.float32, 2) if args.small else \
+            ours(idefics_9b(), "cuda", torch.bfloat16, 16)
         warm_up(m, files, batch, root)
 
         def setup(process, prompt):

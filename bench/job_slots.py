@@ -1,6 +1,7 @@
-"""The captioning job through `idefics batch` with several row limits of the running batch (its --max-batch), side
-by side in one process: each limit timed --rounds times in alternating order after a warm-up, with the API's calls
-of 64 as the control; also how often each limit's captions equal the API's.
+"""The captioning job through `idefics batch` with its default rows (its window's lines, where they fit) and several
+row limits of the running batch (its --max-batch), side by side in one process: each timed --rounds times in
+alternating order after a warm-up, with the API's calls of 64 as the control; also how often each one's captions
+equal the API's.
 
     PYTHONPATH=src python bench/job_slots.py --out slots.json [--max-batch 64 128 256] [--rounds 4]
     PYTHONPATH=src python bench/job_slots.py --small        # the CPU, a tiny model (checks the script)
@@ -38,9 +39,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         files = write_photos(root, n)
-        m = ours(tiny_config(), "cpu", torch.float32, 2, batch) if args.small else \
-            ours(idefics_9b(), "cuda", torch.bfloat16, 16, batch)
-        for limit in sorted(limits, reverse=True):  # (the largest first: the buffers only grow)
+        m = ours(tiny_config(), "cpu", torch.float32, 2) if args.small else \
+            ours(idefics_9b(), "cuda", torch.bfloat16, 16)
+        limits = [None] + sorted(limits, reverse=True)  # None: idefics batch's default; the largest first (the
+        for limit in limits:                                # buffers only grow)
             m.scheduler.max_batch = limit
             warm_up(m, files, batch, root)
         m.scheduler.max_batch = batch
@@ -48,13 +50,13 @@ def main():
         out: dict = {"equal_api": {}}
         for limit in limits:
             m.scheduler.max_batch = limit
-            out["equal_api"][limit] = sum(a == b for a, b in zip(run_batch(m, files, root), api)) / n
+            out["equal_api"][limit or "default"] = sum(a == b for a, b in zip(run_batch(m, files, root), api)) / n
 
         def setup(rows: int, job):
             m.scheduler.max_batch = rows
             return job
 
-        variants = {f"batch_{limit}": lambda limit=limit: setup(limit, lambda: run_batch(m, files, root))
+        variants = {f"batch_{limit or 'default'}": lambda limit=limit: setup(limit, lambda: run_batch(m, files, root))
                     for limit in limits}
         variants["api"] = lambda: setup(batch, lambda: run_api(m, files, batch))
         runs = alternate(variants, args.rounds, n)

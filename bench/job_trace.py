@@ -92,7 +92,7 @@ def main():
     parser.add_argument("--small", action="store_true", help="the CPU and a tiny model (checks the script)")
     parser.add_argument("--path", choices=["api", "batch"], default="api",
                         help="one m.caption call of the photos, or idefics batch over one line per photo")
-    parser.add_argument("--slots", type=int, help="the running batch's slots (default --batch; job.py has 64)")
+    parser.add_argument("--slots", type=int, help="the running batch's slots (default --batch)")
     parser.add_argument("--ahead", type=int, default=api.AHEAD_IMAGES, help="images encoded ahead at once, at least")
     parser.add_argument("--decodes", nargs="+", default=["exact", "fast"], choices=["exact", "fast"])
     parser.add_argument("--warm-ups", type=int, default=3, help="untimed calls of other photos before each trace")
@@ -110,8 +110,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         files = write_photos(Path(tmp), 2 * args.batch)
         slots = args.slots or args.batch
-        m = ours(tiny_config(), "cpu", torch.float32, args.workers, slots) if args.small else \
-            ours(idefics_9b(), "cuda", torch.bfloat16, args.workers, slots)
+        m = ours(tiny_config(), "cpu", torch.float32, args.workers) if args.small else \
+            ours(idefics_9b(), "cuda", torch.bfloat16, args.workers)
+        m.scheduler.max_batch = slots
         if not args.resize_on_device:
             m.processor.images.resizer = None
         if args.path == "batch":  # the same photos as lines of a tasks.jsonl, through idefics batch

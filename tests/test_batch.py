@@ -260,11 +260,11 @@ def test_max_batch_bounds_the_running_batch_while_the_job_runs(model, tmp_path, 
     rows = []
     real = model.engine.decode
     monkeypatch.setattr(model.engine, "decode", lambda tokens, *a, **k: rows.append(len(tokens)) or real(tokens, *a, **k))
-    kept = model.scheduler.max_batch
+    kept = model.scheduler.max_batch, model.scheduler.rows
     assert run_file(str(tasks), bounded, IMAGES, {"max_new_tokens": 2}, 8, lambda: model, max_batch=3) == 0
     assert max(rows) == 3, rows
     assert sorted(records(bounded), key=lambda r: r["line"]) == sorted(records(own), key=lambda r: r["line"])
-    assert model.scheduler.max_batch == kept
+    assert (model.scheduler.max_batch, model.scheduler.rows) == kept
 
 
 def test_a_max_batch_past_the_memory_fails_its_lines_in_one_sentence_and_the_model_runs_on(model, tmp_path):

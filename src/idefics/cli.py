@@ -133,8 +133,8 @@ def parser() -> Parser:
     p.add_argument("--window", type=int, default=256,
                    help="lines in flight at once; the next starts as soon as one ends (default 256)")
     p.add_argument("--max-batch", type=int,
-                   help="lines decoded together at most (default: the engine's batch, 64 on a GPU, 16 on the CPU); "
-                        "short tasks on a large GPU run faster with more")
+                   help="lines decoded together at most (default: on a GPU, the window's lines where their cache "
+                        "fits half the free memory, fewer for longer tasks; 16 on the CPU)")
     p.add_argument("--workers", type=int, help="processes that decode images (default: one per core, at most 16)")
     p.add_argument("--image-decode", choices=["exact", "fast"], default="exact",
                    help="exact: the reference's pixels (default); fast: JPEGs decoded at a reduced scale first")

@@ -497,26 +497,26 @@ def test_idefics_batch_reserves_its_window_of_rows_and_the_model_its_own_after(f
 
 @pytest.mark.skipif(not CUDA, reason="fills the card's memory")
 def test_the_default_rows_shrink_for_a_request_the_kept_ones_cannot_hold(tmp_path, cpu):
-    """The card filled but for three times the cache of 64 rows of 256 tokens: short requests reserve 64 rows; a
-    request of 1,024 tokens, when nothing runs, gets fewer rows of its length (64 of them would need more than the
-    card has: before, the request failed); its tokens are the CPU's, as are the short ones' after it."""
-    path, _ = make_checkpoint(tmp_path / "long", max_position_embeddings=2048, hidden_size=128)
+    """The card filled but for four times the cache of 64 rows of 256 tokens (capacity's budget: two of them): short
+    requests reserve 64 rows; a request of 1,024 tokens, when nothing runs, gets fewer rows of its length (64 of
+    them would take the whole card); the next short one 64 rows again; every answer is the CPU's."""
+    path, _ = make_checkpoint(tmp_path / "long", max_position_embeddings=2048, hidden_size=256)
     m, reference = (idefics.load(path, device=d, dtype="float32") for d in (DEVICE, "cpu"))
-    short, long = [["Question: what is it? Answer:"]], [["Story:" + " and then" * 300]]
-    torch.cuda.empty_cache()  # (what the allocator holds unused cannot make one block with what the card has free)
-    blocker = torch.empty(free_memory(m.engine.device) - 3 * cache_bytes(m.model, 64, 256, 1), dtype=torch.uint8,
-                          device=DEVICE)
+    short, long = ([["Question: what is it? Answer:"]], 4), ([["Story:" + " and then" * 300]], 40)  # 903 tokens
+    unused = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # free_memory counts it as free
+    room = 4 * cache_bytes(m.model, 64, 256, 1)
+    blocker = torch.empty(torch.cuda.mem_get_info()[0] - (room - unused), dtype=torch.uint8, device=DEVICE)
     try:
-        calls = [(short, 4), (long, 40), (short, 4)]
-        got = []
-        for prompt, tokens in calls:
-            got.append(m.generate(prompt, max_new_tokens=tokens)[0])
-            if prompt is short and not got[1:]:
-                assert m.engine.slots == 64, m.engine.slots
+        assert abs(free_memory(m.engine.device) - room) < room / 20
+        got = [m.generate(short[0], max_new_tokens=short[1])[0]]
+        assert m.engine.slots == 64, m.engine.slots
+        got.append(m.generate(long[0], max_new_tokens=long[1])[0])
         assert m.engine.max_len >= 1024 and 0 < m.engine.slots < 64, (m.engine.slots, m.engine.max_len)
+        got.append(m.generate(short[0], max_new_tokens=short[1])[0])
+        assert m.engine.slots == 64, m.engine.slots
     finally:
         del blocker
-    same_completions(got, [reference.generate(p, max_new_tokens=t)[0] for p, t in calls])
+    same_completions(got, [reference.generate(p, max_new_tokens=t)[0] for p, t in (short, long, short)])
 
 
 def _decode_logits(engine: Engine, prompts, steps: int = 6) -> list[torch.Tensor]:

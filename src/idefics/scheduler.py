@@ -318,8 +318,9 @@ class Scheduler:
         return r.prompt.ids.shape[0] + r.budget <= e.max_len and r.prompt.pixels.shape[0] <= e.max_images
 
     def _reserve(self):
-        """Size the buffers when nothing runs (the slots only grow): the slots and length `capacity` gives, never less
-        than the waiting requests need; and the sampler's with them."""
+        """Size the buffers when nothing runs (the slots only grow, but for default ones a longer request's length
+        cannot hold): the slots and length `capacity` gives, never less than the waiting requests need; and the
+        sampler's with them."""
         e = self.engine
         if not (self.running or e.active):
             need = list(self.waiting)

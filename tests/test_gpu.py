@@ -495,28 +495,22 @@ def test_idefics_batch_reserves_its_window_of_rows_and_the_model_its_own_after(f
     assert m.scheduler.rows == ROWS and m.engine.slots >= (100 if CUDA else 16)
 
 
-@pytest.mark.skipif(not CUDA, reason="fills the card's memory")
+@pytest.mark.skipif(not CUDA, reason="capacity() sizes the rows from a GPU's memory")
 def test_the_default_rows_shrink_for_a_request_the_kept_ones_cannot_hold(tmp_path, cpu):
-    """The card filled but for four times the cache of 64 rows of 256 tokens (and what torch holds unused, less
-    than two more): short requests reserve 64 rows (capacity's budget: half of that); a request of 1,024 tokens, when
-    nothing runs, gets fewer rows of its length (64 of them would need the whole budget four times over, near the
-    whole card); the next short one 64 rows again; every answer is the CPU's."""
-    path, _ = make_checkpoint(tmp_path / "long", max_position_embeddings=2048, hidden_size=1024)
+    """The cache given twice the bytes of 64 rows of 256 tokens (Scheduler.memory): short requests reserve 64 rows;
+    a request of 1,024 tokens, when nothing runs, gets fewer rows of its length (64 of them would take twice the
+    share: before, the rows were kept and their cache passed it); the next short one 64 rows again; every answer is
+    the CPU's."""
+    path, _ = make_checkpoint(tmp_path / "long", max_position_embeddings=2048, hidden_size=256)
     m, reference = (idefics.load(path, device=d, dtype="float32") for d in (DEVICE, "cpu"))
     short, long = ([["Question: what is it? Answer:"]], 4), ([["Story:" + " and then" * 300]], 40)  # 903 tokens
-    torch.cuda.empty_cache()
-    room = 4 * cache_bytes(m.model, 64, 256, 1)  # left to allocate (cuBLAS's handles allocate outside torch too)
-    blocker = torch.empty(torch.cuda.mem_get_info()[0] - room, dtype=torch.uint8, device=DEVICE)
-    try:
-        assert room <= free_memory(m.engine.device) < 1.5 * room  # (+ graph pools torch holds unused)
-        got = [m.generate(short[0], max_new_tokens=short[1])[0]]
-        assert m.engine.slots == 64, m.engine.slots
-        got.append(m.generate(long[0], max_new_tokens=long[1])[0])
-        assert m.engine.max_len >= 1024 and 0 < m.engine.slots < 64, (m.engine.slots, m.engine.max_len)
-        got.append(m.generate(short[0], max_new_tokens=short[1])[0])
-        assert m.engine.slots == 64, m.engine.slots
-    finally:
-        del blocker
+    m.scheduler.memory = 2 * cache_bytes(m.model, 64, 256, 1) / free_memory(m.engine.device)
+    got = [m.generate(short[0], max_new_tokens=short[1])[0]]
+    assert m.engine.slots == 64, m.engine.slots
+    got.append(m.generate(long[0], max_new_tokens=long[1])[0])
+    assert m.engine.max_len >= 1024 and 0 < m.engine.slots < 64, (m.engine.slots, m.engine.max_len)
+    got.append(m.generate(short[0], max_new_tokens=short[1])[0])
+    assert m.engine.slots == 64, m.engine.slots
     same_completions(got, [reference.generate(p, max_new_tokens=t)[0] for p, t in (short, long, short)])
 
 

@@ -24,6 +24,7 @@ from idefics.tokenizer import Tokenizer
 IMAGES_PER_STEP = 64  # images a step's prefill may encode; a request with more is admitted alone
 LEN_RESERVE = 256  # the cache's length is reserved in multiples of this many tokens
 ROWS = 64  # a GPU's rows without max_batch, where they fit (idefics batch: up to its window of lines in flight)
+MEMORY = 0.5  # the share of a GPU's free memory (the old buffers counted as free) capacity() gives the cache
 # With a backlog (more waiting than free slots), admission gathers free slots for one prefill (1/ADMIT_SHARE of the
 # batch, at most ADMIT_GROUP), waiting at most ADMIT_WAIT steps: a prefill reads every weight once however many
 # prompts it holds, so one prefill of 8 costs about what 3 of one cost. Without a backlog a request is admitted at
@@ -143,6 +144,7 @@ class Scheduler:
         self.context = engine.model.config.max_position_embeddings
         self.max_batch = max_batch
         self.rows = ROWS  # the most rows capacity() reserves without max_batch (see there)
+        self.memory = MEMORY
         self.images_per_step = images_per_step
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in the order of `logits`' rows
@@ -327,15 +329,15 @@ class Scheduler:
             length = min(-(-max(r.prompt.ids.shape[0] + r.budget for r in need) // LEN_RESERVE) * LEN_RESERVE,
                          self.context)
             images = max(r.prompt.pixels.shape[0] for r in need)
-            slots = capacity(e, length, images, self.max_batch, self.rows)[0]
+            slots = capacity(e, length, images, self.max_batch, self.rows, self.memory)[0]
             if e.cache is None or e.slots < slots or not self._fits(need[0]):
                 # Growing the slots and the length separately could ask for their product (a 1-slot cache of
                 # the whole context, then 64 slots): the length is sized again for the slots kept. Without
                 # max_batch, only the kept slots that fit capacity's share of the memory at this length are kept
                 # (256 rows for short captions, then one long story: fewer rows, not a failed request).
                 images = max(images, e.max_images)
-                kept = e.slots if self.max_batch else capacity(e, length, images, None, e.slots)[0]
-                slots, length = capacity(e, length, images, max(slots, kept))
+                kept = e.slots if self.max_batch else capacity(e, length, images, None, e.slots, self.memory)[0]
+                slots, length = capacity(e, length, images, max(slots, kept), memory=self.memory)
                 # (a max_batch set too high for the memory fails the requests with this sentence, not the process)
                 check_room(e, slots, length, images, f"{slots} rows of up to {length} tokens",
                            "lower the rows decoded at once (max_batch: idefics batch --max-batch, idefics serve "
@@ -346,16 +348,17 @@ class Scheduler:
             self.sampler = RowSampler(e.slots, e.max_len, e.device)
 
 
-def capacity(engine: Engine, length: int, images: int, max_batch: int | None, rows: int = ROWS) -> tuple[int, int]:
+def capacity(engine: Engine, length: int, images: int, max_batch: int | None, rows: int = ROWS,
+             memory: float = MEMORY) -> tuple[int, int]:
     """Slots and cache length to reserve for requests needing `length` tokens and `images` images. On the CPU:
-    max_batch (default 16) at that length. On a GPU, half of the memory left (the old buffers counted as free):
-    max_batch slots (default as many as fit at that length, up to `rows`), each as long as fits, up to the context,
-    so that later, longer requests rarely wait for the batch to drain."""
+    max_batch (default 16) at that length. On a GPU, a share (`memory`, half) of the memory left (the old buffers
+    counted as free): max_batch slots (default as many as fit at that length, up to `rows`), each as long as fits,
+    up to the context, so that later, longer requests rarely wait for the batch to drain."""
     if engine.device.type != "cuda":
         return max_batch or 16, length
     m = engine.model
     held = cache_bytes(m, engine.slots, engine.max_len, engine.max_images) if engine.cache is not None else 0
-    budget = (free_memory(engine.device) + held) // 2
+    budget = int((free_memory(engine.device) + held) * memory)
     slots = max_batch or max(1, min(rows, budget // cache_bytes(m, 1, length, images)))
     context = m.config.max_position_embeddings
     longest = max((n for n in range(length, context + 1, LEN_RESERVE) if cache_bytes(m, slots, n, images) <= budget),

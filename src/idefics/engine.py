@@ -104,15 +104,22 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
+def cache_room(engine: "Engine") -> int | None:
+    """Bytes reserve() can allocate: the device's free memory and the old buffers, which it frees first; None where
+    unknown."""
+    free = free_memory(engine.device)
+    if free is None or engine.cache is None:
+        return free
+    return free + cache_bytes(engine.model, engine.slots, engine.max_len, engine.max_images)
+
+
 def check_room(engine: "Engine", slots: int, max_len: int, images: int, what: str,
                advice: str = "use fewer prompts, beams or new tokens"):
-    """Refuse, before reserve() tries, buffers that cannot be allocated (reserve frees the old ones first)."""
-    m = engine.model
-    held = cache_bytes(m, engine.slots, engine.max_len, engine.max_images) if engine.cache is not None else 0
-    needed, free = cache_bytes(m, slots, max_len, images), free_memory(engine.device)
-    if free is not None and needed > free + held:
+    """Refuse, before reserve() tries, buffers that cannot be allocated."""
+    needed, room = cache_bytes(engine.model, slots, max_len, images), cache_room(engine)
+    if room is not None and needed > room:
         raise IdeficsError(f"{what} need about {needed / 2**30:.1f} GiB of cache, and {engine.device} has "
-                           f"{(free + held) / 2**30:.1f} GiB free: {advice}")
+                           f"{room / 2**30:.1f} GiB free: {advice}")
 
 
 class Engine:

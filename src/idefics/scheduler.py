@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from idefics.engine import Engine, Prompt, cache_bytes, check_room, free_memory
+from idefics.engine import Engine, Prompt, cache_bytes, cache_room, check_room
 from idefics.errors import IdeficsError
 from idefics.generate import completion
 from idefics.sampling import GenerationOptions, RowSampler, StopStrings
@@ -357,8 +357,7 @@ def capacity(engine: Engine, length: int, images: int, max_batch: int | None, ro
     if engine.device.type != "cuda":
         return max_batch or 16, length
     m = engine.model
-    held = cache_bytes(m, engine.slots, engine.max_len, engine.max_images) if engine.cache is not None else 0
-    budget = int((free_memory(engine.device) + held) * memory)
+    budget = int(cache_room(engine) * memory)
     slots = max_batch or max(1, min(rows, budget // cache_bytes(m, 1, length, images)))
     context = m.config.max_position_embeddings
     longest = max((n for n in range(length, context + 1, LEN_RESERVE) if cache_bytes(m, slots, n, images) <= budget),

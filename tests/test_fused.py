@@ -117,9 +117,9 @@ def test_cross_attention_equals_pytorchs_with_the_additive_mask(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("swiglu", [False, True])
-@pytest.mark.parametrize("ahead", [False, True])  # gemv.AHEAD: each tile loaded one tile early
-def test_gemv_equals_eager(dtype, swiglu, ahead, monkeypatch):
-    monkeypatch.setattr(gemv_module, "AHEAD", ahead)
+@pytest.mark.parametrize("stages", [0, 3])  # gemv.STAGES: the loop over K software-pipelined
+def test_gemv_equals_eager(dtype, swiglu, stages, monkeypatch):
+    monkeypatch.setattr(gemv_module, "STAGES", stages)
     torch.manual_seed(0)
     k, n = 1100, 37  # more than one block of columns, rows not a multiple of the block
     x = torch.randn(1, k).to(dtype)

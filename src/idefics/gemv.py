@@ -18,7 +18,11 @@ PREFETCH = 1  # with PDL: a GEMV sends this many tiles of its weights to L2 befo
 # layout; 16 (Triton's choice) makes it shuffle the activations through shared memory, behind 4 barriers a tile.
 # The activations' tile must fill the program too (BLOCK_K >= 256 * warps), or they are shuffled all the same.
 FP8_LOAD = 8
-AHEAD = False  # True: each weight tile loaded one tile early, two in flight a thread (bench/gemv_sweep.py --chain)
+# 0: the loop over K as written. 2 or more: Triton's software pipeliner copies each program's next STAGES - 1 tiles
+# (weights and activations) into shared memory asynchronously while it sums the current one, more bytes in flight
+# than registers hold (bench/gemv_sweep.py --chain times it). Loading one tile ahead in registers instead took a
+# batch-1 fp8 chain of products from 2.515 to 2.971 ms on an H100.
+STAGES = 0
 
 
 @triton.jit
@@ -49,6 +53,18 @@ def _tile(rows, up, kk, n_ok, K, SWIGLU: tl.constexpr):
 
 
 @triton.jit
+def _accumulate(acc, acc_up, rows, up, X, NW, kk, n_ok, K, rstd, dt: tl.constexpr, NORM: tl.constexpr,
+                SWIGLU: tl.constexpr):
+    """The products of the tile at columns kk added to acc (and acc_up), elementwise: reduced once, after the loop."""
+    w, w_up = _tile(rows, up, kk, n_ok, K, SWIGLU)  # the weights' loads first: what follows waits for x, they need not
+    x = _input(X, NW, kk, kk < K, rstd, dt, NORM)[None, :]
+    acc += x * w.to(tl.float32)
+    if SWIGLU:
+        acc_up += x * w_up.to(tl.float32)
+    return acc, acc_up
+
+
+@triton.jit
 def _output(y, y_up, rn, n_ok, pid, Y, R, PART_OUT, G, KEEP, stride_g, dt: tl.constexpr, SWIGLU: tl.constexpr,
             RESIDUAL: tl.constexpr, GATE: tl.constexpr, MASKED: tl.constexpr):
     """Store the float32 sums of rows rn: rounded, SwiGLU'd, added to the residual stream as asked."""
@@ -72,7 +88,7 @@ def _gemv_kernel(X, W, Y, N, K, stride_w,
                  S,  # SCALED: W holds fp8 rows, each scaled by S (N,), or (2N,) with SWIGLU
                  SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATE: tl.constexpr,
                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                 PDL: tl.constexpr, PREFETCH, SCALED: tl.constexpr, FP8_LOAD: tl.constexpr, AHEAD: tl.constexpr):
+                 PDL: tl.constexpr, PREFETCH, SCALED: tl.constexpr, FP8_LOAD: tl.constexpr, STAGES: tl.constexpr):
     dt = Y.dtype.element_ty
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -91,22 +107,12 @@ def _gemv_kernel(X, W, Y, N, K, stride_w,
     if NORM:
         rstd = _rstd(PART, n_part, K, eps, BLOCK_P)
     rows = W + rn[:, None] * stride_w
-    if AHEAD:  # each tile's loads are issued one tile early: two tiles in flight per thread
-        w, w_up = _tile(rows, up, rk, n_ok, K, SWIGLU)
-        w, w_up = w.to(tl.float32), w_up.to(tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        if AHEAD:
-            w_next, w_up_next = _tile(rows, up, kk + BLOCK_K, n_ok, K, SWIGLU)
-        else:  # the weights' loads are issued first: what follows waits for x, and they need not
-            w, w_up = _tile(rows, up, kk, n_ok, K, SWIGLU)
-        x = _input(X, NW, kk, k_ok, rstd, dt, NORM)[None, :]
-        acc += x * w.to(tl.float32)
-        if SWIGLU:
-            acc_up += x * w_up.to(tl.float32)
-        if AHEAD:  # (carried in float32: fp8 carried as bytes would be unpacked and packed again each tile)
-            w, w_up = w_next.to(tl.float32), w_up_next.to(tl.float32)
+    if STAGES:
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            acc, acc_up = _accumulate(acc, acc_up, rows, up, X, NW, k0 + rk, n_ok, K, rstd, dt, NORM, SWIGLU)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            acc, acc_up = _accumulate(acc, acc_up, rows, up, X, NW, k0 + rk, n_ok, K, rstd, dt, NORM, SWIGLU)
     y, y_up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
     if SCALED:  # each row's scale, once on its float32 sum
         y = y * tl.load(S + rn, mask=n_ok, other=0.0)
@@ -169,7 +175,7 @@ def gemv(x: torch.Tensor | Normed, weight: torch.Tensor, swiglu: bool = False, n
         xin, weight, y, n, k, weight.stride(0), part_in, part_in.numel(), nw, eps,
         residual if residual is not None else y, part_out, gate if gate is not None else y,
         keep.view(torch.uint8) if keep is not None else y, 1 if gate is not None and gate.numel() > 1 else 0,
-        scale if scale is not None else y, SCALED=scale is not None, FP8_LOAD=FP8_LOAD, AHEAD=AHEAD,
+        scale if scale is not None else y, SCALED=scale is not None, FP8_LOAD=FP8_LOAD, STAGES=STAGES,
         SWIGLU=swiglu, NORM=norm is not None, RESIDUAL=residual is not None, GATE=gate is not None,
         MASKED=keep is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_P=triton.next_power_of_2(part_in.numel()) if norm is not None else 1, num_warps=warps,

@@ -20,8 +20,9 @@ PREFETCH = 1  # with PDL: a GEMV sends this many tiles of its weights to L2 befo
 FP8_LOAD = 8
 # 0: the loop over K as written. 2 or more: Triton's software pipeliner copies each program's next STAGES - 1 tiles
 # (weights and activations) into shared memory asynchronously while it sums the current one, more bytes in flight
-# than registers hold (bench/gemv_sweep.py --chain times it). On an H100 the batch-1 chain of products took 4-9%
-# longer in fp8 and 1% less in bfloat16 with 2-4 stages; loading one tile ahead in registers, 18% longer in fp8.
+# than registers hold (bench/gemv_sweep.py --chain times it). With 2-4 stages the batch-1 chain of products took
+# 13-17% longer in fp8 and 1-4% longer in bfloat16 on an H200 (on an H100: 4-9% longer, and up to 1% less); loading
+# one tile ahead in registers instead, 18% longer in fp8 (H100).
 STAGES = 0
 
 

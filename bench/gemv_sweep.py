@@ -2,9 +2,9 @@
 gemv.py over its block shapes, each timed as 20 back-to-back products in one CUDA graph (as in a decode step).
 With --chain: 32 decoder layers' products at batch 1 in one CUDA graph, as a decode step runs them one after
 another, with the norms between them as separate kernels or folded into the products, launched with or without
-programmatic dependent launch and the L2 prefetch, software-pipelined over K (gemv.STAGES), and with other
-blocks per matrix. gemv.gemv's default blocks are the best of the chain on an H200. With --chain --fp8: the same
-chain with the weights in float8_e4m3fn (fp8.Fp8Linear's layout), over the fp8 GEMV's blocks.
+programmatic dependent launch and the L2 prefetch, and with other blocks per matrix. gemv.gemv's default blocks
+are the best of the chain on an H200. With --chain --fp8: the same chain with the weights in float8_e4m3fn
+(fp8.Fp8Linear's layout), over the fp8 GEMV's blocks.
 
     PYTHONPATH=src python bench/gemv_sweep.py [--chain [--fp8] [--only WORDS...]]
 """
@@ -91,14 +91,13 @@ def chain(fp8_weights: bool = False, only: list[str] | None = None):
     for name, cfg in FP8_BLOCKS if fp8_weights else BF16_BLOCKS:
         runs.append((f"folded norms, PDL + prefetch, {name}", folded_norms, cfg, True, 1))
     weight_bytes = sum(t.numel() * t.element_size() for w in layers for t in w.values())
-    runs += [(f"folded norms, PDL + prefetch, {n} stages", folded_norms, {"stages": n}, True, 1) for n in (2, 3, 4)]
     if fp8_weights:  # the fp8 weights read 16 to a thread, Triton's choice (gemv.FP8_LOAD)
         runs.append(("folded norms, PDL + prefetch, fp8 loads of 16", folded_norms, {"fp8_load": 16}, True, 1))
     for name, fn, cfg, pdl, prefetch in runs:
         if only and not any(word in name for word in only):
             continue
         kernels.PDL, gemv.PREFETCH = pdl, prefetch
-        gemv.FP8_LOAD, gemv.STAGES = cfg.pop("fp8_load", 8), cfg.pop("stages", 0)
+        gemv.FP8_LOAD = cfg.pop("fp8_load", 8)
         try:
             fn(cfg)
         except Exception as e:  # a launch shape or pipelining the compiler rejects
@@ -110,7 +109,7 @@ def chain(fp8_weights: bool = False, only: list[str] | None = None):
         graph.replay()
         t = min(timed(lambda: [graph.replay() for _ in range(10)])[0] for _ in range(3)) / 10
         print(f"{name}: {t * 1e3:.3f} ms ({weight_bytes / t / 1e12:.2f} TB/s)", flush=True)
-    kernels.PDL, gemv.PREFETCH, gemv.FP8_LOAD, gemv.STAGES = True, 1, 8, 0
+    kernels.PDL, gemv.PREFETCH, gemv.FP8_LOAD = True, 1, 8
 
 
 @torch.inference_mode()
@@ -118,7 +117,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--chain", action="store_true")
     parser.add_argument("--fp8", action="store_true", help="with --chain: fp8 weights")
-    parser.add_argument("--only", nargs="+", metavar="WORDS", help="with --chain: the runs whose names hold one of these")
+    parser.add_argument("--only", nargs="+", metavar="WORDS",
+                        help="with --chain: the runs whose names hold one of these")
     args = parser.parse_args()
     if args.chain:
         return chain(args.fp8, args.only)

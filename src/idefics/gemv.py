@@ -18,12 +18,6 @@ PREFETCH = 1  # with PDL: a GEMV sends this many tiles of its weights to L2 befo
 # layout; 16 (Triton's choice) makes it shuffle the activations through shared memory, behind 4 barriers a tile.
 # The activations' tile must fill the program too (BLOCK_K >= 256 * warps), or they are shuffled all the same.
 FP8_LOAD = 8
-# 0: the loop over K as written. 2 or more: Triton's software pipeliner copies each program's next STAGES - 1 tiles
-# (weights and activations) into shared memory asynchronously while it sums the current one, more bytes in flight
-# than registers hold (bench/gemv_sweep.py --chain times it). With 2-4 stages the batch-1 chain of products took
-# 13-17% longer in fp8 and 1-4% longer in bfloat16 on an H200 (on an H100: 4-9% longer, and up to 1% less); loading
-# one tile ahead in registers instead, 18% longer in fp8 (H100).
-STAGES = 0
 
 
 @triton.jit
@@ -54,18 +48,6 @@ def _tile(rows, up, kk, n_ok, K, SWIGLU: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(acc, acc_up, rows, up, X, NW, kk, n_ok, K, rstd, dt: tl.constexpr, NORM: tl.constexpr,
-                SWIGLU: tl.constexpr):
-    """The products of the tile at columns kk added to acc (and acc_up), elementwise: reduced once, after the loop."""
-    w, w_up = _tile(rows, up, kk, n_ok, K, SWIGLU)  # the weights' loads first: what follows waits for x, they need not
-    x = _input(X, NW, kk, kk < K, rstd, dt, NORM)[None, :]
-    acc += x * w.to(tl.float32)
-    if SWIGLU:
-        acc_up += x * w_up.to(tl.float32)
-    return acc, acc_up
-
-
-@triton.jit
 def _output(y, y_up, rn, n_ok, pid, Y, R, PART_OUT, G, KEEP, stride_g, dt: tl.constexpr, SWIGLU: tl.constexpr,
             RESIDUAL: tl.constexpr, GATE: tl.constexpr, MASKED: tl.constexpr):
     """Store the float32 sums of rows rn: rounded, SwiGLU'd, added to the residual stream as asked."""
@@ -89,7 +71,7 @@ def _gemv_kernel(X, W, Y, N, K, stride_w,
                  S,  # SCALED: W holds fp8 rows, each scaled by S (N,), or (2N,) with SWIGLU
                  SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATE: tl.constexpr,
                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                 PDL: tl.constexpr, PREFETCH, SCALED: tl.constexpr, FP8_LOAD: tl.constexpr, STAGES: tl.constexpr):
+                 PDL: tl.constexpr, PREFETCH, SCALED: tl.constexpr, FP8_LOAD: tl.constexpr):
     dt = Y.dtype.element_ty
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -108,12 +90,13 @@ def _gemv_kernel(X, W, Y, N, K, stride_w,
     if NORM:
         rstd = _rstd(PART, n_part, K, eps, BLOCK_P)
     rows = W + rn[:, None] * stride_w
-    if STAGES:
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            acc, acc_up = _accumulate(acc, acc_up, rows, up, X, NW, k0 + rk, n_ok, K, rstd, dt, NORM, SWIGLU)
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            acc, acc_up = _accumulate(acc, acc_up, rows, up, X, NW, k0 + rk, n_ok, K, rstd, dt, NORM, SWIGLU)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        w, w_up = _tile(rows, up, kk, n_ok, K, SWIGLU)  # first: what follows waits for x, and the weights need not
+        x = _input(X, NW, kk, kk < K, rstd, dt, NORM)[None, :]
+        acc += x * w.to(tl.float32)
+        if SWIGLU:
+            acc_up += x * w_up.to(tl.float32)
     y, y_up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
     if SCALED:  # each row's scale, once on its float32 sum
         y = y * tl.load(S + rn, mask=n_ok, other=0.0)
@@ -176,7 +159,7 @@ def gemv(x: torch.Tensor | Normed, weight: torch.Tensor, swiglu: bool = False, n
         xin, weight, y, n, k, weight.stride(0), part_in, part_in.numel(), nw, eps,
         residual if residual is not None else y, part_out, gate if gate is not None else y,
         keep.view(torch.uint8) if keep is not None else y, 1 if gate is not None and gate.numel() > 1 else 0,
-        scale if scale is not None else y, SCALED=scale is not None, FP8_LOAD=FP8_LOAD, STAGES=STAGES,
+        scale if scale is not None else y, SCALED=scale is not None, FP8_LOAD=FP8_LOAD,
         SWIGLU=swiglu, NORM=norm is not None, RESIDUAL=residual is not None, GATE=gate is not None,
         MASKED=keep is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_P=triton.next_power_of_2(part_in.numel()) if norm is not None else 1, num_warps=warps,

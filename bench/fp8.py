@@ -174,8 +174,7 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
     results["matrices"] = {"bf16": matrix_times(model, args.rows, device)}
     engine = Engine(model)
     for b in args.batches:
-        r = decode_run(engine, prompts[b], args.new_tokens)
-        runs["bf16"][b] = with_roofline(r, b, weights["bf16"], kv_bytes(config, b, args.new_tokens, 2), bw)
+        r = runs["bf16"][b] = measured(engine, prompts, b, args, weights["bf16"], bw)
         print(f"bf16 batch {b}: {r}", flush=True)
     default_rows = fused.GEMM_ROWS
     for rows in args.bf16_gemm_rows:  # products of up to `rows` rows through fp8_gemm.plain_mm, cuBLAS above
@@ -183,14 +182,12 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
         other, name = Engine(model), f"gemm rows {rows}"
         runs[name] = {}
         for b in args.batches:
-            r = decode_run(other, prompts[b], args.new_tokens)
-            r = with_roofline(r, b, weights["bf16"], kv_bytes(config, b, args.new_tokens, 2), bw)
-            r["vs_bf16"] = r["decode_tok_s"] / runs["bf16"][b]["decode_tok_s"]
-            r["ttft_vs_bf16"] = r["ttft_ms"] / runs["bf16"][b]["ttft_ms"]
-            runs[name][b] = r
+            r = runs[name][b] = measured(other, prompts, b, args, weights["bf16"], bw, runs["bf16"])
             print(f"bf16 ({name}) batch {b}: {r}", flush=True)
         del other
     fused.GEMM_ROWS = default_rows
+    if args.second_launch:
+        runs["gemm sums in a second launch"] = second_launch(model, prompts, args, weights["bf16"], bw, runs["bf16"])
     fidelity = synthetic_prompts(config, 4, seed=99)
     tokens = run_engine(engine, fidelity, 32)[0]
     ref = teacher_forced(model, fidelity, tokens)
@@ -207,13 +204,14 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
         results["matrices"]["fp8"][product] = matrix_times(model, args.rows, device)
         engine = Engine(model)
         for b in args.batches:
-            r = decode_run(engine, prompts[b], args.new_tokens)
-            r = with_roofline(r, b, weights["fp8"], kv_bytes(config, b, args.new_tokens, 2), bw)
-            base = runs["bf16"][b]
-            r["vs_bf16"], r["ttft_vs_bf16"] = r["decode_tok_s"] / base["decode_tok_s"], r["ttft_ms"] / base["ttft_ms"]
-            runs["fp8"][product][b] = r
+            r = runs["fp8"][product][b] = measured(engine, prompts, b, args, weights["fp8"], bw, runs["bf16"])
             print(f"fp8 ({product}) batch {b}: {r}", flush=True)
         del engine
+        free(device)
+    if args.second_launch and "auto" in args.products:
+        fp8.PRODUCT = "auto"
+        runs["fp8"]["auto, sums in a second launch"] = second_launch(model, prompts, args, weights["fp8"], bw,
+                                                                     runs["bf16"])
         free(device)
 
     fid = results["fidelity_9b_random"] = {}
@@ -232,6 +230,27 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
     print(f"fidelity: {fid}", flush=True)
     del model
     free(device)
+
+
+def measured(engine: Engine, prompts, b: int, args, weights: float, bw: float, base: dict | None = None) -> dict:
+    """decode_run at batch b with its roofline, and against the bfloat16 run at that batch (base) if given."""
+    r = decode_run(engine, prompts[b], args.new_tokens)
+    r = with_roofline(r, b, weights, kv_bytes(engine.model.config, b, args.new_tokens, 2), bw)
+    if base is not None:
+        r["vs_bf16"], r["ttft_vs_bf16"] = r["decode_tok_s"] / base[b]["decode_tok_s"], r["ttft_ms"] / base[b]["ttft_ms"]
+    return r
+
+
+def second_launch(model, prompts: dict, args, weights: float, bw: float, bf16: dict) -> dict:
+    """Decode at each batch with fp8_gemm.ONE_LAUNCH off: the split GEMMs' sums added by a second launch."""
+    fp8_gemm.ONE_LAUNCH, engine, out = False, Engine(model), {}
+    try:
+        for b in args.batches:
+            out[b] = measured(engine, prompts, b, args, weights, bw, bf16)
+            print(f"second launch, {weights / GB:.1f} GB of weights, batch {b}: {out[b]}", flush=True)
+    finally:
+        fp8_gemm.ONE_LAUNCH = True
+    return out
 
 
 def dequantize(model):
@@ -390,6 +409,8 @@ def main():
                              "product of several rows)")
     parser.add_argument("--gemm-prefetch", type=int, default=fp8_gemm.PREFETCH,
                         help="fp8_gemm.PREFETCH for every product of the Triton GEMM (bfloat16 and fp8)")
+    parser.add_argument("--second-launch", action="store_true",
+                        help="bfloat16 and fp8 (auto) decoded again with fp8_gemm.ONE_LAUNCH off")
     parser.add_argument("--rows", type=int, nargs="+", help="row counts of the per-matrix timings")
     parser.add_argument("--batch-80b", type=int, default=16)
     parser.add_argument("--new-tokens-80b", type=int)

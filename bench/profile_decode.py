@@ -1,7 +1,7 @@
 """Where a decode step's time goes: kernel time by kernel (one eager step under the profiler) against the step's
 wall time when replayed as a CUDA graph. idefics-9b shape, random bfloat16 weights.
 
-    PYTHONPATH=src python bench/profile_decode.py [--batches 1 32] [--compile]
+    PYTHONPATH=src python bench/profile_decode.py [--batches 1 32] [--compile] [--quantize fp8]
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import decoding, random_model, step_seconds, timed  # noqa: E402
 
+from idefics import quantize  # noqa: E402
 from idefics.config import idefics_9b  # noqa: E402
 from idefics.engine import Engine  # noqa: E402
 
@@ -52,10 +53,13 @@ def main():
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--vision", action="store_true", help="also profile the image encoder at batch 64")
     parser.add_argument("--blas", action="store_true", help="time one token's matrix products per BLAS library")
+    parser.add_argument("--quantize", choices=["fp8"], help="the decoder's layers quantized in place first")
     args = parser.parse_args()
     if args.blas:
         blas_libraries()
     model = random_model(idefics_9b(), "cuda", torch.bfloat16)
+    if args.quantize:
+        quantize.quantize(model, args.quantize)
     if args.vision:
         pixels = torch.randn(64, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
         for _ in range(2):

@@ -55,6 +55,26 @@ def test_add_rms_norm_equals_eager(dtype, part):
     assert_same(y, norm(expected_x), atol=1e-6)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_add_rms_norm_hands_over_the_fp8_tokens_of_its_output(gated):
+    """fp8=True: the norm's output quantized as fp8.quantize_rows quantizes it (the tokens of an fp8 product),
+    bit for bit, and the same residual; and the Triton GEMM of fp8 tokens given them computes what it computes
+    from the bfloat16 output."""
+    torch.manual_seed(0)
+    rows, d = 5, 1100
+    x, h = ((torch.randn(rows, d) * torch.logspace(-2, 2, rows)[:, None]).to(torch.bfloat16) for _ in range(2))
+    w = torch.rand(d).to(torch.bfloat16) + 0.5
+    gate = dict(gate=torch.tanh(torch.randn(d)).to(torch.bfloat16)) if gated else {}
+    x2, y = kernels.add_rms_norm(x, h, w, 1e-6, **gate)
+    x3, (q, s) = kernels.add_rms_norm(x, h, w, 1e-6, fp8=True, **gate)
+    eq, es = fp8.quantize_rows(y)
+    assert torch.equal(x3, x2) and torch.equal(s, es) and s.shape == (rows, 1)
+    assert q.dtype == fp8.FP8 and torch.equal(q.view(torch.uint8), eq.view(torch.uint8))
+    wq, ws = fp8.quantize_weight(torch.randn(48, d) * 0.02)
+    assert torch.equal(fp8_gemm.tokens_fp8_mm((q, s), wq, ws, block_n=16, block_k=64, split_k=2),
+                       fp8_gemm.tokens_fp8_mm(y, wq, ws, block_n=16, block_k=64, split_k=2))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul_equals_eager(dtype):
     torch.manual_seed(0)

@@ -555,6 +555,20 @@ def test_fused_and_captured_decode_equal_the_plain_step(models, cpu, prompts, dt
         assert_logits_close(g, captured, dtype)
 
 
+@pytest.mark.skipif(CUDA and not HOPPER, reason="the fp8 kernels need Hopper")
+@pytest.mark.parametrize("rows", [3, 24, 80], ids=["weight-only", "fp8-tokens", "scaled-mm"])
+def test_fused_fp8_decode_equals_the_plain_step(files, prompts, rows):
+    """quantize="fp8" at each product's row counts: the fused step, captured (SwiGLU in the fp8 GEMM's epilogue; for
+    fp8 tokens the norm hands them over quantized), against the plain step run eagerly, whose fp8 layers quantize
+    their own inputs."""
+    m = idefics.load(files[0], device=DEVICE, dtype="bfloat16", quantize="fp8")
+    ps = split_batch(m.process((prompts * rows)[:rows]))
+    fused = Engine(m.model, graphs=CUDA, fused=True)
+    assert fused.fused is not None
+    for got, want in zip(_decode_logits(fused, ps), _decode_logits(Engine(m.model, graphs=False, fused=False), ps)):
+        assert_logits_close(got, want, "bfloat16")
+
+
 # The command line, as a subprocess on the device
 
 @pytest.fixture(scope="module")
@@ -743,6 +757,42 @@ def test_the_gemm_of_bf16_weights_equals_the_float32_product(m, monkeypatch):
             monkeypatch.setattr(fp8_gemm, "PREFETCH", prefetch)
             got = fp8_gemm.plain_mm(x, w, swiglu).float()
             assert ((got - want).abs() / want.abs().amax(1, keepdim=True)).max() <= bound
+
+
+@pytest.mark.skipif(CUDA and not HOPPER, reason="the fp8 kernels need Hopper")
+def test_the_last_split_of_a_tile_adds_the_splits_as_the_second_launch_does(monkeypatch):
+    """fp8_gemm.ONE_LAUNCH with a tile's splits running at once on the device: each GEMM with K split (wo's and
+    w2's shapes at their default launch, a SwiGLU one split in 4) gives the bits of the second launch's sum, call
+    after call and replayed in a CUDA graph; fp8.mm's SwiGLU in the epilogue gives kernels.silu_mul's bits."""
+    from idefics import fp8, fp8_gemm, kernels
+
+    torch.manual_seed(0)
+    cases = []
+    shapes = ((4096, 4096, False, None), (4096, 11008, False, None), (1024, 4096, True, 4))
+    if not CUDA:  # (Triton's interpreter: the same launches on smaller matrices)
+        shapes = ((64, 256, False, 2), (64, 704, False, 4), (32, 256, True, 4))
+    for m in (8, 32):
+        for n, k, swiglu, split in shapes:
+            w = (torch.randn((2 if swiglu else 1) * n, k, device=DEVICE) * 0.02).to(torch.bfloat16)
+            q, s = fp8.quantize_weight(w)
+            x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
+            cases += [lambda x=x, w=w, sw=swiglu, sp=split: fp8_gemm.plain_mm(x, w, sw, split_k=sp),
+                      lambda x=x, q=q, s=s, sw=swiglu, sp=split: fp8_gemm.weight_only_mm(x, q, s, sw, split_k=sp),
+                      lambda x=x, q=q, s=s, sw=swiglu, sp=split: fp8_gemm.tokens_fp8_mm(x, q, s, sw, split_k=sp)]
+            if swiglu:
+                assert torch.equal(fp8.mm(x, q, s, swiglu=True), kernels.silu_mul(fp8.mm(x, q, s)))
+    monkeypatch.setattr(fp8_gemm, "ONE_LAUNCH", False)
+    want = [case() for case in cases]
+    monkeypatch.setattr(fp8_gemm, "ONE_LAUNCH", True)
+    for _ in range(5):
+        assert all(torch.equal(case(), y) for case, y in zip(cases, want))
+    if CUDA:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [case() for case in cases]
+        for _ in range(5):
+            graph.replay()
+            assert all(torch.equal(got, y) for got, y in zip(outs, want))
 
 
 @pytest.mark.parametrize("method", list(QUANT_PACKAGES))

@@ -3,7 +3,7 @@
     rows == 1      gemv.gemv reads the fp8 weights itself (the fused decode step calls it with the norms folded in)
     2-16 rows      fp8_gemm.weight_only_mm: a Triton GEMM converting each fp8 weight tile to bfloat16 in registers,
                    the activations untouched, K split over more programs where a matrix has few tiles of rows (the
-                   splits' float32 sums added by a second launch)
+                   splits' float32 sums added by the last of a tile's programs to finish)
     17-64 rows     fp8_gemm.tokens_fp8_mm ("scaled-triton"): activations quantized to fp8 per token (one scale
                    each), fp8 tensor cores, the per-token and per-channel scales applied to the float32 sums, in the
                    Triton GEMM's launch shapes
@@ -89,27 +89,58 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, self.in_features)
-        if not kernels_ready(self.weight, x.dtype):
-            y = upcast_mm(x, self.weight, self.scale)
-        elif x.shape[0] == 1:
-            from idefics.gemv import gemv
-
-            y = gemv(x.contiguous(), self.weight, scale=self.scale)
-        elif PRODUCT == "weight-only" or (PRODUCT == "auto" and x.shape[0] <= WEIGHT_ONLY_ROWS):
-            from idefics.fp8_gemm import weight_only_mm
-
-            y = weight_only_mm(x.contiguous(), self.weight, self.scale)
-        elif PRODUCT == "scaled-triton" or (PRODUCT == "auto" and x.shape[0] <= TRITON_ROWS):
-            from idefics.fp8_gemm import tokens_fp8_mm
-
-            y = tokens_fp8_mm(x.contiguous(), self.weight, self.scale)
-        else:
-            y = scaled_mm(x.contiguous(), self.weight, self.scale)
+        y = mm(x.reshape(-1, self.in_features), self.weight, self.scale)
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, float8_e4m3fn"
+
+
+def _product(rows: int) -> str:
+    """The product that serves `rows` rows (more than one) on Hopper."""
+    if PRODUCT != "auto":
+        return PRODUCT
+    return "weight-only" if rows <= WEIGHT_ONLY_ROWS else "scaled-triton" if rows <= TRITON_ROWS else "scaled"
+
+
+def quantizes_tokens(weight: torch.Tensor, rows: int, dtype: torch.dtype) -> bool:
+    """Whether mm quantizes `rows` activations of dtype to fp8 for this weight first (tokens_fp8_mm, scaled_mm): a
+    kernel that writes the activations can hand them over quantized instead (kernels.add_rms_norm's fp8), one
+    launch fewer."""
+    return rows > 1 and kernels_ready(weight, dtype) and _product(rows) in ("scaled-triton", "scaled")
+
+
+def mm(x, weight: torch.Tensor, scale: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+    """x (M, K) @ the fp8 weight (N, K) with its scales (N,) -> (M, N) in x's dtype, by the product the table above
+    picks for M rows; where quantizes_tokens says so, x may come quantized as quantize_rows makes it (fp8 (M, K),
+    scales (M, 1)), for bfloat16 activations. swiglu: the weight holds gate rows then up rows (2N, K) -> silu(gate)
+    * up (M, N), applied by the Triton products' epilogue (one launch fewer), else by kernels.silu_mul: the same
+    bits."""
+    tokens = isinstance(x, tuple)
+    rows = x[0].shape[0] if tokens else x.shape[0]
+    assert not tokens or quantizes_tokens(weight, rows, torch.bfloat16)
+    x = x if tokens else x.contiguous()
+    if not kernels_ready(weight, x.dtype if not tokens else torch.bfloat16):
+        y = upcast_mm(x, weight, scale)
+    elif rows == 1:
+        from idefics.gemv import gemv
+
+        return gemv(x, weight, swiglu, scale=scale)
+    elif _product(rows) == "weight-only":
+        from idefics.fp8_gemm import weight_only_mm
+
+        return weight_only_mm(x, weight, scale, swiglu)
+    elif _product(rows) == "scaled-triton":
+        from idefics.fp8_gemm import tokens_fp8_mm
+
+        return tokens_fp8_mm(x, weight, scale, swiglu)
+    else:
+        y = scaled_mm(x, weight, scale)
+    if swiglu:
+        from idefics.kernels import silu_mul
+
+        return silu_mul(y)
+    return y
 
 
 def upcast_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -129,8 +160,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / s).clamp_(-FP8_MAX, FP8_MAX).to(FP8), s
 
 
-def scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K) bfloat16 -> (M, N) bfloat16 through fp8 tensor cores: activations quantized per token, the
-    row-wise scales (M, 1) and (1, N) applied by torch._scaled_mm (CUTLASS on Hopper)."""
-    xq, xs = quantize_rows(x)
+def scaled_mm(x, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) bfloat16 -> (M, N) bfloat16 through fp8 tensor cores: activations quantized per token (or x comes
+    quantized: fp8 (M, K), scales (M, 1)), the row-wise scales (M, 1) and (1, N) applied by torch._scaled_mm
+    (CUTLASS on Hopper)."""
+    xq, xs = x if isinstance(x, tuple) else quantize_rows(x)
     return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale[None], out_dtype=torch.bfloat16)

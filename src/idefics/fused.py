@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from idefics import fp8_gemm, kernels
+from idefics import fp8, fp8_gemm, kernels
 from idefics.cache import KVCache
 from idefics.fp8 import Fp8Linear, kernels_ready
 from idefics.gemv import Normed, gemv
@@ -52,7 +52,7 @@ class FusedDecoder:
         self.model = model
         c = model.config
         self.heads, self.head_dim = heads(model), c.head_dim  # this rank's heads under tensor parallelism
-        dt = model.embed.weight.dtype
+        self.dtype = dt = model.embed.weight.dtype
         self.streamed = {id(mod): w for mod in model.modules() if (w := _streamed(mod, dt)) is not None}
         # tanh of the gates once, in the model's dtype, as the reference's tanh(alpha) rounds it
         self.gates = {id(b): (torch.tanh(b.attn_gate.detach()).reshape(-1), torch.tanh(b.mlp_gate.detach()).reshape(-1))
@@ -81,7 +81,9 @@ class FusedDecoder:
         def mm(linear, inp, swiglu=False):
             """linear(inp) for more than one row, SwiGLU'd if asked."""
             weight, scale = self.streamed.get(id(linear), (None, None))
-            if weight is not None and scale is None and m <= GEMM_ROWS and weight.dtype in GEMM_DTYPES:
+            if scale is not None:  # fp8: its product for m rows, with SwiGLU in the GEMM's epilogue
+                return fp8.mm(inp, weight, scale, swiglu)
+            if weight is not None and m <= GEMM_ROWS and weight.dtype in GEMM_DTYPES:
                 return fp8_gemm.plain_mm(inp, weight, swiglu)
             return kernels.silu_mul(linear(inp)) if swiglu else linear(inp)
 
@@ -90,8 +92,10 @@ class FusedDecoder:
             nonlocal x, pending, extra
             if isinstance(x, Normed) and pending is None and streams(linear):
                 return product(x, linear, swiglu, norm=(norm.weight, norm.eps))
+            weight, scale = self.streamed.get(id(linear), (None, None))
+            tokens = scale is not None and fp8.quantizes_tokens(weight, m, self.dtype)  # the norm writes them
             x, n = kernels.add_rms_norm(x.x if isinstance(x, Normed) else x, pending, norm.weight, norm.eps,
-                                        **extra)
+                                        fp8=tokens, **extra)
             pending, extra = None, {}
             if streams(linear):
                 return product(n, linear, swiglu)

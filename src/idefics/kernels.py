@@ -20,11 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
+from idefics.fp8 import FP8_MAX
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Programmatic dependent launch (Hopper on): a kernel is launched while the one before it is still finishing, and
 # waits (gdc_wait) only where it first reads what earlier kernels wrote; the weight loads and the launch itself
 # overlap the previous kernel's tail. Set IDEFICS_PDL=0 to launch them one after another.
 PDL = os.environ.get("IDEFICS_PDL", "1") != "0"
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_ROUND_TO_FP8 = tl.constexpr(INTERPRET)  # _store_fp8_row
 
 
 @functools.cache
@@ -82,12 +86,29 @@ def _round(x, dt: tl.constexpr):
 
 
 @triton.jit
-def _add_rms_norm_kernel(X, H, G, KEEP, NW, XO, Y, N, eps, stride_x, stride_h, stride_xo, stride_y, stride_g,
-                         ADD: tl.constexpr, GATE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr):
+def _store_fp8_row(x, Q, S, ok):
+    """One row x (float32) quantized to fp8 as fp8.quantize_rows does (its largest magnitude mapped to FP8_MAX,
+    values to nearest) into Q at ok, its scale into S."""
+    amax = tl.max(tl.abs(x), axis=0)
+    s = tl.where(amax > 0, tl.div_rn(amax, _FP8_MAX), 1.0)
+    q = tl.minimum(tl.maximum(tl.div_rn(x, s), -_FP8_MAX), _FP8_MAX)
+    if _ROUND_TO_FP8:  # Triton's interpreter (3.9) converts to fp8 without the carry of a round-up into the exponent
+        # (124.3 -> 64): round to the nearest e4m3 value first (3 mantissa bits, or a multiple of 2^-9 below 2^-6,
+        # the subnormals), and the conversion is exact
+        b = q.to(tl.uint32, bitcast=True)
+        normal = ((b + 0x7FFFF + ((b >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+        q = tl.where(tl.abs(q) < 0.015625, (q + 24576.0) - 24576.0, normal)  # 24576's float32 step is 2^-9
+    tl.store(Q, q.to(Q.dtype.element_ty), mask=ok)
+    tl.store(S, s)
+
+
+@triton.jit
+def _add_rms_norm_kernel(X, H, G, KEEP, NW, XO, Y, YS, N, eps, stride_x, stride_h, stride_xo, stride_y, stride_g,
+                         ADD: tl.constexpr, GATE: tl.constexpr, MASKED: tl.constexpr, FP8: tl.constexpr,
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
     _wait_inputs(PDL)
     row = tl.program_id(0)
-    dt = Y.dtype.element_ty
+    dt = XO.dtype.element_ty
     r = tl.arange(0, BLOCK)
     ok = r < N
     x = tl.load(X + row * stride_x + r, mask=ok, other=0.0).to(tl.float32)
@@ -101,23 +122,28 @@ def _add_rms_norm_kernel(X, H, G, KEEP, NW, XO, Y, N, eps, stride_x, stride_h, s
         tl.store(XO + row * stride_xo + r, x.to(dt), mask=ok)
     rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / N + eps)
     y = _round(_round(x * rstd, dt) * tl.load(NW + r, mask=ok, other=0.0).to(tl.float32), dt)
-    tl.store(Y + row * stride_y + r, y.to(dt), mask=ok)
+    if FP8:  # y as the fp8 tokens of the next product: what fp8.quantize_rows makes of y rounded to dt
+        _store_fp8_row(y, Y + row * stride_y + r, YS + row, ok)
+    else:
+        tl.store(Y + row * stride_y + r, y.to(dt), mask=ok)
 
 
 def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 gate: torch.Tensor | None = None, keep: torch.Tensor | None = None):
+                 gate: torch.Tensor | None = None, keep: torch.Tensor | None = None, fp8: bool = False):
     """x, h (M, D) -> (x', weight * rms_norm(x')) with x' = x + gate * keep * h (x' = x without h); gate (D,) or
-    (1,), already tanh'd; keep (M,) bool."""
+    (1,), already tanh'd; keep (M,) bool. fp8: the norm's output as fp8.quantize_rows quantizes it, (float8_e4m3fn
+    (M, D), float32 scales (M, 1)), for a product that takes fp8 tokens (fp8.quantizes_tokens)."""
     m, d = x.shape
     xo = torch.empty_like(x) if h is not None else x
-    y = torch.empty_like(x)
+    y = torch.empty(m, d, dtype=torch.float8_e4m3fn if fp8 else x.dtype, device=x.device)
+    ys = torch.empty(m, 1, dtype=torch.float32, device=x.device) if fp8 else y
     block = triton.next_power_of_2(d)
     _add_rms_norm_kernel[(m,)](
         x, h if h is not None else x, gate if gate is not None else x, keep.view(torch.uint8) if keep is not None else x,
-        weight, xo, y, d, eps, x.stride(0), h.stride(0) if h is not None else 0, xo.stride(0), y.stride(0),
+        weight, xo, y, ys, d, eps, x.stride(0), h.stride(0) if h is not None else 0, xo.stride(0), y.stride(0),
         1 if gate is not None and gate.numel() > 1 else 0, ADD=h is not None, GATE=gate is not None,
-        MASKED=keep is not None, BLOCK=block, num_warps=_warps(block), **_launch(x))
-    return xo, y
+        MASKED=keep is not None, FP8=fp8, BLOCK=block, num_warps=_warps(block), **_launch(x))
+    return xo, ((y, ys) if fp8 else y)
 
 
 @triton.jit

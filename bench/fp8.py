@@ -186,8 +186,6 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
             print(f"bf16 ({name}) batch {b}: {r}", flush=True)
         del other
     fused.GEMM_ROWS = default_rows
-    if args.second_launch:
-        runs["gemm sums in a second launch"] = second_launch(model, prompts, args, weights["bf16"], bw, runs["bf16"])
     fidelity = synthetic_prompts(config, 4, seed=99)
     tokens = run_engine(engine, fidelity, 32)[0]
     ref = teacher_forced(model, fidelity, tokens)
@@ -208,10 +206,9 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
             print(f"fp8 ({product}) batch {b}: {r}", flush=True)
         del engine
         free(device)
-    if args.second_launch and "auto" in args.products:
+    if args.unfused_fp8 and "auto" in args.products:
         fp8.PRODUCT = "auto"
-        runs["fp8"]["auto, sums in a second launch"] = second_launch(model, prompts, args, weights["fp8"], bw,
-                                                                     runs["bf16"])
+        runs["fp8"]["auto, unfused"] = unfused(model, prompts, args, weights["fp8"], bw, runs["bf16"])
         free(device)
 
     fid = results["fidelity_9b_random"] = {}
@@ -241,15 +238,16 @@ def measured(engine: Engine, prompts, b: int, args, weights: float, bw: float, b
     return r
 
 
-def second_launch(model, prompts: dict, args, weights: float, bw: float, bf16: dict) -> dict:
-    """Decode at each batch with fp8_gemm.ONE_LAUNCH off: the split GEMMs' sums added by a second launch."""
-    fp8_gemm.ONE_LAUNCH, engine, out = False, Engine(model), {}
+def unfused(model, prompts: dict, args, weights: float, bw: float, bf16: dict) -> dict:
+    """fp8 decode at each batch with fused.FP8_FUSED off: SwiGLU and the tokens' quantization in launches of their
+    own."""
+    fused.FP8_FUSED, engine, out = False, Engine(model), {}
     try:
         for b in args.batches:
             out[b] = measured(engine, prompts, b, args, weights, bw, bf16)
-            print(f"second launch, {weights / GB:.1f} GB of weights, batch {b}: {out[b]}", flush=True)
+            print(f"fp8 (auto, unfused) batch {b}: {out[b]}", flush=True)
     finally:
-        fp8_gemm.ONE_LAUNCH = True
+        fused.FP8_FUSED = True
     return out
 
 
@@ -409,8 +407,8 @@ def main():
                              "product of several rows)")
     parser.add_argument("--gemm-prefetch", type=int, default=fp8_gemm.PREFETCH,
                         help="fp8_gemm.PREFETCH for every product of the Triton GEMM (bfloat16 and fp8)")
-    parser.add_argument("--second-launch", action="store_true",
-                        help="bfloat16 and fp8 (auto) decoded again with fp8_gemm.ONE_LAUNCH off")
+    parser.add_argument("--unfused-fp8", action="store_true",
+                        help="fp8 (auto) decoded again with fused.FP8_FUSED off")
     parser.add_argument("--rows", type=int, nargs="+", help="row counts of the per-matrix timings")
     parser.add_argument("--batch-80b", type=int, default=16)
     parser.add_argument("--new-tokens-80b", type=int)

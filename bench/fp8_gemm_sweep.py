@@ -2,8 +2,7 @@
 bfloat16 cuBLAS, torch._scaled_mm with the tokens quantized to fp8 (fp8.scaled_mm, its quantization launch
 included), and the two Triton GEMMs at their default launch shape and over a grid of them (block_n, block_k,
 split_k, warps, stages): the weight-only one (fp8_gemm.weight_only_mm; at the default shape also with Triton's own
-fp8 conversion, fp8_gemm.FAST_CONVERT off, and each product's split sums added by a second launch, ONE_LAUNCH off),
-the one of fp8 tokens (fp8_gemm.tokens_fp8_mm, "scaled-triton"), and
+fp8 conversion, fp8_gemm.FAST_CONVERT off), the one of fp8 tokens (fp8_gemm.tokens_fp8_mm, "scaled-triton"), and
 the same GEMM on the bfloat16 weights (fp8_gemm.plain_mm, "bf16-triton", against cuBLAS).
 Each product is timed as back-to-back calls over copies of its weights larger than L2 in one CUDA graph; the median
 replay is reported, in microseconds and in TB/s of the weight bytes read (N * K for fp8, 2 * N * K for bfloat16).
@@ -49,14 +48,6 @@ SHOWN = 5  # best weight-only shapes printed per matrix and row count
 # or with tokens quantized to fp8 as scaled_mm does, and the bfloat16 weights themselves (fp8_gemm.plain_mm)
 TRITON_PRODUCTS = {"weight-only": (fp8_gemm.weight_only_mm, "fp8"), "scaled-triton": (fp8_gemm.tokens_fp8_mm, "fp8"),
                    "bf16-triton": (fp8_gemm.plain_mm, "bf16")}
-# Each Triton product at its default launch shape: (label, product, fp8_gemm.FAST_CONVERT, fp8_gemm.ONE_LAUNCH)
-DEFAULTS = (("weight-only default", "weight-only", True, True),
-            ("weight-only default, Triton's conversion", "weight-only", False, True),
-            ("weight-only default, splits added by a second launch", "weight-only", True, False),
-            ("scaled-triton default", "scaled-triton", True, True),
-            ("scaled-triton default, second launch", "scaled-triton", True, False),
-            ("bf16-triton default", "bf16-triton", True, True),
-            ("bf16-triton default, second launch", "bf16-triton", True, False))
 MAX_ERRORS = {"weight-only": MAX_ERROR, "scaled-triton": 5 * MAX_ERROR, "bf16-triton": MAX_ERROR}  # fp8 tokens:
 # their own rounding too
 
@@ -201,13 +192,16 @@ def main():
                             error(fp8.scaled_mm(x, *q[0]), refs["fp8"]))]
             default = fp8_gemm.weight_only_config(m, n, k, sms)
             default = {key: default[key] for key in ("block_n", "block_k", "split_k", "warps", "stages")}
-            for label, product, fast, one in DEFAULTS:
-                fn, kind = TRITON_PRODUCTS[product]
-                fp8_gemm.FAST_CONVERT, fp8_gemm.ONE_LAUNCH = fast, one
+            for label, (fn, kind), fast in (("weight-only default", TRITON_PRODUCTS["weight-only"], True),
+                                            ("weight-only default, Triton's conversion", TRITON_PRODUCTS["weight-only"],
+                                             False),
+                                            ("scaled-triton default", TRITON_PRODUCTS["scaled-triton"], True),
+                                            ("bf16-triton default", TRITON_PRODUCTS["bf16-triton"], True)):
+                fp8_gemm.FAST_CONVERT = fast
                 ws, copies, size = operands[kind]
                 lines.append(record(label, median_us(lambda i: fn(x, *ws[i]), copies, iters, cuda), size * n * k,
                                     error(fn(x, *ws[0]), refs[kind]), default))
-            fp8_gemm.FAST_CONVERT, fp8_gemm.ONE_LAUNCH = True, True
+            fp8_gemm.FAST_CONVERT = True
             swept = []
             for c in todo[mat, m]:
                 for product, (fn, kind) in TRITON_PRODUCTS.items():
@@ -240,7 +234,8 @@ def main():
     layer = {}
     for m in rows:  # one decoder layer's four products
         total = {p: sum(r["us"] for r in results if r["rows"] == m and r["product"] == p)
-                 for p in ("bf16", "scaled", *(d[0] for d in DEFAULTS))}
+                 for p in ("bf16", "scaled", "weight-only default", "weight-only default, Triton's conversion",
+                           "scaled-triton default", "bf16-triton default")}
         for product in TRITON_PRODUCTS:
             total[f"{product} best"] = sum(r["us"] for (_, mm, p), r in best.items() if mm == m and p == product)
         layer[m] = total

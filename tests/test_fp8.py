@@ -219,30 +219,6 @@ def test_the_gemm_applies_swiglu_as_silu_mul_does(m, k, split_k):
         torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("product", ["plain", "weight-only", "fp8 tokens", "swiglu"])
-def test_the_last_split_of_a_tile_adds_the_splits_as_the_second_launch_does(monkeypatch, product):
-    """fp8_gemm.ONE_LAUNCH: with K split, the tile's last program to finish adds every split's sums in split order,
-    the bits that the second launch (_sum_splits_kernel) writes; it leaves the tiles' counts at zero for the next
-    product, whatever its shape."""
-    torch.manual_seed(0)
-    m, k = 33, 1100  # a partial block of rows, a ragged last tile of K
-    w = torch.randn(96, k).to(torch.bfloat16)
-    q, s = fp8_weights(96, k)
-    x = torch.randn(m, k).to(torch.bfloat16)
-    run = {"plain": lambda **c: fp8_gemm.plain_mm(x, w, **c),
-           "weight-only": lambda **c: fp8_gemm.weight_only_mm(x, q, s, **c),
-           "fp8 tokens": lambda **c: fp8_gemm.tokens_fp8_mm(x, q, s, **c),
-           "swiglu": lambda **c: fp8_gemm.weight_only_mm(x, q, s, swiglu=True, **c)}[product]
-    for split_k in (2, 3, 4):
-        c = dict(block_n=16, block_k=64, split_k=split_k)
-        monkeypatch.setattr(fp8_gemm, "ONE_LAUNCH", False)
-        expected = run(**c)
-        monkeypatch.setattr(fp8_gemm, "ONE_LAUNCH", True)
-        got = run(**c)
-        assert torch.equal(got, expected), split_k
-        assert not fp8_gemm._counts(x.device, 1).any()
-
-
 @pytest.mark.parametrize("n, k", [(12288, 4096), (22016, 4096), (4096, 4096), (4096, 11008), (48, 100)])
 @pytest.mark.parametrize("m", [2, 8, 33, 64, 500])
 def test_weight_only_launch_rule_splits_k_into_whole_tiles_none_empty(m, n, k):

@@ -556,17 +556,23 @@ def test_fused_and_captured_decode_equal_the_plain_step(models, cpu, prompts, dt
 
 
 @pytest.mark.skipif(CUDA and not HOPPER, reason="the fp8 kernels need Hopper")
-@pytest.mark.parametrize("rows", [3, 24, 80], ids=["weight-only", "fp8-tokens", "scaled-mm"])
+# (On the CPU every count upcasts; Triton's interpreter would take a quarter of an hour over the fused step of 80)
+@pytest.mark.parametrize("rows", [3, 24, 80] if CUDA else [3, 24])
 def test_fused_fp8_decode_equals_the_plain_step(files, prompts, rows):
     """quantize="fp8" at each product's row counts: the fused step, captured (SwiGLU in the fp8 GEMM's epilogue; for
     fp8 tokens the norm hands them over quantized), against the plain step run eagerly, whose fp8 layers quantize
     their own inputs."""
+    from idefics import fp8
+
     m = idefics.load(files[0], device=DEVICE, dtype="bfloat16", quantize="fp8")
     ps = split_batch(m.process((prompts * rows)[:rows]))
     fused = Engine(m.model, graphs=CUDA, fused=True)
     assert fused.fused is not None
+    # Where the steps' bfloat16 activations differ by a rounding (the attention's sums, the captured prefill's
+    # padding), fp8 tokens may round to the neighbouring fp8 value (1/16 of them apart): twice bfloat16's atol
+    atol = BF16_ATOL if rows <= fp8.WEIGHT_ONLY_ROWS else 2 * BF16_ATOL
     for got, want in zip(_decode_logits(fused, ps), _decode_logits(Engine(m.model, graphs=False, fused=False), ps)):
-        assert_logits_close(got, want, "bfloat16")
+        torch.testing.assert_close(got.float().cpu(), want.float().cpu(), atol=atol, rtol=BF16_RTOL)
 
 
 # The command line, as a subprocess on the device
@@ -759,40 +765,21 @@ def test_the_gemm_of_bf16_weights_equals_the_float32_product(m, monkeypatch):
             assert ((got - want).abs() / want.abs().amax(1, keepdim=True)).max() <= bound
 
 
+@pytest.mark.parametrize("m", [8, 32, 100])
 @pytest.mark.skipif(CUDA and not HOPPER, reason="the fp8 kernels need Hopper")
-def test_the_last_split_of_a_tile_adds_the_splits_as_the_second_launch_does(monkeypatch):
-    """fp8_gemm.ONE_LAUNCH with a tile's splits running at once on the device: each GEMM with K split (wo's and
-    w2's shapes at their default launch, a SwiGLU one split in 4) gives the bits of the second launch's sum, call
-    after call and replayed in a CUDA graph; fp8.mm's SwiGLU in the epilogue gives kernels.silu_mul's bits."""
-    from idefics import fp8, fp8_gemm, kernels
+def test_fp8_products_apply_swiglu_as_silu_mul_does(m):
+    """fp8.mm with swiglu at each product's row counts (weight-only, fp8 tokens, scaled_mm; w13's shape, K split at
+    8 rows): SwiGLU in the Triton GEMMs' epilogue gives kernels.silu_mul's bits of the plain product; and tokens
+    handed over quantized (as the fused step's norm does) give the bits of tokens the product quantizes itself."""
+    from idefics import fp8, kernels
 
     torch.manual_seed(0)
-    cases = []
-    shapes = ((4096, 4096, False, None), (4096, 11008, False, None), (1024, 4096, True, 4))
-    if not CUDA:  # (Triton's interpreter: the same launches on smaller matrices)
-        shapes = ((64, 256, False, 2), (64, 704, False, 4), (32, 256, True, 4))
-    for m in (8, 32):
-        for n, k, swiglu, split in shapes:
-            w = (torch.randn((2 if swiglu else 1) * n, k, device=DEVICE) * 0.02).to(torch.bfloat16)
-            q, s = fp8.quantize_weight(w)
-            x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
-            cases += [lambda x=x, w=w, sw=swiglu, sp=split: fp8_gemm.plain_mm(x, w, sw, split_k=sp),
-                      lambda x=x, q=q, s=s, sw=swiglu, sp=split: fp8_gemm.weight_only_mm(x, q, s, sw, split_k=sp),
-                      lambda x=x, q=q, s=s, sw=swiglu, sp=split: fp8_gemm.tokens_fp8_mm(x, q, s, sw, split_k=sp)]
-            if swiglu:
-                assert torch.equal(fp8.mm(x, q, s, swiglu=True), kernels.silu_mul(fp8.mm(x, q, s)))
-    monkeypatch.setattr(fp8_gemm, "ONE_LAUNCH", False)
-    want = [case() for case in cases]
-    monkeypatch.setattr(fp8_gemm, "ONE_LAUNCH", True)
-    for _ in range(5):
-        assert all(torch.equal(case(), y) for case, y in zip(cases, want))
-    if CUDA:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = [case() for case in cases]
-        for _ in range(5):
-            graph.replay()
-            assert all(torch.equal(got, y) for got, y in zip(outs, want))
+    q, s = fp8.quantize_weight(torch.randn(2 * 2048, 4096, device=DEVICE) * 0.02)
+    x = torch.randn(m, 4096, device=DEVICE).to(torch.bfloat16)
+    assert torch.equal(fp8.mm(x, q, s, swiglu=True), kernels.silu_mul(fp8.mm(x, q, s)))
+    if fp8.quantizes_tokens(q, m, x.dtype):
+        assert torch.equal(fp8.mm(fp8.quantize_rows(x), q, s, swiglu=True), fp8.mm(x, q, s, swiglu=True))
+    assert fp8.quantizes_tokens(q, m, x.dtype) == (HOPPER and m > fp8.WEIGHT_ONLY_ROWS)
 
 
 @pytest.mark.parametrize("method", list(QUANT_PACKAGES))

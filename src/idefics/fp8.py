@@ -3,7 +3,7 @@
     rows == 1      gemv.gemv reads the fp8 weights itself (the fused decode step calls it with the norms folded in)
     2-16 rows      fp8_gemm.weight_only_mm: a Triton GEMM converting each fp8 weight tile to bfloat16 in registers,
                    the activations untouched, K split over more programs where a matrix has few tiles of rows (the
-                   splits' float32 sums added by the last of a tile's programs to finish)
+                   splits' float32 sums added by a second launch)
     17-64 rows     fp8_gemm.tokens_fp8_mm ("scaled-triton"): activations quantized to fp8 per token (one scale
                    each), fp8 tensor cores, the per-token and per-channel scales applied to the float32 sums, in the
                    Triton GEMM's launch shapes

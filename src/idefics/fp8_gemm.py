@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from idefics.kernels import INTERPRET, _launch, _prefetch_weights, _round, _store_fp8_row, _swiglu, _wait_inputs, _warps
+from idefics.kernels import (INTERPRET, _launch, _prefetch_weights, _round, _store_fp8_row, _swiglu, _wait_inputs,
+                             _warps)
 
 H100_SMS = 132  # the streaming multiprocessors the launch rule plans for off CUDA (the interpreter)
 
@@ -25,9 +26,6 @@ FAST_CONVERT = True  # False: Triton's conversion (bench/fp8_gemm_sweep.py times
 # On an H100, bfloat16 decode through plain_mm at batches 8 and 32: 1.11x and 1.05x cuBLAS's tokens/s with 1 tile,
 # 1.09x and 1.03x with none (bench/fp8.py, one run).
 PREFETCH = 1
-# With K split: the last program of each tile to finish (by an atomic count per tile) adds the splits' float32 sums,
-# in split order as _sum_splits_kernel does (the same bits), instead of a second launch doing it (False: that launch)
-ONE_LAUNCH = True
 _E4M3_TO_BF16 = tl.constexpr("""{
 .reg .b32 t, u, k;
 mov.b32 k, 0x7B807B80;
@@ -77,11 +75,10 @@ def _finish(g, u, dt: tl.constexpr, SWIGLU: tl.constexpr):
 
 
 @triton.jit
-def _mm_kernel(X, XS, W, S, Y, P, C, M, N, K, K_SPLIT, stride_x, stride_w, stride_y, PREFETCH,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-               PARTIAL: tl.constexpr, ONE_LAUNCH: tl.constexpr, SCALED: tl.constexpr, X_FP8: tl.constexpr,
-               SWIGLU: tl.constexpr, DOT_F32: tl.constexpr, FAST_CVT: tl.constexpr, LINE: tl.constexpr,
-               PDL: tl.constexpr):
+def _mm_kernel(X, XS, W, S, Y, P, M, N, K, K_SPLIT, stride_x, stride_w, stride_y, PREFETCH, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PARTIAL: tl.constexpr,
+               SCALED: tl.constexpr, X_FP8: tl.constexpr, SWIGLU: tl.constexpr, DOT_F32: tl.constexpr,
+               FAST_CVT: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr):
     # The product is computed transposed, Y.T (N, M) = W (N, K) @ X.T (K, M): the weight rows fill the tensor
     # cores' tall side, a few tokens their narrow side. Program (n, m, s) sums K[s * K_SPLIT, (s + 1) * K_SPLIT).
     # SCALED: W is fp8 with a scale per row in S (N,), X bfloat16 (the weight-only product: the weights converted to
@@ -89,6 +86,7 @@ def _mm_kernel(X, XS, W, S, Y, P, C, M, N, K, K_SPLIT, stride_x, stride_w, strid
     # tensor cores, nothing converted. Else W and X are bfloat16 (or float32), unscaled.
     # SWIGLU: W (2N, K) holds the gate rows then the up rows (S (2N,)); a program sums both for its N rows and Y gets
     # silu(gate) * up.
+    dt = Y.dtype.element_ty
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
@@ -117,49 +115,18 @@ def _mm_kernel(X, XS, W, S, Y, P, C, M, N, K, K_SPLIT, stride_x, stride_w, strid
         xs = tl.load(XS + rm, mask=m_ok, other=0.0)[None, :]
         acc, acc_up = acc * xs, acc_up * xs
     mask = n_ok[:, None] & m_ok[None, :]
-    if PARTIAL:  # this split's float32 sums into P (splits, M, N, or 2N with SWIGLU)
+    if PARTIAL:  # this split's float32 sums into P (splits, M, N, or 2N with SWIGLU); _sum_splits_kernel adds them
         width = 2 * N if SWIGLU else N
-        at = rm[None, :] * width + rn[:, None]
-        p = P + tl.program_id(2) * M * width + at
+        p = P + tl.program_id(2) * M * width + rm[None, :] * width + rn[:, None]
         tl.store(p, acc, mask=mask)
         if SWIGLU:
             tl.store(p + N, acc_up, mask=mask)
-        if ONE_LAUNCH:  # the tile's last split to arrive adds them all and writes Y; else _sum_splits_kernel does
-            tl.debug_barrier()  # every thread's sums stored before the count says so (the atomic releases them)
-            tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-            last = tl.atomic_add(C + tile, 1, sem="acq_rel", scope="gpu") == tl.num_programs(2) - 1
-            if last:
-                tl.store(C + tile, 0)  # counted from 0 again by the next product (which waits for this one)
-                acc, acc_up = _sum_splits(P + at, M * width, N, tl.num_programs(2), mask, SWIGLU)
-                _epilogue(acc, acc_up, S, Y, rn, rm, n_ok, N, stride_y, mask, SCALED, SWIGLU)
     else:
-        _epilogue(acc, acc_up, S, Y, rn, rm, n_ok, N, stride_y, mask, SCALED, SWIGLU)
-
-
-@triton.jit
-def _sum_splits(P, split_stride, N, splits, mask, SWIGLU: tl.constexpr):
-    """The float32 sums at P of each split (split_stride apart), added in split order; with SWIGLU, also the up
-    rows' (N on). Loaded past L1: other programs wrote them."""
-    g = tl.load(P, mask=mask, other=0.0, cache_modifier=".cg")
-    u = g
-    if SWIGLU:
-        u = tl.load(P + N, mask=mask, other=0.0, cache_modifier=".cg")
-    for s in range(1, splits):
-        g += tl.load(P + s * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
-        if SWIGLU:
-            u += tl.load(P + s * split_stride + N, mask=mask, other=0.0, cache_modifier=".cg")
-    return g, u
-
-
-@triton.jit
-def _epilogue(acc, acc_up, S, Y, rn, rm, n_ok, N, stride_y, mask, SCALED: tl.constexpr, SWIGLU: tl.constexpr):
-    """The float32 sums (BLOCK_N, BLOCK_M) of output columns rn and rows rm, scaled per channel if SCALED -> Y."""
-    dt = Y.dtype.element_ty
-    if SCALED:
-        acc = acc * tl.load(S + rn, mask=n_ok, other=0.0)[:, None]
-        if SWIGLU:
-            acc_up = acc_up * tl.load(S + N + rn, mask=n_ok, other=0.0)[:, None]
-    tl.store(Y + rm[None, :] * stride_y + rn[:, None], _finish(acc, acc_up, dt, SWIGLU).to(dt), mask=mask)
+        if SCALED:
+            acc = acc * tl.load(S + rn, mask=n_ok, other=0.0)[:, None]
+            if SWIGLU:
+                acc_up = acc_up * tl.load(S + N + rn, mask=n_ok, other=0.0)[:, None]
+        tl.store(Y + rm[None, :] * stride_y + rn[:, None], _finish(acc, acc_up, dt, SWIGLU).to(dt), mask=mask)
 
 
 @triton.jit
@@ -173,26 +140,19 @@ def _sum_splits_kernel(P, S, Y, M, N, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr
     width = 2 * N if SWIGLU else N
     col = r % N
     at = (r // N) * width + col
-    g, u = _sum_splits(P + at, M * width, N, SPLIT_K, ok, SWIGLU)
+    g = tl.load(P + at, mask=ok, other=0.0)
+    u = g
+    if SWIGLU:
+        u = tl.load(P + at + N, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        g += tl.load(P + s * M * width + at, mask=ok, other=0.0)
+        if SWIGLU:
+            u += tl.load(P + s * M * width + at + N, mask=ok, other=0.0)
     if SCALED:
         g = g * tl.load(S + col, mask=ok, other=0.0)
         if SWIGLU:
             u = u * tl.load(S + N + col, mask=ok, other=0.0)
     tl.store(Y + r, _finish(g, u, Y.dtype.element_ty, SWIGLU).to(Y.dtype.element_ty), mask=ok)
-
-
-_COUNTS: dict[tuple, torch.Tensor] = {}  # (device, stream) -> int32 zeros: ONE_LAUNCH's count of splits per tile
-
-
-def _counts(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeros for at least `tiles` tiles, one set per stream (products on two streams at once count apart); each
-    product leaves them at zero. Made on first use, in a CUDA graph being captured too (its zeroing then replays)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    c = _COUNTS.get(key)
-    if c is None or c.numel() < tiles:
-        c = _COUNTS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-    return c
 
 
 @functools.cache
@@ -226,9 +186,8 @@ def weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, s
                    **launch) -> torch.Tensor:
     """x (M, K) bfloat16 or float32 @ (weight (N, K) float8_e4m3fn * scale (N,)[:, None]).T -> (M, N) in x's dtype,
     float32 sums scaled once per channel. `launch` (block_n, block_k, split_k, warps, stages) overrides
-    weight_only_config's launch shape; with K split, each split's sums go to a float32 workspace, added in a fixed
-    order by the tile's last split to finish (ONE_LAUNCH) or by a second launch. swiglu: weight (2N, K) holds gate
-    rows then up rows -> silu(gate) * up (M, N)."""
+    weight_only_config's launch shape; with K split, each split's sums go to a float32 workspace and a second launch
+    adds them in a fixed order. swiglu: weight (2N, K) holds gate rows then up rows -> silu(gate) * up (M, N)."""
     return _mm(x, None, weight, scale, x.dtype, swiglu, **launch)
 
 
@@ -259,18 +218,15 @@ def _mm(x: torch.Tensor, xs: torch.Tensor | None, weight: torch.Tensor, scale: t
     partial = c["split_k"] > 1
     p = torch.empty(c["split_k"], m, weight.shape[0], dtype=torch.float32, device=x.device) if partial else y
     grid = (triton.cdiv(n, c["block_n"]), triton.cdiv(m, c["block_m"]), c["split_k"])
-    one_launch = partial and ONE_LAUNCH
-    counts = _counts(x.device, grid[0] * grid[1]) if one_launch else y
     launch, s = _launch(x), scale if scale is not None else y
     line = min(128 // weight.element_size(), c["block_k"])  # a 128-byte line, or the whole tile if that is narrower
-    _mm_kernel[grid](x, xs if xs is not None else s, weight, s, y, p, counts, m, n, k, c["k_split"], x.stride(0),
+    _mm_kernel[grid](x, xs if xs is not None else s, weight, s, y, p, m, n, k, c["k_split"], x.stride(0),
                      weight.stride(0), y.stride(0), PREFETCH if launch["PDL"] else 0,
                      BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], EVEN_K=k % c["block_k"] == 0,
-                     PARTIAL=partial, ONE_LAUNCH=one_launch, SCALED=scale is not None, X_FP8=xs is not None,
-                     SWIGLU=swiglu, DOT_F32=INTERPRET or dtype == torch.float32,
-                     FAST_CVT=FAST_CONVERT and not INTERPRET, LINE=line, num_warps=c["warps"],
-                     num_stages=c["stages"], **launch)
-    if partial and not one_launch:
+                     PARTIAL=partial, SCALED=scale is not None, X_FP8=xs is not None, SWIGLU=swiglu,
+                     DOT_F32=INTERPRET or dtype == torch.float32, FAST_CVT=FAST_CONVERT and not INTERPRET, LINE=line,
+                     num_warps=c["warps"], num_stages=c["stages"], **launch)
+    if partial:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](p, s, y, m, n, SPLIT_K=c["split_k"], BLOCK=block,
                                                          SCALED=scale is not None, SWIGLU=swiglu, num_warps=4,

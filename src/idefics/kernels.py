@@ -263,6 +263,10 @@ def _rope_attention_kernel(QKV, COS, SIN, POS, KC, VC, OUT, H, scale, stride_qkv
     tl.store(out + HALF + r, (acc2 / l_i).to(dt), mask=ok)
 
 
+# rope_attention's launch: cached positions per block, and warps per program (row and head)
+ATTENTION_BLOCK_KV, ATTENTION_WARPS = 64, 4
+
+
 def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int) -> torch.Tensor:
     """One decode step of self-attention: qkv (M, 3*H*Dh) of the new token of each row; cos, sin (max_len, Dh);
@@ -275,8 +279,8 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos:
     _rope_attention_kernel[(m, heads)](
         qkv, cos, sin, pos, k_cache, v_cache, out, heads, d ** -0.5, qkv.stride(0), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), HALF=d // 2,
-        BLOCK=triton.next_power_of_2(d // 2), BLOCK_KV=16 if INTERPRET else 64, num_warps=4,
-        **_launch(qkv))
+        BLOCK=triton.next_power_of_2(d // 2), BLOCK_KV=16 if INTERPRET else ATTENTION_BLOCK_KV,
+        num_warps=ATTENTION_WARPS, **_launch(qkv))
     return out
 
 

@@ -3,15 +3,18 @@
 card holds them all), replayed and timed per call.
 
     PYTHONPATH=src python bench/attention.py [--baseline old_kernels.py] [--batches 1 32 64] [--lengths 32 128 512]
+    PYTHONPATH=src python bench/attention.py --sweep [--batches 32 64] [--lengths 32 96]
 
 --baseline: another version of src/idefics/kernels.py (`git show <commit>:src/idefics/kernels.py > old.py`), whose
 rope_attention is timed beside this one's, and whose absence of cross_attention means PyTorch's attention with the
 additive mask (what the fused step ran before); the whole decode steps (random weights, one image and about 20 text
-tokens per prompt, captured) then run once with each set of kernels, in this process."""
+tokens per prompt, captured) then run once with each set of kernels, in this process. --sweep: rope_attention at
+each launch (cached positions per block 16/32/64, warps 1/2/4/8; kernels.ATTENTION_LAUNCH), batch and context."""
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
@@ -77,12 +80,30 @@ def decode_step_ms(model, batch: int) -> float:
     return 1e3 * seconds
 
 
+def sweep(batches: list[int], lengths: list[int]):
+    print(f"{torch.cuda.get_device_name()}; rope_attention, us per call at (positions per block, warps)")
+    default = dict(kernels.ATTENTION_LAUNCH)
+    with torch.inference_mode():
+        for b in batches:
+            for length in lengths:
+                row = []
+                for launch in itertools.product((16, 32, 64), (1, 2, 4, 8)):
+                    kernels.ATTENTION_LAUNCH = {"few": launch, "many": launch}
+                    row.append(f"{launch[0]}/{launch[1]}: "
+                               f"{per_call_us(self_attention_calls(kernels.rope_attention, b, length)):.1f}")
+                print(f"batch {b} context {length}: " + ", ".join(row), flush=True)
+    kernels.ATTENTION_LAUNCH = default
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", type=Path, help="another version of src/idefics/kernels.py")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 64])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 128, 512])
+    parser.add_argument("--sweep", action="store_true", help="rope_attention at each launch shape")
     args = parser.parse_args()
+    if args.sweep:
+        return sweep(args.batches, args.lengths)
     ours = {"self": kernels.rope_attention, "cross": kernels.cross_attention}
     sets = {"this": ours}
     if args.baseline:

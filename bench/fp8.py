@@ -206,9 +206,10 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
             print(f"fp8 ({product}) batch {b}: {r}", flush=True)
         del engine
         free(device)
-    if args.unfused_fp8 and "auto" in args.products:
+    for swiglu, norm in args.fp8_fusions:  # fp8 (auto) again with fused.FP8_SWIGLU and FP8_NORM_TOKENS as asked
         fp8.PRODUCT = "auto"
-        runs["fp8"]["auto, unfused"] = unfused(model, prompts, args, weights["fp8"], bw, runs["bf16"])
+        name = f"auto, SwiGLU epilogue {'on' if swiglu else 'off'}, norm's fp8 tokens {'on' if norm else 'off'}"
+        runs["fp8"][name] = fusions(model, prompts, args, weights["fp8"], bw, runs["bf16"], swiglu, norm)
         free(device)
 
     fid = results["fidelity_9b_random"] = {}
@@ -238,16 +239,15 @@ def measured(engine: Engine, prompts, b: int, args, weights: float, bw: float, b
     return r
 
 
-def unfused(model, prompts: dict, args, weights: float, bw: float, bf16: dict) -> dict:
-    """fp8 decode at each batch with fused.FP8_FUSED off: SwiGLU and the tokens' quantization in launches of their
-    own."""
-    fused.FP8_FUSED, engine, out = False, Engine(model), {}
+def fusions(model, prompts: dict, args, weights: float, bw: float, bf16: dict, swiglu: bool, norm: bool) -> dict:
+    """fp8 decode at each batch with fused.FP8_SWIGLU and fused.FP8_NORM_TOKENS set so."""
+    fused.FP8_SWIGLU, fused.FP8_NORM_TOKENS, engine, out = swiglu, norm, Engine(model), {}
     try:
         for b in args.batches:
             out[b] = measured(engine, prompts, b, args, weights, bw, bf16)
-            print(f"fp8 (auto, unfused) batch {b}: {out[b]}", flush=True)
+            print(f"fp8 (auto, SwiGLU epilogue {swiglu}, norm's tokens {norm}) batch {b}: {out[b]}", flush=True)
     finally:
-        fused.FP8_FUSED = True
+        fused.FP8_SWIGLU = fused.FP8_NORM_TOKENS = True
     return out
 
 
@@ -407,8 +407,9 @@ def main():
                              "product of several rows)")
     parser.add_argument("--gemm-prefetch", type=int, default=fp8_gemm.PREFETCH,
                         help="fp8_gemm.PREFETCH for every product of the Triton GEMM (bfloat16 and fp8)")
-    parser.add_argument("--unfused-fp8", action="store_true",
-                        help="fp8 (auto) decoded again with fused.FP8_FUSED off")
+    parser.add_argument("--fp8-fusions", nargs="*", default=[], type=lambda v: tuple(c == "1" for c in v),
+                        metavar="SN", help="fp8 (auto) decoded again with fused.FP8_SWIGLU and FP8_NORM_TOKENS "
+                                           "set by each pair of digits: 00 both off, 01 the norm's tokens only...")
     parser.add_argument("--rows", type=int, nargs="+", help="row counts of the per-matrix timings")
     parser.add_argument("--batch-80b", type=int, default=16)
     parser.add_argument("--new-tokens-80b", type=int)

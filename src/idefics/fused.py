@@ -23,10 +23,11 @@ from idefics.parallel import heads
 # (bench/fp8.py --bf16-gemm-rows, one run) bfloat16 decode at batch 8 and 32 gained 1.11x and 1.05x over cuBLAS, and
 # lost at 64 (0.97x): hence 32.
 GEMM_ROWS = 32
-# fp8 products of several rows: SwiGLU in the GEMM's epilogue, and the norm before a product of fp8 tokens writes
-# them quantized (kernels.add_rms_norm's fp8), two launches fewer per block (False: launches of their own, the same
-# bits; bench/fp8.py --unfused-fp8 times both). Read when a step is captured.
-FP8_FUSED = True
+# fp8 products of several rows: SwiGLU in the GEMM's epilogue (FP8_SWIGLU), and the norm before a product of fp8
+# tokens writing them quantized (FP8_NORM_TOKENS, kernels.add_rms_norm's fp8): a launch fewer per block each (off:
+# launches of their own, the same bits; bench/fp8.py --fp8-fusions times each). Read when a step is captured.
+FP8_SWIGLU = True
+FP8_NORM_TOKENS = True
 # Weights of these dtypes only: float32's tiles, twice the bytes, overflow an H100's shared memory with SwiGLU at
 # the GEMM's launch shapes (make test-gpu's float32 demo model).
 GEMM_DTYPES = (torch.bfloat16,)
@@ -85,7 +86,7 @@ class FusedDecoder:
         def mm(linear, inp, swiglu=False):
             """linear(inp) for more than one row, SwiGLU'd if asked."""
             weight, scale = self.streamed.get(id(linear), (None, None))
-            if scale is not None and FP8_FUSED:  # fp8: its product for m rows, SwiGLU in the GEMM's epilogue
+            if scale is not None and (FP8_SWIGLU or not swiglu):  # fp8: its product for m rows
                 return fp8.mm(inp, weight, scale, swiglu)
             if weight is not None and m <= GEMM_ROWS and weight.dtype in GEMM_DTYPES:
                 return fp8_gemm.plain_mm(inp, weight, swiglu)
@@ -97,7 +98,7 @@ class FusedDecoder:
             if isinstance(x, Normed) and pending is None and streams(linear):
                 return product(x, linear, swiglu, norm=(norm.weight, norm.eps))
             weight, scale = self.streamed.get(id(linear), (None, None))
-            tokens = FP8_FUSED and scale is not None and fp8.quantizes_tokens(weight, m, self.dtype)
+            tokens = FP8_NORM_TOKENS and scale is not None and fp8.quantizes_tokens(weight, m, self.dtype)
             x, n = kernels.add_rms_norm(x.x if isinstance(x, Normed) else x, pending, norm.weight, norm.eps,
                                         fp8=tokens, **extra)
             pending, extra = None, {}

@@ -263,8 +263,13 @@ def _rope_attention_kernel(QKV, COS, SIN, POS, KC, VC, OUT, H, scale, stride_qkv
     tl.store(out + HALF + r, (acc2 / l_i).to(dt), mask=ok)
 
 
-# rope_attention's launch: cached positions per block, and warps per program (row and head)
-ATTENTION_BLOCK_KV, ATTENTION_WARPS = 64, 4
+# rope_attention's launch, (cached positions per block, warps per program), for fewer than ATTENTION_ROWS rows and
+# from there on. On an H100 (bench/attention.py --sweep, 2026-12-07) at 32 rows of 32 and 96 positions and 64 rows
+# of 96, blocks of 16 positions in one warp took 7.2, 18.8 and 37.0 us a call against 17.8, 29.5 and 54.5 with 64
+# in 4 warps: a program per row and head is latency-bound, and small ones run more at once. A few rows keep 64 in
+# 4 warps (32 programs a row: each must keep more of the cache in flight).
+ATTENTION_LAUNCH = {"few": (64, 4), "many": (16, 1)}
+ATTENTION_ROWS = 8
 
 
 def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
@@ -276,11 +281,12 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos:
     d = qkv.shape[1] // (3 * heads)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and qkv.stride(1) == 1
     out = torch.empty(m, heads * d, dtype=qkv.dtype, device=qkv.device)
+    block_kv, warps = ATTENTION_LAUNCH["many" if m >= ATTENTION_ROWS else "few"]
     _rope_attention_kernel[(m, heads)](
         qkv, cos, sin, pos, k_cache, v_cache, out, heads, d ** -0.5, qkv.stride(0), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), HALF=d // 2,
-        BLOCK=triton.next_power_of_2(d // 2), BLOCK_KV=16 if INTERPRET else ATTENTION_BLOCK_KV,
-        num_warps=ATTENTION_WARPS, **_launch(qkv))
+        BLOCK=triton.next_power_of_2(d // 2), BLOCK_KV=16 if INTERPRET else block_kv, num_warps=warps,
+        **_launch(qkv))
     return out
 
 

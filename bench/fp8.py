@@ -241,13 +241,14 @@ def measured(engine: Engine, prompts, b: int, args, weights: float, bw: float, b
 
 def fusions(model, prompts: dict, args, weights: float, bw: float, bf16: dict, swiglu: bool, norm: bool) -> dict:
     """fp8 decode at each batch with fused.FP8_SWIGLU and fused.FP8_NORM_TOKENS set so."""
+    defaults = fused.FP8_SWIGLU, fused.FP8_NORM_TOKENS
     fused.FP8_SWIGLU, fused.FP8_NORM_TOKENS, engine, out = swiglu, norm, Engine(model), {}
     try:
         for b in args.batches:
             out[b] = measured(engine, prompts, b, args, weights, bw, bf16)
             print(f"fp8 (auto, SwiGLU epilogue {swiglu}, norm's tokens {norm}) batch {b}: {out[b]}", flush=True)
     finally:
-        fused.FP8_SWIGLU = fused.FP8_NORM_TOKENS = True
+        fused.FP8_SWIGLU, fused.FP8_NORM_TOKENS = defaults
     return out
 
 

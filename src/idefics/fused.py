@@ -24,10 +24,12 @@ from idefics.parallel import heads
 # lost at 64 (0.97x): hence 32.
 GEMM_ROWS = 32
 # fp8 products of several rows: SwiGLU in the GEMM's epilogue (FP8_SWIGLU), and the norm before a product of fp8
-# tokens writing them quantized (FP8_NORM_TOKENS, kernels.add_rms_norm's fp8): a launch fewer per block each (off:
-# launches of their own, the same bits; bench/fp8.py --fp8-fusions times each). Read when a step is captured.
-FP8_SWIGLU = True
-FP8_NORM_TOKENS = True
+# tokens writing them quantized (FP8_NORM_TOKENS, kernels.add_rms_norm's fp8): a launch fewer per block each, the
+# same bits (bench/fp8.py --fp8-fusions times them). Off: on an H100 both on decoded batches 8 / 32 / 64 at 0.96 /
+# 0.98 / 0.97x both off (w13 with SwiGLU has half the tiles, and the launch rule then splits its K: a second launch
+# for the one saved). Read when a step is captured.
+FP8_SWIGLU = False
+FP8_NORM_TOKENS = False
 # Weights of these dtypes only: float32's tiles, twice the bytes, overflow an H100's shared memory with SwiGLU at
 # the GEMM's launch shapes (make test-gpu's float32 demo model).
 GEMM_DTYPES = (torch.bfloat16,)

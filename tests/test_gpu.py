@@ -558,15 +558,15 @@ def test_fused_and_captured_decode_equal_the_plain_step(models, cpu, prompts, dt
 @pytest.mark.skipif(CUDA and not HOPPER, reason="the fp8 kernels need Hopper")
 # (On the CPU every count upcasts; Triton's interpreter would take a quarter of an hour over the fused step of 80)
 @pytest.mark.parametrize("rows", [3, 24, 80] if CUDA else [3, 24])
-@pytest.mark.parametrize("fusions", [False, True])
+@pytest.mark.parametrize("fusions", [(False, False), (False, True), (True, True)], ids=["none", "norm", "both"])
 def test_fused_fp8_decode_equals_the_plain_step(files, prompts, rows, fusions, monkeypatch):
     """quantize="fp8" at each product's row counts: the fused step, captured (with fusions: SwiGLU in the fp8 GEMM's
     epilogue, and for fp8 tokens the norm handing them over quantized), against the plain step run eagerly, whose
     fp8 layers quantize their own inputs."""
     from idefics import fp8, fused as fused_step
 
-    monkeypatch.setattr(fused_step, "FP8_SWIGLU", fusions)
-    monkeypatch.setattr(fused_step, "FP8_NORM_TOKENS", fusions)
+    monkeypatch.setattr(fused_step, "FP8_SWIGLU", fusions[0])
+    monkeypatch.setattr(fused_step, "FP8_NORM_TOKENS", fusions[1])
     m = idefics.load(files[0], device=DEVICE, dtype="bfloat16", quantize="fp8")
     ps = split_batch(m.process((prompts * rows)[:rows]))
     fused = Engine(m.model, graphs=CUDA, fused=True)

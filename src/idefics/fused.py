@@ -88,7 +88,9 @@ class FusedDecoder:
         def mm(linear, inp, swiglu=False):
             """linear(inp) for more than one row, SwiGLU'd if asked."""
             weight, scale = self.streamed.get(id(linear), (None, None))
-            if scale is not None and (FP8_SWIGLU or not swiglu):  # fp8: its product for m rows
+            if scale is not None:  # fp8: its product for m rows (inp may be the norm's fp8 tokens)
+                if swiglu and not FP8_SWIGLU:
+                    return kernels.silu_mul(fp8.mm(inp, weight, scale))
                 return fp8.mm(inp, weight, scale, swiglu)
             if weight is not None and m <= GEMM_ROWS and weight.dtype in GEMM_DTYPES:
                 return fp8_gemm.plain_mm(inp, weight, swiglu)

@@ -176,16 +176,10 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
     for b in args.batches:
         r = runs["bf16"][b] = measured(engine, prompts, b, args, weights["bf16"], bw)
         print(f"bf16 batch {b}: {r}", flush=True)
-    default_rows = fused.GEMM_ROWS
     for rows in args.bf16_gemm_rows:  # products of up to `rows` rows through fp8_gemm.plain_mm, cuBLAS above
-        fused.GEMM_ROWS = rows
-        other, name = Engine(model), f"gemm rows {rows}"
-        runs[name] = {}
-        for b in args.batches:
-            r = runs[name][b] = measured(other, prompts, b, args, weights["bf16"], bw, runs["bf16"])
-            print(f"bf16 ({name}) batch {b}: {r}", flush=True)
-        del other
-    fused.GEMM_ROWS = default_rows
+        name = f"gemm rows {rows}"
+        runs[name] = with_knobs(model, prompts, args, weights["bf16"], bw, runs["bf16"], f"bf16 ({name})",
+                                GEMM_ROWS=rows)
     fidelity = synthetic_prompts(config, 4, seed=99)
     tokens = run_engine(engine, fidelity, 32)[0]
     ref = teacher_forced(model, fidelity, tokens)
@@ -209,7 +203,8 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
     for swiglu, norm in args.fp8_fusions:  # fp8 (auto) again with fused.FP8_SWIGLU and FP8_NORM_TOKENS as asked
         fp8.PRODUCT = "auto"
         name = f"auto, SwiGLU epilogue {'on' if swiglu else 'off'}, norm's fp8 tokens {'on' if norm else 'off'}"
-        runs["fp8"][name] = fusions(model, prompts, args, weights["fp8"], bw, runs["bf16"], swiglu, norm)
+        runs["fp8"][name] = with_knobs(model, prompts, args, weights["fp8"], bw, runs["bf16"], f"fp8 ({name})",
+                                       FP8_SWIGLU=swiglu, FP8_NORM_TOKENS=norm)
         free(device)
 
     fid = results["fidelity_9b_random"] = {}
@@ -239,17 +234,27 @@ def measured(engine: Engine, prompts, b: int, args, weights: float, bw: float, b
     return r
 
 
-def fusions(model, prompts: dict, args, weights: float, bw: float, bf16: dict, swiglu: bool, norm: bool) -> dict:
-    """fp8 decode at each batch with fused.FP8_SWIGLU and fused.FP8_NORM_TOKENS set so."""
-    defaults = fused.FP8_SWIGLU, fused.FP8_NORM_TOKENS
-    fused.FP8_SWIGLU, fused.FP8_NORM_TOKENS, engine, out = swiglu, norm, Engine(model), {}
+def with_knobs(model, prompts: dict, args, weights: float, bw: float, base: dict, label: str, **knobs) -> dict:
+    """Decode at each batch in an engine made with fused's module settings `knobs` (restored after), against base."""
+    saved = {k: getattr(fused, k) for k in knobs}
+    for k, v in knobs.items():
+        setattr(fused, k, v)
+    engine, out = Engine(model), {}
     try:
         for b in args.batches:
-            out[b] = measured(engine, prompts, b, args, weights, bw, bf16)
-            print(f"fp8 (auto, SwiGLU epilogue {swiglu}, norm's tokens {norm}) batch {b}: {out[b]}", flush=True)
+            out[b] = measured(engine, prompts, b, args, weights, bw, base)
+            print(f"{label} batch {b}: {out[b]}", flush=True)
     finally:
-        fused.FP8_SWIGLU, fused.FP8_NORM_TOKENS = defaults
+        for k, v in saved.items():
+            setattr(fused, k, v)
     return out
+
+
+def fusion_pair(value: str) -> tuple[bool, bool]:
+    """--fp8-fusions' value: two digits, 0 or 1 -> (FP8_SWIGLU, FP8_NORM_TOKENS)."""
+    if len(value) != 2 or set(value) - {"0", "1"}:
+        raise argparse.ArgumentTypeError(f"{value!r}: two digits of 0 or 1 (SwiGLU epilogue, norm's fp8 tokens)")
+    return value[0] == "1", value[1] == "1"
 
 
 def dequantize(model):
@@ -408,7 +413,7 @@ def main():
                              "product of several rows)")
     parser.add_argument("--gemm-prefetch", type=int, default=fp8_gemm.PREFETCH,
                         help="fp8_gemm.PREFETCH for every product of the Triton GEMM (bfloat16 and fp8)")
-    parser.add_argument("--fp8-fusions", nargs="*", default=[], type=lambda v: tuple(c == "1" for c in v),
+    parser.add_argument("--fp8-fusions", nargs="*", default=[], type=fusion_pair,
                         metavar="SN", help="fp8 (auto) decoded again with fused.FP8_SWIGLU and FP8_NORM_TOKENS "
                                            "set by each pair of digits: 00 both off, 01 the norm's tokens only...")
     parser.add_argument("--rows", type=int, nargs="+", help="row counts of the per-matrix timings")

@@ -117,20 +117,21 @@ def mm(x, weight: torch.Tensor, scale: torch.Tensor, swiglu: bool = False) -> to
     * up (M, N), applied by the Triton products' epilogue (one launch fewer), else by kernels.silu_mul: the same
     bits."""
     tokens = isinstance(x, tuple)
-    rows = x[0].shape[0] if tokens else x.shape[0]
-    assert not tokens or quantizes_tokens(weight, rows, torch.bfloat16)
+    (rows, _), dtype = (x[0].shape, torch.bfloat16) if tokens else (x.shape, x.dtype)
+    assert not tokens or quantizes_tokens(weight, rows, dtype)
     x = x if tokens else x.contiguous()
-    if not kernels_ready(weight, x.dtype if not tokens else torch.bfloat16):
+    product = _product(rows)
+    if not kernels_ready(weight, dtype):
         y = upcast_mm(x, weight, scale)
     elif rows == 1:
         from idefics.gemv import gemv
 
         return gemv(x, weight, swiglu, scale=scale)
-    elif _product(rows) == "weight-only":
+    elif product == "weight-only":
         from idefics.fp8_gemm import weight_only_mm
 
         return weight_only_mm(x, weight, scale, swiglu)
-    elif _product(rows) == "scaled-triton":
+    elif product == "scaled-triton":
         from idefics.fp8_gemm import tokens_fp8_mm
 
         return tokens_fp8_mm(x, weight, scale, swiglu)

@@ -45,7 +45,7 @@ from common import random_model, random_tensor, replayed, run_engine, synthetic_
 from gpu import decode_bytes  # noqa: E402
 from quant import cosine, teacher_forced  # noqa: E402
 
-from idefics import fp8, fp8_gemm, fused, gemv, quantize  # noqa: E402
+from idefics import fp8, fp8_gemm, fused, quantize  # noqa: E402
 from idefics.config import (IdeficsConfig, PerceiverConfig, VisionConfig, idefics_9b, idefics_80b,  # noqa: E402
                             to_dict)
 from idefics.engine import Engine  # noqa: E402
@@ -206,12 +206,6 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
         runs["fp8"][name] = with_knobs(model, prompts, args, weights["fp8"], bw, runs["bf16"], f"fp8 ({name})",
                                        FP8_SWIGLU=swiglu, FP8_NORM_TOKENS=norm)
         free(device)
-    if args.fp8_gemv_other and 1 in args.batches:  # batch 1 again through the other fp8 GEMV kernel
-        fp8.PRODUCT = "auto"
-        name = f"auto, {'tile' if gemv.FP8_CHUNKS else 'chunks'} GEMV"
-        runs["fp8"][name] = with_knobs(model, prompts, args, weights["fp8"], bw, runs["bf16"], f"fp8 ({name})",
-                                       module=gemv, batches=[1], FP8_CHUNKS=not gemv.FP8_CHUNKS)
-        free(device)
 
     fid = results["fidelity_9b_random"] = {}
     got = {}
@@ -240,20 +234,19 @@ def measured(engine: Engine, prompts, b: int, args, weights: float, bw: float, b
     return r
 
 
-def with_knobs(model, prompts: dict, args, weights: float, bw: float, base: dict, label: str, module=fused,
-               batches=None, **knobs) -> dict:
-    """Decode at each batch in an engine made with `module`'s settings `knobs` (restored after), against base."""
-    saved = {k: getattr(module, k) for k in knobs}
+def with_knobs(model, prompts: dict, args, weights: float, bw: float, base: dict, label: str, **knobs) -> dict:
+    """Decode at each batch in an engine made with fused's module settings `knobs` (restored after), against base."""
+    saved = {k: getattr(fused, k) for k in knobs}
     for k, v in knobs.items():
-        setattr(module, k, v)
+        setattr(fused, k, v)
     engine, out = Engine(model), {}
     try:
-        for b in batches or args.batches:
+        for b in args.batches:
             out[b] = measured(engine, prompts, b, args, weights, bw, base)
             print(f"{label} batch {b}: {out[b]}", flush=True)
     finally:
         for k, v in saved.items():
-            setattr(module, k, v)
+            setattr(fused, k, v)
     return out
 
 
@@ -423,8 +416,6 @@ def main():
     parser.add_argument("--fp8-fusions", nargs="*", default=[], type=fusion_pair,
                         metavar="SN", help="fp8 (auto) decoded again with fused.FP8_SWIGLU and FP8_NORM_TOKENS "
                                            "set by each pair of digits: 00 both off, 01 the norm's tokens only...")
-    parser.add_argument("--fp8-gemv-other", action="store_true",
-                        help="fp8 batch 1 decoded again with gemv.FP8_CHUNKS flipped (the other fp8 GEMV kernel)")
     parser.add_argument("--rows", type=int, nargs="+", help="row counts of the per-matrix timings")
     parser.add_argument("--batch-80b", type=int, default=16)
     parser.add_argument("--new-tokens-80b", type=int)

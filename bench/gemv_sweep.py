@@ -43,16 +43,13 @@ BF16_BLOCKS = (("qkv 4 rows", {"qkv": dict(block_n=4)}), ("qkv 16x512", {"qkv": 
                ("w13 2 rows", {"w13": dict(block_n=2)}), ("w13 8x512", {"w13": dict(block_n=8, block_k=512)}),
                ("w2 8 rows", {"w2": dict(block_n=8)}), ("w2 4x2048", {"w2": dict(block_n=4, block_k=2048)}),
                ("8 warps", {m: dict(warps=8) for m in MATRICES}))
-FP8_BLOCKS = tuple(  # gemv's fp8 kernel (_gemv_fp8_kernel): rows per program (a thread holds them all) x columns
+FP8_BLOCKS = tuple(
     (f"{m} {bn}x{bk} w{w}", {m: dict(block_n=bn, block_k=bk, warps=w)})
-    for m, shapes in (("qkv", ((8, 1024, 4), (32, 1024, 4), (16, 512, 2), (16, 2048, 8))),
-                      ("wo", ((4, 1024, 4), (16, 1024, 4), (8, 512, 2), (8, 2048, 8))),
-                      ("w13", ((4, 1024, 4), (16, 1024, 4), (8, 512, 2), (8, 2048, 8))),
-                      ("w2", ((8, 1024, 4), (16, 1024, 4), (4, 512, 2), (4, 2048, 8))))
+    for m, shapes in (("qkv", ((16, 256, 4), (8, 1024, 4), (16, 1024, 4), (16, 512, 2), (16, 256, 1), (32, 256, 1))),
+                      ("wo", ((8, 1024, 4), (4, 1024, 4), (4, 2048, 4), (8, 2048, 8), (8, 512, 2))),
+                      ("w13", ((4, 512, 4), (4, 1024, 4), (8, 1024, 4), (8, 512, 2), (2, 1024, 4))),
+                      ("w2", ((4, 1024, 4), (4, 2048, 4), (8, 1024, 4), (8, 2048, 8), (8, 512, 2))))
     for bn, bk, w in shapes) + (("4 warps", {m: dict(warps=4) for m in MATRICES}),)
-# The fp8 GEMV before _gemv_fp8_kernel (gemv.FP8_CHUNKS off: a (rows, columns) tile, its own blocks).
-FP8_TILE_BLOCKS = (("tile kernel", {"fp8_chunks": False}),
-                   ("tile kernel, fp8 loads of 16", {"fp8_chunks": False, "fp8_load": 16}))
 
 
 @torch.inference_mode()
@@ -94,16 +91,13 @@ def chain(fp8_weights: bool = False, only: list[str] | None = None):
     for name, cfg in FP8_BLOCKS if fp8_weights else BF16_BLOCKS:
         runs.append((f"folded norms, PDL + prefetch, {name}", folded_norms, cfg, True, 1))
     weight_bytes = sum(t.numel() * t.element_size() for w in layers for t in w.values())
-    if fp8_weights:  # the fp8 weights read 16 to a thread (gemv.FP8_LOAD), and the tile kernel
+    if fp8_weights:  # the fp8 weights read 16 to a thread, Triton's choice (gemv.FP8_LOAD)
         runs.append(("folded norms, PDL + prefetch, fp8 loads of 16", folded_norms, {"fp8_load": 16}, True, 1))
-        runs += [(f"folded norms, PDL + prefetch, {name}", folded_norms, cfg, True, 1) for name, cfg in FP8_TILE_BLOCKS]
-    chunks_default = gemv.FP8_CHUNKS
     for name, fn, cfg, pdl, prefetch in runs:
         if only and not any(word in name for word in only):
             continue
         kernels.PDL, gemv.PREFETCH = pdl, prefetch
-        cfg = dict(cfg)
-        gemv.FP8_LOAD, gemv.FP8_CHUNKS = cfg.pop("fp8_load", 8), cfg.pop("fp8_chunks", True)
+        gemv.FP8_LOAD = cfg.pop("fp8_load", 8)
         try:
             fn(cfg)
         except Exception as e:  # a launch shape or pipelining the compiler rejects
@@ -115,7 +109,7 @@ def chain(fp8_weights: bool = False, only: list[str] | None = None):
         graph.replay()
         t = min(timed(lambda: [graph.replay() for _ in range(10)])[0] for _ in range(3)) / 10
         print(f"{name}: {t * 1e3:.3f} ms ({weight_bytes / t / 1e12:.2f} TB/s)", flush=True)
-    kernels.PDL, gemv.PREFETCH, gemv.FP8_LOAD, gemv.FP8_CHUNKS = True, 1, 8, chunks_default
+    kernels.PDL, gemv.PREFETCH, gemv.FP8_LOAD = True, 1, 8
 
 
 @torch.inference_mode()

@@ -13,7 +13,6 @@ from torch import nn
 import idefics
 from checkpoints import make_checkpoint
 from idefics import fp8, fp8_gemm, kernels, quantize
-from idefics import gemv as gemv_module
 from idefics.cli import main
 from idefics.demo import evaluate
 from idefics.errors import IdeficsError
@@ -130,16 +129,10 @@ def test_cpu_layers_upcast_whatever_product_is_asked(monkeypatch):
 # The kernels, through Triton's interpreter; the reference is the upcast product (float32 sums of the stored
 # weights, scaled per channel).
 
-@pytest.fixture(params=[True, False], ids=["chunks", "tile"])
-def fp8_gemv_kernel(request, monkeypatch):
-    """Each fp8 GEMV kernel: _gemv_fp8_kernel (chunks) and _gemv_kernel's fp8 tiles."""
-    monkeypatch.setattr(gemv_module, "FP8_CHUNKS", request.param)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("swiglu", [False, True])
-def test_fp8_gemv_equals_the_upcast_product(dtype, swiglu, fp8_gemv_kernel):
-    k, n = 1100, 37  # whole blocks of columns and a masked last one, rows not a multiple of the block
+def test_fp8_gemv_equals_the_upcast_product(dtype, swiglu):
+    k, n = 1100, 37  # more than one block of columns, rows not a multiple of the block
     q, s = fp8_weights(2 * n if swiglu else n, k)
     x = torch.randn(1, k).to(dtype)
     y = fp8.upcast_mm(x.float(), q, s)
@@ -154,7 +147,7 @@ def test_fp8_gemv_equals_the_upcast_product(dtype, swiglu, fp8_gemv_kernel):
     torch.testing.assert_close(got.float(), expected.float(), atol=tol * expected.abs().max().item(), rtol=tol)
 
 
-def test_fp8_gemv_folds_the_residual_add_and_the_norm(fp8_gemv_kernel):
+def test_fp8_gemv_folds_the_residual_add_and_the_norm():
     """As for bfloat16 weights: residual + gate * (h @ w.T), then the next product of its normalized sum."""
     k, n = 1100, 48
     q1, s1 = fp8_weights(n, k, seed=1)

@@ -18,8 +18,6 @@ PREFETCH = 1  # with PDL: a GEMV sends this many tiles of its weights to L2 befo
 # layout; 16 (Triton's choice) makes it shuffle the activations through shared memory, behind 4 barriers a tile.
 # The activations' tile must fill the program too (BLOCK_K >= 256 * warps), or they are shuffled all the same.
 FP8_LOAD = 8
-# fp8 weights through _gemv_fp8_kernel (chunks of FP8_LOAD columns, each thread's rows sharing its activations)
-FP8_CHUNKS = False  # until timed against the tile kernel on a GPU
 
 
 @triton.jit
@@ -108,68 +106,6 @@ def _gemv_kernel(X, W, Y, N, K, stride_w,
             SWIGLU, RESIDUAL, GATE, MASKED)
 
 
-@triton.jit
-def _fp8_chunk(rows, X, NW, k0, cols, ok, rstd, dt: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-               MASK: tl.constexpr, UP):
-    """One tile of _gemv_fp8_kernel: the (chunks, rows, C) weights at columns k0 + cols times x there, each chunk's C
-    products summed in the thread -> (chunks, rows) float32, and the up rows' (UP elements on) with SWIGLU."""
-    if MASK:
-        w = tl.load(rows + k0, mask=ok[:, None, :], other=0.0)
-        x = _input(X + k0, NW + k0, cols, ok, rstd, dt, NORM)
-    else:  # no masks: no predicates, no zeroed registers
-        w = tl.load(rows + k0)
-        x = tl.load(X + k0 + cols).to(tl.float32)
-        if NORM:
-            x = _round(_round(x * rstd, dt) * tl.load(NW + k0 + cols).to(tl.float32), dt)
-    w_up = w
-    if SWIGLU:
-        if MASK:
-            w_up = tl.load(rows + UP + k0, mask=ok[:, None, :], other=0.0)
-        else:
-            w_up = tl.load(rows + UP + k0)
-    x = x[:, None, :]
-    return tl.sum(w.to(tl.float32) * x, axis=2), tl.sum(w_up.to(tl.float32) * x, axis=2)
-
-
-@triton.jit
-def _gemv_fp8_kernel(X, W, Y, N, K, stride_w, PART, n_part, NW, eps, R, PART_OUT, G, KEEP, stride_g, S,
-                     SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATE: tl.constexpr,
-                     MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                     PDL: tl.constexpr, PREFETCH, C: tl.constexpr):
-    """_gemv_kernel's product for fp8 weights, with fewer instructions a weight byte: a tile is (BLOCK_K / C chunks,
-    BLOCK_N rows, C columns), so a thread holds C columns of all BLOCK_N rows (the activations, normalized once, serve
-    every row) and sums its C products in registers (BLOCK_N accumulators a chunk, not BLOCK_N * C). The chunks go
-    first: the compiler then lays the threads along K, the activations' layout, with no shuffle between the two."""
-    dt = Y.dtype.element_ty
-    pid = tl.program_id(0)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    cols = tl.arange(0, BLOCK_K // C)[:, None] * C + tl.arange(0, C)[None, :]  # (chunks, C)
-    up = N * stride_w  # SWIGLU: the up projection's rows follow the gate's N rows
-    rows = W + tl.minimum(rn, N - 1)[None, :, None] * stride_w + cols[:, None, :]  # rows past N re-read row N - 1
-    acc = tl.zeros([BLOCK_K // C, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_K // C, BLOCK_N], dtype=tl.float32)
-    _prefetch_weights(W, rn, N, stride_w, up, 0, K, K, PREFETCH, BLOCK_K, 128, SWIGLU)
-    _wait_inputs(PDL)
-    rstd = 1.0
-    if NORM:
-        rstd = _rstd(PART, n_part, K, eps, BLOCK_P)
-    k_whole = K - K % BLOCK_K  # whole tiles unmasked, then the last columns masked
-    for k0 in range(0, k_whole, BLOCK_K):
-        y, y_up = _fp8_chunk(rows, X, NW, k0, cols, cols, rstd, dt, NORM, SWIGLU, False, up)
-        acc += y
-        acc_up += y_up
-    if k_whole < K:
-        y, y_up = _fp8_chunk(rows, X, NW, k_whole, cols, k_whole + cols < K, rstd, dt, NORM, SWIGLU, True, up)
-        acc += y
-        acc_up += y_up
-    y = tl.sum(acc, axis=0) * tl.load(S + rn, mask=n_ok, other=0.0)  # each row's scale, once on its float32 sum
-    y_up = tl.sum(acc_up, axis=0)
-    if SWIGLU:
-        y_up = y_up * tl.load(S + N + rn, mask=n_ok, other=0.0)
-    _output(y, y_up, rn, n_ok, pid, Y, R, PART_OUT, G, KEEP, stride_g, dt, SWIGLU, RESIDUAL, GATE, MASKED)
-
-
 class Normed:
     """The residual stream as a product left it for the next RMSNorm: x (1, K) and its partial sums of squares
     (one per program). A GEMV given it as input normalizes x itself (gemv's norm)."""
@@ -207,13 +143,9 @@ def gemv(x: torch.Tensor | Normed, weight: torch.Tensor, swiglu: bool = False, n
     # 16 x 256 for wqkv, 4 x 512 (twice: gate and up rows) for w13, 8 x 1024 for wo, 4 x 1024 for w2, all over 4
     # warps: a batch-1 fp8 decode step 11% faster than with 8 x 1024 over 8 warps everywhere (bench/fp8.py, one
     # run after the other on one H100).
-    chunks = scale is not None and FP8_CHUNKS
     if scale is not None and block_n is None and block_k is None:
         tall = 2 * k <= n and not swiglu
-        if chunks:  # rows a thread: 16 for wqkv, 8 (gate and up: 16) for w13, 8 for wo, 4 for w2
-            block_n = 16 if tall else 8 if swiglu or k <= n else 4
-        else:
-            block_n, block_k = (16, 256) if tall else (4, 512) if swiglu else (8, 1024) if k <= n else (4, 1024)
+        block_n, block_k = (16, 256) if tall else (4, 512) if swiglu else (8, 1024) if k <= n else (4, 1024)
     block_n = block_n or (8 if 2 * k <= n <= 16384 and not swiglu else 4)
     # At least 64: the prefetch loop splits a block into 128-byte lines of 64 columns (compiled even when unused).
     block_k = block_k or min(1024, max(64, triton.next_power_of_2(k)))
@@ -223,16 +155,13 @@ def gemv(x: torch.Tensor | Normed, weight: torch.Tensor, swiglu: bool = False, n
     part_in = x.partials if norm is not None else y
     part_out = torch.empty(grid, dtype=torch.float32, device=xin.device) if residual is not None else y
     nw, eps = norm if norm is not None else (y, 0.0)
-    args = (xin, weight, y, n, k, weight.stride(0), part_in, part_in.numel(), nw, eps,
-            residual if residual is not None else y, part_out, gate if gate is not None else y,
-            keep.view(torch.uint8) if keep is not None else y, 1 if gate is not None and gate.numel() > 1 else 0)
-    flags = dict(SWIGLU=swiglu, NORM=norm is not None, RESIDUAL=residual is not None, GATE=gate is not None,
-                 MASKED=keep is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-                 BLOCK_P=triton.next_power_of_2(part_in.numel()) if norm is not None else 1, num_warps=warps,
-                 PREFETCH=PREFETCH if launch["PDL"] and xin.dtype == torch.bfloat16 and block_k >= 64 else 0, **launch)
-    if chunks:
-        _gemv_fp8_kernel[(grid,)](*args, scale, C=FP8_LOAD, **flags)
-    else:
-        _gemv_kernel[(grid,)](*args, scale if scale is not None else y, SCALED=scale is not None,
-                              FP8_LOAD=FP8_LOAD, **flags)
+    _gemv_kernel[(grid,)](
+        xin, weight, y, n, k, weight.stride(0), part_in, part_in.numel(), nw, eps,
+        residual if residual is not None else y, part_out, gate if gate is not None else y,
+        keep.view(torch.uint8) if keep is not None else y, 1 if gate is not None and gate.numel() > 1 else 0,
+        scale if scale is not None else y, SCALED=scale is not None, FP8_LOAD=FP8_LOAD,
+        SWIGLU=swiglu, NORM=norm is not None, RESIDUAL=residual is not None, GATE=gate is not None,
+        MASKED=keep is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_P=triton.next_power_of_2(part_in.numel()) if norm is not None else 1, num_warps=warps,
+        PREFETCH=PREFETCH if launch["PDL"] and xin.dtype == torch.bfloat16 and block_k >= 64 else 0, **launch)
     return Normed(y, part_out) if residual is not None else y

@@ -9,7 +9,7 @@ card holds them all), replayed and timed per call.
 rope_attention is timed beside this one's, and whose absence of cross_attention means PyTorch's attention with the
 additive mask (what the fused step ran before); the whole decode steps (random weights, one image and about 20 text
 tokens per prompt, captured) then run once with each set of kernels, in this process. --sweep: rope_attention at
-each launch (cached positions per block 16/32/64, warps 1/2/4/8; kernels.ATTENTION_LAUNCH), batch and context."""
+each launch (cached positions per block 16 to 256, warps 1/2/4/8; kernels.ATTENTION_LAUNCH), batch and context."""
 from __future__ import annotations
 
 import argparse
@@ -87,7 +87,10 @@ def sweep(batches: list[int], lengths: list[int]):
         for b in batches:
             for length in lengths:
                 row = []
-                for launch in itertools.product((16, 32, 64), (1, 2, 4, 8)):
+                # up to 64 positions a warp: more spill the registers
+                for launch in itertools.product((16, 32, 64, 128, 256), (1, 2, 4, 8)):
+                    if launch[0] > 64 * launch[1]:
+                        continue
                     kernels.ATTENTION_LAUNCH = {"few": launch, "many": launch}
                     row.append(f"{launch[0]}/{launch[1]}: "
                                f"{per_call_us(self_attention_calls(kernels.rope_attention, b, length)):.1f}")

@@ -45,7 +45,7 @@ from common import random_model, random_tensor, replayed, run_engine, synthetic_
 from gpu import decode_bytes  # noqa: E402
 from quant import cosine, teacher_forced  # noqa: E402
 
-from idefics import fp8, fp8_gemm, fused, quantize  # noqa: E402
+from idefics import fp8, fp8_gemm, fused, kernels, quantize  # noqa: E402
 from idefics.config import (IdeficsConfig, PerceiverConfig, VisionConfig, idefics_9b, idefics_80b,  # noqa: E402
                             to_dict)
 from idefics.engine import Engine  # noqa: E402
@@ -180,6 +180,10 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
         name = f"gemm rows {rows}"
         runs[name] = with_knobs(model, prompts, args, weights["bf16"], bw, runs["bf16"], f"bf16 ({name})",
                                 GEMM_ROWS=rows)
+    attention = attention_runs(args)
+    for name, launch in attention.items():
+        runs[name] = with_knobs(model, prompts, args, weights["bf16"], bw, runs["bf16"], f"bf16 ({name})",
+                                module=kernels, ATTENTION_LAUNCH=launch)
     fidelity = synthetic_prompts(config, 4, seed=99)
     tokens = run_engine(engine, fidelity, 32)[0]
     ref = teacher_forced(model, fidelity, tokens)
@@ -205,6 +209,12 @@ def nine_b(args, device: torch.device, bw: float, results: dict):
         name = f"auto, SwiGLU epilogue {'on' if swiglu else 'off'}, norm's fp8 tokens {'on' if norm else 'off'}"
         runs["fp8"][name] = with_knobs(model, prompts, args, weights["fp8"], bw, runs["bf16"], f"fp8 ({name})",
                                        FP8_SWIGLU=swiglu, FP8_NORM_TOKENS=norm)
+        free(device)
+
+    for name, launch in attention.items():  # against bfloat16 with the same launch
+        fp8.PRODUCT = "auto"
+        runs["fp8"][f"auto, {name}"] = with_knobs(model, prompts, args, weights["fp8"], bw, runs[name],
+                                                  f"fp8 (auto, {name})", module=kernels, ATTENTION_LAUNCH=launch)
         free(device)
 
     fid = results["fidelity_9b_random"] = {}
@@ -234,11 +244,12 @@ def measured(engine: Engine, prompts, b: int, args, weights: float, bw: float, b
     return r
 
 
-def with_knobs(model, prompts: dict, args, weights: float, bw: float, base: dict, label: str, **knobs) -> dict:
-    """Decode at each batch in an engine made with fused's module settings `knobs` (restored after), against base."""
-    saved = {k: getattr(fused, k) for k in knobs}
+def with_knobs(model, prompts: dict, args, weights: float, bw: float, base: dict, label: str, module=fused,
+               **knobs) -> dict:
+    """Decode at each batch in an engine made with `module`'s settings `knobs` (restored after), against base."""
+    saved = {k: getattr(module, k) for k in knobs}
     for k, v in knobs.items():
-        setattr(fused, k, v)
+        setattr(module, k, v)
     engine, out = Engine(model), {}
     try:
         for b in args.batches:
@@ -246,8 +257,14 @@ def with_knobs(model, prompts: dict, args, weights: float, bw: float, base: dict
             print(f"{label} batch {b}: {out[b]}", flush=True)
     finally:
         for k, v in saved.items():
-            setattr(fused, k, v)
+            setattr(module, k, v)
     return out
+
+
+def attention_runs(args) -> dict:
+    """--attention-few's launches -> {run name: kernels.ATTENTION_LAUNCH with that launch for few rows}."""
+    return {f"attention few {b}/{w}": {**kernels.ATTENTION_LAUNCH, "few": (b, w)}
+            for b, w in zip(args.attention_few[::2], args.attention_few[1::2])}
 
 
 def fusion_pair(value: str) -> tuple[bool, bool]:
@@ -416,6 +433,9 @@ def main():
     parser.add_argument("--fp8-fusions", nargs="*", default=[], type=fusion_pair,
                         metavar="SN", help="fp8 (auto) decoded again with fused.FP8_SWIGLU and FP8_NORM_TOKENS "
                                            "set by each pair of digits: 00 both off, 01 the norm's tokens only...")
+    parser.add_argument("--attention-few", type=int, nargs="*", default=[], metavar="N",
+                        help="pairs of (cached positions per block, warps): bf16 and fp8 decoded again with "
+                             "kernels.ATTENTION_LAUNCH['few'] set to each")
     parser.add_argument("--rows", type=int, nargs="+", help="row counts of the per-matrix timings")
     parser.add_argument("--batch-80b", type=int, default=16)
     parser.add_argument("--new-tokens-80b", type=int)
@@ -427,6 +447,8 @@ def main():
     parser.add_argument("--write-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--load-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if len(args.attention_few) % 2:
+        parser.error("--attention-few takes pairs: positions per block, then warps")
     fp8_gemm.PREFETCH = args.gemm_prefetch
     small = args.small
     defaults = dict(batches=[1, 2] if small else [1, 8, 32, 64], new_tokens=6 if small else 128,

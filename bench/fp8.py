@@ -263,8 +263,7 @@ def with_knobs(model, prompts: dict, args, weights: float, bw: float, base: dict
 
 def attention_runs(args) -> dict:
     """--attention-few's launches -> {run name: kernels.ATTENTION_LAUNCH with that launch for few rows}."""
-    return {f"attention few {b}/{w}": {**kernels.ATTENTION_LAUNCH, "few": (b, w)}
-            for b, w in zip(args.attention_few[::2], args.attention_few[1::2])}
+    return {f"attention few {b}/{w}": {**kernels.ATTENTION_LAUNCH, "few": (b, w)} for b, w in args.attention_few}
 
 
 def fusion_pair(value: str) -> tuple[bool, bool]:
@@ -433,9 +432,9 @@ def main():
     parser.add_argument("--fp8-fusions", nargs="*", default=[], type=fusion_pair,
                         metavar="SN", help="fp8 (auto) decoded again with fused.FP8_SWIGLU and FP8_NORM_TOKENS "
                                            "set by each pair of digits: 00 both off, 01 the norm's tokens only...")
-    parser.add_argument("--attention-few", type=int, nargs="*", default=[], metavar="N",
-                        help="pairs of (cached positions per block, warps): bf16 and fp8 decoded again with "
-                             "kernels.ATTENTION_LAUNCH['few'] set to each")
+    parser.add_argument("--attention-few", type=int, nargs=2, action="append", default=[],
+                        metavar=("POSITIONS", "WARPS"), help="bf16 and fp8 decoded again with "
+                        "kernels.ATTENTION_LAUNCH['few'] set to (cached positions per block, warps); repeatable")
     parser.add_argument("--rows", type=int, nargs="+", help="row counts of the per-matrix timings")
     parser.add_argument("--batch-80b", type=int, default=16)
     parser.add_argument("--new-tokens-80b", type=int)
@@ -447,8 +446,6 @@ def main():
     parser.add_argument("--write-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--load-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if len(args.attention_few) % 2:
-        parser.error("--attention-few takes pairs: positions per block, then warps")
     fp8_gemm.PREFETCH = args.gemm_prefetch
     small = args.small
     defaults = dict(batches=[1, 2] if small else [1, 8, 32, 64], new_tokens=6 if small else 128,

@@ -3,6 +3,10 @@ fp8 kernels (Triton's interpreter) against the upcast product, the fused decode 
 and logits in fp8."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -300,3 +304,18 @@ def test_demo_teacher_forced_logits_in_fp8_against_bfloat16(demo_models):
     worst_bf16, worst_fp8 = (F.cosine_similarity(v, exact, dim=-1).min() for v in (ref, got))
     assert worst_fp8 >= worst_bf16 - 0.005, (worst_fp8, worst_bf16)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fp8-fusions", "2x"],
+     "argument --fp8-fusions: '2x': two digits of 0 or 1 (SwiGLU epilogue, norm's fp8 tokens)"),
+    (["--attention-few", "256"], "argument --attention-few: expected 2 arguments"),
+    (["--attention-few", "256", "x"], "argument --attention-few: invalid int value: 'x'"),
+])
+def test_the_fp8_benchmark_refuses_a_bad_flag_in_one_line(flags, message):
+    """bench/fp8.py's knobs: a wrong value ends in argparse's one line, before any model is built."""
+    script = Path(__file__).parent.parent / "bench" / "fp8.py"
+    r = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"fp8.py: error: {message}"
+

@@ -9,7 +9,8 @@ card holds them all), replayed and timed per call.
 rope_attention is timed beside this one's, and whose absence of cross_attention means PyTorch's attention with the
 additive mask (what the fused step ran before); the whole decode steps (random weights, one image and about 20 text
 tokens per prompt, captured) then run once with each set of kernels, in this process. --sweep: rope_attention at
-each launch (cached positions per block 16 to 256, warps 1/2/4/8; kernels.ATTENTION_LAUNCH), batch and context."""
+each launch that keeps its registers (cached positions per block 16 to 128, warps 1 to 16, at most 16 positions a
+warp; kernels.ATTENTION_LAUNCH), batch and context."""
 from __future__ import annotations
 
 import argparse
@@ -87,9 +88,9 @@ def sweep(batches: list[int], lengths: list[int]):
         for b in batches:
             for length in lengths:
                 row = []
-                # up to 64 positions a warp: more spill the registers
-                for launch in itertools.product((16, 32, 64, 128, 256), (1, 2, 4, 8)):
-                    if launch[0] > 64 * launch[1]:
+                # more than 16 positions a warp, or 256 a block, spill registers (bench/registers.py)
+                for launch in itertools.product((16, 32, 64, 128), (1, 2, 4, 8, 16)):
+                    if launch[0] > 16 * launch[1]:
                         continue
                     kernels.ATTENTION_LAUNCH = {"few": launch, "many": launch}
                     row.append(f"{launch[0]}/{launch[1]}: "

@@ -267,7 +267,10 @@ def _rope_attention_kernel(QKV, COS, SIN, POS, KC, VC, OUT, H, scale, stride_qkv
 # from there on. On an H100 (bench/attention.py --sweep, 2026-12-07) at 32 rows of 32 and 96 positions and 64 rows
 # of 96, blocks of 16 positions in one warp took 7.2, 18.8 and 37.0 us a call against 17.8, 29.5 and 54.5 with 64
 # in 4 warps: a program per row and head is latency-bound, and small ones run more at once. A few rows keep 64 in
-# 4 warps (32 programs a row: each must keep more of the cache in flight).
+# 4 warps (32 programs a row: each must keep more of the cache in flight). A block and the next one live in
+# registers: past 16 positions a warp, or 256 a block, they spill (bench/registers.py); in that sweep a spilled
+# launch (32/1, 64/2, 64/1) took 1.2-10x the time of its block over more warps. tests/test_registers.py holds both
+# launches here to no spill.
 ATTENTION_LAUNCH = {"few": (64, 4), "many": (16, 1)}
 ATTENTION_ROWS = 8
 

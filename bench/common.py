@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: random checkpoints of a given shape, synthetic prompts, timers."""
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -14,6 +15,14 @@ from idefics.model import IdeficsModel
 from idefics.sampling import GenerationOptions
 from idefics.scheduler import Request, Scheduler
 from idefics.weights import build_meta, checkpoint_tensors
+
+
+def power_of_two(value: str) -> int:
+    """A flag's launch size (cached positions per block, warps): Triton's blocks and warps are powers of 2."""
+    n = int(value) if value.isdigit() else 0
+    if n < 1 or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"{value!r}: a power of 2")
+    return n
 
 
 def random_model(config: IdeficsConfig, device, dtype, seed: int = 0, rank: int = 0, ranks: int = 1) -> IdeficsModel:

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import random_model, random_tensor, replayed, run_engine, synthetic_prompts  # noqa: E402
+from common import power_of_two, random_model, random_tensor, replayed, run_engine, synthetic_prompts  # noqa: E402
 from gpu import decode_bytes  # noqa: E402
 from quant import cosine, teacher_forced  # noqa: E402
 
@@ -432,7 +432,7 @@ def main():
     parser.add_argument("--fp8-fusions", nargs="*", default=[], type=fusion_pair,
                         metavar="SN", help="fp8 (auto) decoded again with fused.FP8_SWIGLU and FP8_NORM_TOKENS "
                                            "set by each pair of digits: 00 both off, 01 the norm's tokens only...")
-    parser.add_argument("--attention-few", type=int, nargs=2, action="append", default=[],
+    parser.add_argument("--attention-few", type=power_of_two, nargs=2, action="append", default=[],
                         metavar=("POSITIONS", "WARPS"), help="bf16 and fp8 decoded again with "
                         "kernels.ATTENTION_LAUNCH['few'] set to (cached positions per block, warps); repeatable")
     parser.add_argument("--rows", type=int, nargs="+", help="row counts of the per-matrix timings")

@@ -13,6 +13,7 @@ import itertools
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,9 @@ os.environ["TRITON_INTERPRET"] = "0"  # the kernels, defined when idefics.kernel
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import power_of_two  # noqa: E402
 
 from idefics import kernels  # noqa: E402
 
@@ -57,7 +61,7 @@ def rope_attention_usage(block_kv: int, warps: int, head_dim: int = 128) -> tupl
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--launch", type=int, nargs=2, action="append", metavar=("POSITIONS", "WARPS"),
+    parser.add_argument("--launch", type=power_of_two, nargs=2, action="append", metavar=("POSITIONS", "WARPS"),
                         help="rope_attention's (cached positions per block, warps); repeatable (default: a grid)")
     args = parser.parse_args()
     launches = args.launch or list(itertools.product((16, 32, 64, 128, 256), (1, 2, 4, 8, 16)))

@@ -3,6 +3,8 @@ repos, and the reference processor."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -173,3 +175,14 @@ def serve(routes: dict, delay: float = 0.0, hits: list | None = None):
     finally:
         server.shutdown()
         server.server_close()
+
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+def bench_error(script: str, flags: list[str]) -> str:
+    """bench/<script> run with flags it must refuse -> its last line, once it has ended in argparse's error (status
+    2, no traceback)."""
+    r = subprocess.run([sys.executable, str(BENCH / script), *flags], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    return r.stderr.strip().splitlines()[-1]

@@ -358,6 +358,24 @@ def test_a_call_whose_cache_cannot_fit_in_memory_is_refused(pair):
     assert m.generate(PROMPTS[:1], max_new_tokens=4)[0].token_ids  # the engine is still usable
 
 
+@pytest.mark.parametrize("call", [
+    lambda m, p: m.generate(p, max_new_tokens=4),
+    lambda m, p: list(m.stream(p[0], max_new_tokens=4)),
+    lambda m, p: m.logits(p),
+])
+def test_text_too_long_for_the_context_is_refused_by_its_length(pair, call):
+    """A million characters cannot be 256 tokens: refused by the text's length before the tokenizer reads it (its
+    time and memory grow with the text), one line naming the prompt."""
+    m = pair[0]
+    with pytest.raises(IdeficsError, match="text of 1000003 characters: more than the model's context of 256 tokens "
+                                           "can hold") as info:
+        call(m, [["a" * 10**6]])
+    assert "\n" not in str(info.value)
+    with pytest.raises(IdeficsError, match="prompt 1, text of") as info:
+        m.generate([PROMPTS[0], ["a" * 10**6]], max_new_tokens=4)
+    assert "\n" not in str(info.value)
+
+
 def test_prompt_longer_than_the_context_raises(pair):
     m = pair[0]
     with pytest.raises(IdeficsError, match="context is 256") as info:

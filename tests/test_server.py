@@ -245,6 +245,12 @@ def test_errors_are_in_openais_shape_with_the_right_status(client, api, images):
     assert httpx.get(api + "/nowhere").json()["error"]["type"] == "not_found_error"
     big = httpx.post(api + "/v1/chat/completions", content=b"x" * (5 << 20), headers={"Authorization": f"Bearer {KEY}"})
     assert big.status_code == 413 and big.json()["error"]["message"]
+    # Text that no context of 256 tokens can hold, within the body limit: refused by its length, not tokenized
+    long = "a" * (3 << 20)
+    e = error_of(lambda: chat(model="idefics-demo", messages=[user("hi"), user(long)]))
+    assert e.status_code == 400 and "messages: text of 3145" in e.message and "context of 512 tokens" in e.message
+    e = error_of(lambda: client.completions.create(model="idefics-demo", prompt=["hi", long]))
+    assert e.status_code == 400 and "- prompt 1: text of 3145728 characters: more than" in e.message
 
 
 def test_image_fetches_are_checked_hop_by_hop(demo, images):

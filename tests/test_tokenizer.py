@@ -1,9 +1,13 @@
 """Tokenizer parity with transformers on tiny tokenizers, as transformers 5's save_pretrained writes them and in the
 hub's layout (with "legacy" true, false or absent), and incremental detokenization."""
 import json
+import random
+from pathlib import Path
 
 import pytest
 from helpers import make_processor_dir, reference_tokenizer
+from tokenizers import AddedToken, Regex, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as Backend
 
 from idefics.errors import IdeficsError
 from idefics.tokenizer import Tokenizer
@@ -147,3 +151,53 @@ def test_malformed_tokenizer_json_is_one_clear_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": "nonsense"}))
     with pytest.raises(IdeficsError, match="cannot load"):
         Tokenizer.from_dir(tmp_path)
+
+
+def _llama_tokenizer():
+    """The IDEFICS checkpoints' own tokenizer files (Llama's vocabulary and the image tokens), kept with bench/."""
+    return Tokenizer.from_dir(Path(__file__).parent.parent / "bench" / "llama_tokenizer")
+
+
+@pytest.mark.parametrize("which", ["tiny", "demo", "llama"])
+def test_no_token_stands_for_more_characters_than_piece_chars(pair, which):
+    """fits() refuses a text by its length alone, so the bound must hold for every text: random runs of the
+    longest pieces, spaces, special-token strings, byte-fallback characters and words never make fewer tokens
+    than their length over piece_chars; the longest piece alone is one token of exactly piece_chars."""
+    from idefics.hub import DEMO_DIR
+
+    tok = {"tiny": lambda: pair[0], "demo": lambda: Tokenizer.from_dir(DEMO_DIR), "llama": _llama_tokenizer}[which]()
+    vocab = tok.backend.get_vocab(with_added_tokens=True)
+    assert tok.piece_chars == max(map(len, vocab))
+    longest = sorted(vocab, key=len)[-40:]
+    words = [p.replace("\u2581", " ") for p in longest] + [" " * 17, "<image>", "<s>", "ÿ", "東京", "🙂", "a", "\n"]
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+        ids = tok.encode(text)
+        assert len(text) <= len(ids) * tok.piece_chars, (text, ids)
+    piece = max(vocab, key=len)
+    assert len(tok.encode(piece)) == 1 and tok.fits(len(piece), 1) and not tok.fits(len(piece) + 1, 1)
+
+
+def _bare(backend: Backend) -> Tokenizer:
+    return Tokenizer(backend, bos_token=None, eos_token=None, unk_token="<unk>", pad_token=None, padding_side="left")
+
+
+def _metaspace_bpe(**options) -> Backend:
+    backend = Backend(models.BPE(vocab={"<unk>": 0, "a": 1, "\u2581": 2}, merges=[], unk_token="<unk>", **options))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=False)
+    return backend
+
+
+def test_piece_chars_is_unknown_where_one_token_can_stand_for_any_length():
+    """Where a token can cover unbounded text, no length is refused: unknown characters fused into one <unk>,
+    an added token that swallows the spaces around it, a normalizer (which may shorten text)."""
+    fused = _bare(_metaspace_bpe(fuse_unk=True))
+    assert len(fused.encode("z" * 1000)) == 1 and fused.piece_chars is None and fused.fits(10**9, 1)
+    assert _bare(_metaspace_bpe(fuse_unk=False)).piece_chars == 5  # "<unk>": each unknown character a token
+    swallowing = _metaspace_bpe(fuse_unk=False)
+    swallowing.add_special_tokens([AddedToken("<x>", lstrip=True)])
+    assert len(swallowing.encode(" " * 1000 + "<x>").ids) == 1 and _bare(swallowing).piece_chars is None
+    normalized = _metaspace_bpe(fuse_unk=False)
+    normalized.normalizer = normalizers.Replace(Regex("a+"), "a")
+    assert len(normalized.encode("a" * 1000).ids) == 1 and _bare(normalized).piece_chars is None

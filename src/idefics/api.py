@@ -142,17 +142,20 @@ class Idefics:
         pixel_values (B, N, 3, H, W) and image_attention_mask (B, S, N), as the reference processor. Options:
         add_end_of_utterance_token."""
         _switches("process", options, known=PROCESS_OPTIONS)
+        return self._process(prompts, options)
+
+    def _process(self, prompts, options: dict, within: int | None = None) -> dict[str, torch.Tensor]:
         batch = as_batch(prompts)
         for b, prompt in enumerate(batch):
             _valid_texts(prompt, self.processor.where(b, len(batch)))
-        return self.processor(batch, **options)
+        return self.processor(batch, within=within, **options)
 
     def logits(self, prompts, **options) -> torch.Tensor:
         """(B, S, V) float32 logits at every position of the processed prompts (padding positions included).
         Options: as process()."""
         _switches("logits", options, known=PROCESS_OPTIONS)
-        batch = self.process(prompts, **options)
         context = self.config.max_position_embeddings
+        batch = self._process(prompts, options, context)
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         for b, n in enumerate(lengths):
             if n > context:
@@ -176,7 +179,7 @@ class Idefics:
             _valid_texts(prompt, self.processor.where(b, len(batch)))
         context = self.config.max_position_embeddings
         return [Request.make(p, o, self.tokenizer, context, logprobs=logprobs, where=f"prompt {i}")
-                for i, p in enumerate(self.processor.prompts(batch, add_end_of_utterance_token))]
+                for i, p in enumerate(self.processor.prompts(batch, add_end_of_utterance_token, context))]
 
     def generate(self, prompts, *, include_prompt: bool = False, add_end_of_utterance_token: bool | None = None,
                  **options) -> list[Completion]:
@@ -229,7 +232,7 @@ class Idefics:
                     try:
                         where = self.processor.where(b, len(batch))
                         _valid_texts(batch[b], where)
-                        pending = self.processor.start(batch[b], eou, where)
+                        pending = self.processor.start(batch[b], eou, where, context)
                     except IdeficsError as e:
                         results[b], finished = e, finished + 1
                         continue

@@ -131,15 +131,16 @@ class Processor:
         # the device resize_on (see idefics.pipeline and idefics.stage).
         self.images = ImagePipeline(image_transform, limits, workers, image_decode, resize_on=resize_on)
 
-    def __call__(self, prompts, add_end_of_utterance_token: bool | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, prompts, add_end_of_utterance_token: bool | None = None,
+                 within: int | None = None) -> dict[str, torch.Tensor]:
         """-> input_ids (B, S) and attention_mask (B, S) int64, pixel_values (B, N, 3, H, W) float32 zero-padded to
         the batch's largest image count N >= 1, image_attention_mask (B, S, N) int64 (when no prompt has an image:
         (B, S, 1) bool zeros, as the reference). With add_end_of_utterance_token, <end_of_utterance> goes between
         two consecutive text items. None (the default) means true when the tokenizer lists <end_of_utterance>
         among its additional special tokens (the instruct checkpoints do), as transformers 4.37.2 decides it;
-        transformers 5 never finds it there and always takes false."""
+        transformers 5 never finds it there and always takes false. within: as start's."""
         batch = as_batch(prompts)
-        started = self._wait_all(self._start_all(batch, self.end_of_utterance(add_end_of_utterance_token)))
+        started = self._wait_all(self._start_all(batch, self.end_of_utterance(add_end_of_utterance_token), within))
         images = [p.pixels() for p in started]
 
         input_ids, attention_mask = self._pad([p.ids for p in started])
@@ -160,18 +161,21 @@ class Processor:
         return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                     image_attention_mask=mask)
 
-    def prompts(self, prompts, add_end_of_utterance_token: bool | None = None) -> list[Prompt]:
-        """Each prompt as the engine takes it: what __call__ gives it alone, unpadded (see Pending.prompt)."""
+    def prompts(self, prompts, add_end_of_utterance_token: bool | None = None,
+                within: int | None = None) -> list[Prompt]:
+        """Each prompt as the engine takes it: what __call__ gives it alone, unpadded (see Pending.prompt). within:
+        as start's."""
         batch = as_batch(prompts)
-        started = self._start_all(batch, self.end_of_utterance(add_end_of_utterance_token))
+        started = self._start_all(batch, self.end_of_utterance(add_end_of_utterance_token), within)
         return [p.prompt() for p in self._wait_all(started)]
 
-    def _start_all(self, batch: list[list], add_end_of_utterance_token: bool) -> list[Pending | IdeficsError]:
+    def _start_all(self, batch: list[list], add_end_of_utterance_token: bool,
+                   within: int | None = None) -> list[Pending | IdeficsError]:
         """Every prompt's images start decoding before any is waited for."""
         started = []
         for b, prompt in enumerate(batch):
             try:
-                started.append(self.start(prompt, add_end_of_utterance_token, self.where(b, len(batch))))
+                started.append(self.start(prompt, add_end_of_utterance_token, self.where(b, len(batch)), within))
             except IdeficsError as e:
                 started.append(e)
         return started
@@ -203,10 +207,15 @@ class Processor:
         """How errors name prompt b of a batch: not at all when it is alone."""
         return f"prompt {b}, " if prompts > 1 else ""
 
-    def start(self, prompt: list, add_end_of_utterance_token: bool, where: str = "") -> Pending:
+    def start(self, prompt: list, add_end_of_utterance_token: bool, where: str = "",
+              within: int | None = None) -> Pending:
         """Lay out and tokenize one prompt now, and hand its images to the pipeline -> a Pending. An error of the
-        prompt's text or items is raised here; an image's, by the Pending."""
+        prompt's text or items is raised here; an image's, by the Pending. within: the model's context; a text too
+        long to fit it is refused before it is tokenized (Tokenizer.fits)."""
         text, sources = self._layout(prompt, add_end_of_utterance_token, where)
+        if within is not None and not self.tokenizer.fits(len(text), within):
+            raise IdeficsError(f"{where}text of {len(text)} characters: more than the model's context of {within} "
+                               "tokens can hold")
         return Pending(self, self.tokenizer.encode(text),
                        [(f"{where}item {i}", self.images.submit(src)) for i, src in sources])
 

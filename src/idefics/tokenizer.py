@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer as Backend
-from tokenizers import decoders, pre_tokenizers
+from tokenizers import decoders, models, pre_tokenizers
 
 from idefics.errors import IdeficsError
 
@@ -64,11 +64,29 @@ def _llama_pipeline(backend: Backend, settings: dict) -> None:
     backend.decoder = decoders.Sequence(steps)
 
 
+def _piece_chars(backend: Backend) -> int | None:
+    """The most characters of text one token can stand for, where the llama pipeline makes it known: no
+    normalizer, a Metaspace that turns " " into "▁" one for one, added tokens that take no space around them,
+    and a BPE that never fuses unknown characters into one <unk> (byte fallback holds every byte's piece). A token
+    covers at most its piece's length then. None elsewhere."""
+    bpe = backend.model
+    if backend.normalizer is not None or not isinstance(backend.pre_tokenizer, pre_tokenizers.Metaspace) \
+            or not isinstance(bpe, models.BPE):
+        return None
+    vocab = backend.get_vocab(with_added_tokens=True)
+    if bpe.fuse_unk and not (bpe.byte_fallback and all(f"<0x{b:02X}>" in vocab for b in range(256))):
+        return None
+    if any(t.lstrip or t.rstrip or t.single_word for t in backend.get_added_tokens_decoder().values()):
+        return None
+    return max(map(len, vocab))
+
+
 class Tokenizer:
     def __init__(self, backend: Backend, *, bos_token: str | None, eos_token: str | None,
                  unk_token: str | None, pad_token: str | None, padding_side: str,
                  additional_special_tokens: tuple[str, ...] = ()):
         self.backend = backend
+        self.piece_chars = _piece_chars(backend)
         self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad_token
         self.padding_side = padding_side
         self.additional_special_tokens = additional_special_tokens
@@ -118,6 +136,12 @@ class Tokenizer:
 
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
+
+    def fits(self, chars: int, tokens: int) -> bool:
+        """False when text of `chars` characters cannot be `tokens` ids or fewer, which its length alone shows: a
+        text too long for the model's context is refused before tokenizing it (whose time and memory grow with the
+        text). True when it may fit, or where the pipeline does not bound a token's characters (see _piece_chars)."""
+        return self.piece_chars is None or chars <= tokens * self.piece_chars
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text`; special tokens written in it are recognized, none are added."""

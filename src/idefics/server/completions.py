@@ -372,7 +372,9 @@ async def run_prompts(state, http: HTTPRequest, body, prompts: list[list], optio
             items = [template([(role, [next(it) for _ in content]) for role, content in contents])]
         else:
             items = [template(await fetch_images(state, p)) for p in prompts]
-        built = await asyncio.to_thread(lambda: [state.builder.build(x) for x in items])
+        where = "messages" if kind == "chat" else "prompt"
+        built = await asyncio.to_thread(lambda: [state.builder.build(x, f"{where} {p}" if len(items) > 1 else where)
+                                                 for p, x in enumerate(items)])
         rid = f"{prefix}-{uuid.uuid4().hex}"
         requests = make_requests(state, built, options, n, logprobs, rid)
         prompt_tokens = sum(int(p.ids.shape[0]) for p in built)

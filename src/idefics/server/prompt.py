@@ -17,6 +17,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import pre_tokenizers
 
 from idefics.engine import Prompt, split_batch
+from idefics.errors import IdeficsError
 from idefics.processor import image_attention_mask
 from idefics.tokenizer import END_OF_UTTERANCE_TOKEN
 
@@ -54,13 +55,19 @@ class PromptBuilder:
         self.transform = model.processor.image_transform
         self.backend = _literal(model.tokenizer.backend)
         self.instruct = self.tokenizer.end_of_utterance_id is not None
+        self.context = model.config.max_position_embeddings
 
     def text_ids(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids if text else []
 
-    def build(self, items: list[Item]) -> Prompt:
-        """Items in order -> one Prompt. Consecutive images share the separator between them, as in process()."""
+    def build(self, items: list[Item], where: str = "prompt") -> Prompt:
+        """Items in order -> one Prompt. Consecutive images share the separator between them, as in process().
+        A text too long for the model's context is refused before it is tokenized (Tokenizer.fits)."""
         t = self.tokenizer
+        chars = sum(len(x) for x in items if isinstance(x, str))
+        if not t.fits(chars, self.context):
+            raise IdeficsError(f"{where}: text of {chars} characters: more than the model's context of "
+                               f"{self.context} tokens can hold")
         ids, images, text, last_was_image = [t.bos_id], [], "", False
 
         def flush():

@@ -251,6 +251,32 @@ def test_errors_are_in_openais_shape_with_the_right_status(client, api, images):
     assert e.status_code == 400 and "messages: text of 3145" in e.message and "context of 512 tokens" in e.message
     e = error_of(lambda: client.completions.create(model="idefics-demo", prompt=["hi", long]))
     assert e.status_code == 400 and "- prompt 1: text of 3145728 characters: more than" in e.message
+    bad = httpx.post(api + "/v1/chat/completions", content=b'{"model": [1, 2',
+                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert bad.status_code == 422
+    assert bad.json()["error"]["message"] == "the body is not valid JSON: Expecting ',' delimiter at character 15"
+
+
+@pytest.mark.parametrize("endpoint, field, value", [
+    ("chat", "logit_bias", {"50": 100}), ("chat", "response_format", {"type": "json_object"}),
+    ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]), ("chat", "tool_choice", "required"),
+    ("chat", "modalities", ["text", "audio"]), ("completions", "echo", True), ("completions", "suffix", "end"),
+    ("completions", "best_of", 3), ("completions", "logit_bias", {"7": -100}),
+])
+def test_openai_fields_that_would_change_the_answer_are_refused_not_ignored(client, endpoint, field, value):
+    """A field this server does not implement is refused where it would change the answer (a client asking for
+    JSON or a bias must not get a plain answer as if served); neutral values and fields that change nothing pass."""
+    if endpoint == "chat":
+        def call(**extra):
+            return client.chat.completions.create(model="idefics-demo", messages=[user("hi")], max_tokens=2, **extra)
+    else:
+        def call(**extra):
+            return client.completions.create(model="idefics-demo", prompt="hi", max_tokens=2, **extra)
+    e = error_of(lambda: call(extra_body={field: value}))
+    assert e.status_code == 400 and f"{field} is not supported by this server" in e.message
+    neutral = {"logit_bias": {}, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
+               "modalities": ["text"], "echo": False, "suffix": "", "best_of": 1}[field]
+    assert call(extra_body={field: neutral, "user": "someone", "metadata": {"k": "v"}}).choices
 
 
 def test_image_fetches_are_checked_hop_by_hop(demo, images):

@@ -139,6 +139,10 @@ def _errors(app: FastAPI):
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc is (body, character): not a field
+            at = first.get("loc", ("body", "?"))[-1]
+            message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')} at character {at}"
+            return JSONResponse(APIError(422, message).body(), status_code=422)
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         return JSONResponse(APIError(422, message, param=where or None).body(), status_code=422)

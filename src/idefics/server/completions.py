@@ -17,8 +17,8 @@ from idefics.engine import Prompt
 from idefics.errors import IdeficsError
 from idefics.sampling import GenerationOptions
 from idefics.scheduler import Output, Request
-from idefics.server.protocol import APIError, ChatRequest, CompletionRequest, ImagePart, Sampling, TaskRequest, \
-    options_dict
+from idefics.server.protocol import UNSUPPORTED, APIError, ChatRequest, CompletionRequest, ImagePart, Sampling, \
+    TaskRequest, options_dict
 from idefics.server.runs import Run, Ticket
 from idefics.tokenizer import BYTE_TOKEN
 
@@ -45,6 +45,9 @@ def sampling_options(body: Sampling, settings, max_tokens: int | None) -> dict:
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(body, name):
             raise APIError(400, f"{name} is not supported (use repetition_penalty)", param=name)
+    for name, value in (body.model_extra or {}).items():
+        if name in UNSUPPORTED and not UNSUPPORTED[name](value, body):
+            raise APIError(400, f"{name} is not supported by this server (got {str(value)[:80]})", param=name)
     o: dict = {}
     t = body.temperature
     if (t is not None and t > 0) or (t is None and (body.top_p is not None or body.top_k is not None)):

@@ -55,10 +55,29 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class Sampling(BaseModel):
-    """The options shared by both OpenAI endpoints, with the extensions top_k, repetition_penalty, min_tokens."""
+# OpenAI's fields that would change the answer and that this server does not implement: refused unless absent
+# or neutral (name -> the test of a neutral value, given the request). Other fields it does not know (user,
+# metadata, store, ...) change nothing and are ignored.
+UNSUPPORTED = {
+    "logit_bias": lambda v, body: not v,
+    "response_format": lambda v, body: v is None or v == {"type": "text"},
+    "tools": lambda v, body: not v,
+    "functions": lambda v, body: not v,
+    "tool_choice": lambda v, body: v in (None, "none", "auto"),
+    "function_call": lambda v, body: v in (None, "none", "auto"),
+    "audio": lambda v, body: v is None,
+    "modalities": lambda v, body: v in (None, ["text"]),
+    "echo": lambda v, body: not v,
+    "suffix": lambda v, body: not v,
+    "best_of": lambda v, body: v is None or v == body.n,
+}
 
-    model_config = ConfigDict(extra="ignore")
+
+class Sampling(BaseModel):
+    """The options shared by both OpenAI endpoints, with the extensions top_k, repetition_penalty, min_tokens.
+    Fields it does not define are kept aside (model_extra) for UNSUPPORTED's check."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = Field(None, ge=1)

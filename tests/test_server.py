@@ -247,8 +247,10 @@ def test_errors_are_in_openais_shape_with_the_right_status(client, api, images):
     assert big.status_code == 413 and big.json()["error"]["message"]
     # Text that no context of 256 tokens can hold, within the body limit: refused by its length, not tokenized
     long = "a" * (3 << 20)
-    e = error_of(lambda: chat(model="idefics-demo", messages=[user("hi"), user(long)]))
-    assert e.status_code == 400 and "messages: text of 3145" in e.message and "context of 512 tokens" in e.message
+    fetched = len(hits)
+    e = error_of(lambda: chat(model="idefics-demo", messages=[user("hi"), user(long, f"{host}/{CIRCLE.name}")]))
+    assert e.status_code == 400 and "messages: text of 3145730 characters" in e.message
+    assert "context of 512 tokens" in e.message and len(hits) == fetched  # refused before fetching its image
     e = error_of(lambda: client.completions.create(model="idefics-demo", prompt=["hi", long]))
     assert e.status_code == 400 and "- prompt 1: text of 3145728 characters: more than" in e.message
     bad = httpx.post(api + "/v1/chat/completions", content=b'{"model": [1, 2',

@@ -362,10 +362,12 @@ async def run_prompts(state, http: HTTPRequest, body, prompts: list[list], optio
     if n * len(prompts) > state.settings.max_n:
         raise APIError(400, f"{n * len(prompts)} choices; this server gives at most {state.settings.max_n} per "
                        "request", param="n")
-    if kind == "chat":  # one prompt: the conversation
-        count_images(state, [items for _, items in prompts[0]])
-    else:
-        count_images(state, prompts)
+    given = [[x for _, items in prompts[0] for x in items]] if kind == "chat" else prompts  # chat: one prompt
+    count_images(state, given)
+    where = "messages" if kind == "chat" else "prompt"
+    names = [f"{where} {p}" if len(given) > 1 else where for p in range(len(given))]
+    for items, name in zip(given, names):  # the client's text alone may not fit: refused before any image is fetched
+        state.builder.check_text(items, name)
     ticket = state.admission.take(n * len(prompts))
     try:
         if kind == "chat":
@@ -375,9 +377,7 @@ async def run_prompts(state, http: HTTPRequest, body, prompts: list[list], optio
             items = [template([(role, [next(it) for _ in content]) for role, content in contents])]
         else:
             items = [template(await fetch_images(state, p)) for p in prompts]
-        where = "messages" if kind == "chat" else "prompt"
-        built = await asyncio.to_thread(lambda: [state.builder.build(x, f"{where} {p}" if len(items) > 1 else where)
-                                                 for p, x in enumerate(items)])
+        built = await asyncio.to_thread(lambda: [state.builder.build(x, name) for x, name in zip(items, names)])
         rid = f"{prefix}-{uuid.uuid4().hex}"
         requests = make_requests(state, built, options, n, logprobs, rid)
         prompt_tokens = sum(int(p.ids.shape[0]) for p in built)

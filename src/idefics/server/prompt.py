@@ -60,14 +60,18 @@ class PromptBuilder:
     def text_ids(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids if text else []
 
+    def check_text(self, items: list, where: str):
+        """Refuses text items that together cannot fit the model's context (Tokenizer.fits): by their length."""
+        chars = sum(len(x) for x in items if isinstance(x, str))
+        if not self.tokenizer.fits(chars, self.context):
+            raise IdeficsError(f"{where}: text of {chars} characters: more than the model's context of "
+                               f"{self.context} tokens can hold")
+
     def build(self, items: list[Item], where: str = "prompt") -> Prompt:
         """Items in order -> one Prompt. Consecutive images share the separator between them, as in process().
         A text too long for the model's context is refused before it is tokenized (Tokenizer.fits)."""
+        self.check_text(items, where)
         t = self.tokenizer
-        chars = sum(len(x) for x in items if isinstance(x, str))
-        if not t.fits(chars, self.context):
-            raise IdeficsError(f"{where}: text of {chars} characters: more than the model's context of "
-                               f"{self.context} tokens can hold")
         ids, images, text, last_was_image = [t.bos_id], [], "", False
 
         def flush():

@@ -17,7 +17,8 @@ from transformers.image_utils import load_image as reference_load_image
 
 from idefics.errors import IdeficsError
 from idefics.fetch import fetch
-from idefics.images import IDEFICS_MEAN, ImageLimits, ImageTransform, is_image_reference, load_image, read_stream
+from idefics.images import IDEFICS_MEAN, MAX_JPEG_SCANS, ImageLimits, ImageTransform, is_image_reference, load_image, \
+    read_stream
 from idefics.processor import Processor
 
 
@@ -161,6 +162,23 @@ def test_pixel_limit():
     message = error_of(encoded(noise("RGB", (50, 40))), max_pixels=1999)
     assert message == "image bytes (%d bytes): image is 50x40 pixels, over the limit of 1999" % len(
         encoded(noise("RGB", (50, 40))))
+
+
+def many_scans(scans: int) -> bytes:
+    """A progressive JPEG whose last scan (a refinement) is repeated until the file holds `scans` scans: valid
+    for Pillow's decoder, which passes over the whole image once per scan."""
+    data = encoded(noise("RGB", (64, 48)), "JPEG", progressive=True)
+    last, end = data.rindex(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    have = data.count(b"\xff\xda")
+    return data[:end] + data[last:end] * (scans - have) + data[end:]
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
+    """5000 scans of a 6000 x 6000 JPEG (436 KB) took 164 s to decode: over MAX_JPEG_SCANS the file is refused
+    from its markers; up to it, it decodes."""
+    assert load_image(many_scans(MAX_JPEG_SCANS)).size == (64, 48)
+    data = many_scans(MAX_JPEG_SCANS + 1)
+    assert error_of(data) == f"image bytes ({len(data)} bytes): JPEG of 101 scans, over the limit of 100"
 
 
 def test_decompression_bomb_is_our_error(monkeypatch):

@@ -27,6 +27,7 @@ from idefics.hub import DEMO_DIR
 from idefics.images import load_image
 from idefics.server.app import server
 from idefics.server.prompt import EOU, PromptBuilder
+from idefics.server.protocol import MAX_MESSAGES, MAX_PARTS
 from idefics.server.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -257,6 +258,28 @@ def test_errors_are_in_openais_shape_with_the_right_status(client, api, images):
                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert bad.status_code == 422
     assert bad.json()["error"]["message"] == "the body is not valid JSON: Expecting ',' delimiter at character 15"
+
+
+def test_lists_past_their_limits_are_refused_before_their_items_are_read(api):
+    """Messages, parts and prompts are counted before pydantic reads them (a 64 MB body of 3 million messages held
+    the server's loop 28 s): past the limit 422 in one line; at it, the request goes on (here to the context's
+    check)."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def post(path, **body):
+        return httpx.post(api + path, json={"model": "idefics-demo", **body}, headers=headers, timeout=60)
+
+    hi, part = {"role": "user", "content": "hi"}, {"type": "text", "text": "a"}
+    for r, message in [
+        (post("/v1/chat/completions", messages=[hi] * (MAX_MESSAGES + 1)), "messages: 4097 items, over the limit of 4096"),
+        (post("/v1/chat/completions", messages=[hi, {"role": "user", "content": [part] * (MAX_PARTS + 1)}]),
+         "messages[1].content: 4097 items, over the limit of 4096"),
+        (post("/v1/completions", prompt=[part] * (MAX_PARTS + 1)), "prompt: 4097 items, over the limit of 4096"),
+        (post("/v1/completions", prompt=["a"] * (MAX_PARTS + 1)), "prompt: 4097 items, over the limit of 4096"),
+    ]:
+        assert r.status_code == 422 and r.json()["error"]["message"] == message
+    r = post("/v1/chat/completions", messages=[{"role": "user", "content": [part] * MAX_PARTS}])
+    assert r.status_code == 400 and "the model's context is 512" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("endpoint, field, value", [

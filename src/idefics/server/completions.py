@@ -106,17 +106,19 @@ def chat_contents(body: ChatRequest) -> list[tuple[str, list]]:
         content = message.content
         parts = [content] if isinstance(content, str) else content or []
         items: list = []
+        texts: list[str] = []  # the run of texts since the last image, joined once (a += per part is quadratic)
         for pi, part in enumerate(parts):
             if isinstance(part, ImagePart):
                 if role != "user":
                     raise APIError(400, f"messages[{mi}]: only user messages may hold images", param="messages")
+                if texts:
+                    items.append("\n".join(texts))
+                    texts = []
                 items.append(ImageRef(part.image_url.url, f"messages[{mi}].content[{pi}]"))
             else:
-                text = part if isinstance(part, str) else part.text
-                if items and isinstance(items[-1], str):
-                    items[-1] += "\n" + text
-                else:
-                    items.append(text)
+                texts.append(part if isinstance(part, str) else part.text)
+        if texts:
+            items.append("\n".join(texts))
         if role == "user" and not items:
             raise APIError(400, f"messages[{mi}]: a user message needs text or an image", param="messages")
         out.append((role, items))

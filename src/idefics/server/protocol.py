@@ -6,7 +6,8 @@ import typing
 from dataclasses import fields
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic_core import PydanticCustomError
 
 from idefics.sampling import GenerationOptions
 
@@ -45,9 +46,22 @@ class ImagePart(BaseModel):
 Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
+# Messages in a conversation and parts in a message or prompt: more than any context holds (each adds a token or
+# more), far fewer than a 64 MB body of tiny ones (3 million messages held the server's loop 28 s). Counted before
+# pydantic validates the items, which it does before it checks a list's length.
+MAX_MESSAGES = 4096
+MAX_PARTS = 4096
+
+
+def _count(items, limit: int, what: str):
+    if isinstance(items, list) and len(items) > limit:
+        raise PydanticCustomError("too_long", "{what}: {n} items, over the limit of {limit}",
+                                  {"what": what, "n": len(items), "limit": limit})
+
+
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[Part] | None = None
+    content: str | Annotated[list[Part], Field(max_length=MAX_PARTS)] | None = None
     name: str | None = None
 
 
@@ -96,16 +110,31 @@ class Sampling(BaseModel):
 
 
 class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _counts(cls, data):
+        messages = data.get("messages") if isinstance(data, dict) else None
+        _count(messages, MAX_MESSAGES, "messages")
+        for i, message in enumerate(messages if isinstance(messages, list) else ()):
+            _count(message.get("content") if isinstance(message, dict) else None, MAX_PARTS, f"messages[{i}].content")
+        return data
+
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str] | list[Part] = Field(
+    prompt: str | Annotated[list[str], Field(max_length=MAX_PARTS)] | Annotated[list[Part], Field(max_length=MAX_PARTS)] = Field(
         description="text, a list of texts (one prompt each), or (extension) a list of text and image_url parts")
     logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _counts(cls, data):
+        _count(data.get("prompt") if isinstance(data, dict) else None, MAX_PARTS, "prompt")
+        return data
 
 
 def _task_options() -> type[BaseModel]:

@@ -160,6 +160,8 @@ def test_n_choices_sample_reproducibly_with_a_seed(demo, client):
                          seed=7 + i)
         assert text == alone.text
     assert texts[0] != texts[1]
+    e = error_of(lambda: client.chat.completions.create(**{**ask, "seed": 2**64 - 1}))
+    assert e.status_code == 400 and "seed: 2 choices sample with seeds 18446744073709551615 to" in e.message
 
 
 def test_logprobs_are_the_models(demo, client):

@@ -68,6 +68,9 @@ def make_requests(state, prompts: list[Prompt], options: dict, n: int, logprobs:
     try:
         base = GenerationOptions.make(**options)
         base.within_vocabulary(m.config.total_vocab_size)
+        if base.seed is not None and n > 1 and base.seed + n - 1 > 2**64 - 1:
+            raise IdeficsError(f"seed: {n} choices sample with seeds {base.seed} to {base.seed} + {n - 1}, past "
+                               f"{2**64 - 1}")
         out = []
         for p, prompt in enumerate(prompts):
             o = base

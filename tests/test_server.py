@@ -254,6 +254,10 @@ def test_errors_are_in_openais_shape_with_the_right_status(client, api, images):
     e = error_of(lambda: chat(model="idefics-demo", messages=[user("hi"), user(long, f"{host}/{CIRCLE.name}")]))
     assert e.status_code == 400 and "messages: text of 3145730 characters" in e.message
     assert "context of 512 tokens" in e.message and len(hits) == fetched  # refused before fetching its image
+    task = httpx.post(api + "/v1/tasks", json={"task": "ask", "image": f"{host}/{CIRCLE.name}", "question": long},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert task.status_code == 400 and len(hits) == fetched
+    assert task.json()["error"]["message"].startswith("question: text of 3145728 characters: more than the model's")
     e = error_of(lambda: client.completions.create(model="idefics-demo", prompt=["hi", long]))
     assert e.status_code == 400 and "- prompt 1: text of 3145728 characters: more than" in e.message
     bad = httpx.post(api + "/v1/chat/completions", content=b'{"model": [1, 2',

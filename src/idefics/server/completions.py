@@ -346,6 +346,7 @@ async def run_task(state, http: HTTPRequest, body: TaskRequest) -> Response:
         text = valid(text, fields[body.task])
         if not text.strip():
             raise APIError(400, f"{fields[body.task]}: empty", param=fields[body.task])
+        state.builder.check_text([text], fields[body.task])  # before the image is fetched
     if body.task == "ask" and text is None:
         raise APIError(400, "ask needs a question", param="question")
     build = {"caption": tasks.caption, "ask": tasks.ask, "story": tasks.story}[body.task]

@@ -277,7 +277,8 @@ def test_lists_past_their_limits_are_refused_before_their_items_are_read(api):
 
     hi, part = {"role": "user", "content": "hi"}, {"type": "text", "text": "a"}
     for r, message in [
-        (post("/v1/chat/completions", messages=[hi] * (MAX_MESSAGES + 1)), "messages: 4097 items, over the limit of 4096"),
+        (post("/v1/chat/completions", messages=[hi] * (MAX_MESSAGES + 1)),
+         "messages: 4097 items, over the limit of 4096"),
         (post("/v1/chat/completions", messages=[hi, {"role": "user", "content": [part] * (MAX_PARTS + 1)}]),
          "messages[1].content: 4097 items, over the limit of 4096"),
         (post("/v1/completions", prompt=[part] * (MAX_PARTS + 1)), "prompt: 4097 items, over the limit of 4096"),

@@ -169,7 +169,8 @@ def test_no_token_stands_for_more_characters_than_piece_chars(pair, which):
     vocab = tok.backend.get_vocab(with_added_tokens=True)
     assert tok.piece_chars == max(map(len, vocab))
     longest = sorted(vocab, key=len)[-40:]
-    words = [p.replace("\u2581", " ") for p in longest] + [" " * 17, "<image>", "<s>", "ÿ", "東京", "🙂", "a", "\n"]
+    words = [p.replace("\u2581", " ") for p in longest]
+    words += [" " * 17, "<image>", "<s>", "ÿ", "東京", "🙂", "a", "\n"]
     rng = random.Random(0)
     for _ in range(300):
         text = "".join(rng.choice(words) for _ in range(rng.randint(1, 12)))

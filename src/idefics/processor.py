@@ -213,9 +213,8 @@ class Processor:
         prompt's text or items is raised here; an image's, by the Pending. within: the model's context; a text too
         long to fit it is refused before it is tokenized (Tokenizer.fits)."""
         text, sources = self._layout(prompt, add_end_of_utterance_token, where)
-        if within is not None and not self.tokenizer.fits(len(text), within):
-            raise IdeficsError(f"{where}text of {len(text)} characters: more than the model's context of {within} "
-                               "tokens can hold")
+        if within is not None:
+            self.tokenizer.check_fits(len(text), within, where)
         return Pending(self, self.tokenizer.encode(text),
                        [(f"{where}item {i}", self.images.submit(src)) for i, src in sources])
 

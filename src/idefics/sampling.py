@@ -16,6 +16,7 @@ MAX_BEAMS = 64  # the reference takes any number, but beams past a few dozen gai
 MAX_EOS = 64  # each eos id widens beam search's candidates by num_beams
 MAX_STOP = 64  # each stop string is searched for in the text at every token
 MAX_STOP_CHARS = 256
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 MIN_DIVISOR = 1e-6  # temperature and repetition penalty divide the scores: much smaller ones overflow to inf
 
 
@@ -38,7 +39,7 @@ class GenerationOptions:
     # default: the tokenizer's eos and <end_of_utterance> if present
     eos_token_id: int | list[int] | None = limited(None, low=0, items=MAX_EOS)
     stop: str | list[str] | None = limited(None, items=MAX_STOP, chars=MAX_STOP_CHARS)  # the text is cut before them
-    seed: int | None = limited(None, low=0, high=2**64 - 1)  # what torch.Generator.manual_seed takes
+    seed: int | None = limited(None, low=0, high=MAX_SEED)
     banned_token_ids: list[int] | None = limited(None, low=0)  # default: <image> and <fake_token_around_image>
 
     @classmethod

@@ -96,7 +96,8 @@ def _plans(m, prompts: list[list], continuations: list[str]) -> tuple[list[list[
         if not prompt or not isinstance(prompt[-1], str) or is_image_reference(prompt[-1].strip(" ")):
             raise IdeficsError(f"prompt {b}: a scored prompt must end with text")
         text, n_images = _layout(m, prompt, b)
-        _fits(m, len(text) + max(map(len, continuations)), f"prompt {b} with its longest continuation")
+        m.tokenizer.check_fits(len(text) + max(map(len, continuations)), m.config.max_position_embeddings,
+                               f"prompt {b} with its longest continuation: ")
         key = (text, prompt[-1])  # the joined texts follow from these
         if key not in done:
             done[key] = _continuations(m, b, prompt, m.tokenizer.encode(text), n_images, continuations)
@@ -126,14 +127,6 @@ def _continuations(m, b: int, prompt: list, own: list[int], n_images: int,
         seen = image_attention_mask(ids[None], tok.image_id, tok.eos_id, max(n_images, 1))[0, :, :n_images]
         plan.append(Continuation(ids, k, seen[k - 1 : -1].bool()))
     return plan
-
-
-def _fits(m, chars: int, what: str):
-    """Text that cannot fit the model's context is refused before it is tokenized (Tokenizer.fits)."""
-    context = m.config.max_position_embeddings
-    if not m.tokenizer.fits(chars, context):
-        raise IdeficsError(f"{what}: text of {chars} characters: more than the model's context of {context} tokens "
-                           "can hold")
 
 
 def _layout(m, prompt: list, b: int) -> tuple[str, int]:

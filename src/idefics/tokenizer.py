@@ -143,6 +143,12 @@ class Tokenizer:
         text). True when it may fit, or where the pipeline does not bound a token's characters (see _piece_chars)."""
         return self.piece_chars is None or chars <= tokens * self.piece_chars
 
+    def check_fits(self, chars: int, tokens: int, where: str = "") -> None:
+        """Raises, `where` heading the message, when text of `chars` characters cannot fit `tokens` (fits)."""
+        if not self.fits(chars, tokens):
+            raise IdeficsError(f"{where}text of {chars} characters: more than the model's context of {tokens} tokens "
+                               "can hold")
+
     def encode(self, text: str) -> list[int]:
         """Ids of `text`; special tokens written in it are recognized, none are added."""
         return self.backend.encode(text, add_special_tokens=False).ids

@@ -140,8 +140,8 @@ def _errors(app: FastAPI):
     async def invalid(request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
         if first.get("type") == "json_invalid":  # its loc is (body, character): not a field
-            at = first.get("loc", ("body", "?"))[-1]
-            message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')} at character {at}"
+            at, why = first.get("loc", ("body", "?"))[-1], first.get("ctx", {}).get("error", "decode error")
+            message = f"the body is not valid JSON: {why} at character {at}"
             return JSONResponse(APIError(422, message).body(), status_code=422)
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")

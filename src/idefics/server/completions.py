@@ -15,7 +15,7 @@ from starlette.background import BackgroundTask
 from idefics import tasks
 from idefics.engine import Prompt
 from idefics.errors import IdeficsError
-from idefics.sampling import GenerationOptions
+from idefics.sampling import MAX_SEED, GenerationOptions
 from idefics.scheduler import Output, Request
 from idefics.server.protocol import UNSUPPORTED, APIError, ChatRequest, CompletionRequest, ImagePart, Sampling, \
     TaskRequest, options_dict
@@ -68,9 +68,9 @@ def make_requests(state, prompts: list[Prompt], options: dict, n: int, logprobs:
     try:
         base = GenerationOptions.make(**options)
         base.within_vocabulary(m.config.total_vocab_size)
-        if base.seed is not None and n > 1 and base.seed + n - 1 > 2**64 - 1:
+        if base.seed is not None and n > 1 and base.seed + n - 1 > MAX_SEED:
             raise IdeficsError(f"seed: {n} choices sample with seeds {base.seed} to {base.seed} + {n - 1}, past "
-                               f"{2**64 - 1}")
+                               f"{MAX_SEED}")
         out = []
         for p, prompt in enumerate(prompts):
             o = base

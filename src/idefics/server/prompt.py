@@ -17,7 +17,6 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import pre_tokenizers
 
 from idefics.engine import Prompt, split_batch
-from idefics.errors import IdeficsError
 from idefics.processor import image_attention_mask
 from idefics.tokenizer import END_OF_UTTERANCE_TOKEN
 
@@ -62,10 +61,7 @@ class PromptBuilder:
 
     def check_text(self, items: list, where: str):
         """Refuses text items that together cannot fit the model's context (Tokenizer.fits): by their length."""
-        chars = sum(len(x) for x in items if isinstance(x, str))
-        if not self.tokenizer.fits(chars, self.context):
-            raise IdeficsError(f"{where}: text of {chars} characters: more than the model's context of "
-                               f"{self.context} tokens can hold")
+        self.tokenizer.check_fits(sum(len(x) for x in items if isinstance(x, str)), self.context, f"{where}: ")
 
     def build(self, items: list[Item], where: str = "prompt") -> Prompt:
         """Items in order -> one Prompt. Consecutive images share the separator between them, as in process().

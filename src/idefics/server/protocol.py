@@ -51,6 +51,7 @@ Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 # pydantic validates the items, which it does before it checks a list's length.
 MAX_MESSAGES = 4096
 MAX_PARTS = 4096
+Parts = Annotated[list[Part], Field(max_length=MAX_PARTS)]
 
 
 def _count(items, limit: int, what: str):
@@ -61,7 +62,7 @@ def _count(items, limit: int, what: str):
 
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[Part], Field(max_length=MAX_PARTS)] | None = None
+    content: str | Parts | None = None
     name: str | None = None
 
 
@@ -126,7 +127,7 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | Annotated[list[str], Field(max_length=MAX_PARTS)] | Annotated[list[Part], Field(max_length=MAX_PARTS)] = Field(
+    prompt: str | Annotated[list[str], Field(max_length=MAX_PARTS)] | Parts = Field(
         description="text, a list of texts (one prompt each), or (extension) a list of text and image_url parts")
     logprobs: int | None = Field(None, ge=0, le=20)
 
